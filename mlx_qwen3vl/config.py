@@ -1,0 +1,155 @@
+"""Model configuration, read from a model directory's config.json (SPEC §1.1-§1.3).
+
+Both layouts of the text rope settings are accepted: transformers 4.57 files carry `rope_theta` plus a
+`rope_scaling` dict, files re-saved by transformers 5 carry a single `rope_parameters` dict.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import Qwen3VLError
+
+
+def _from_known_keys(cls, params: dict[str, Any], section: str):
+    """Build a dataclass from a config dict, ignoring keys the model does not use."""
+    known = inspect.signature(cls).parameters
+    missing = [k for k, p in known.items() if p.default is inspect.Parameter.empty and k not in params]
+    if missing:
+        raise Qwen3VLError(f"config.json is incomplete: {section} lacks {', '.join(missing)}")
+    return cls(**{k: v for k, v in params.items() if k in known})
+
+
+# transformers' activation names that the vision MLP may use: True for the tanh approximation.
+VISION_ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}
+
+
+@dataclass
+class VisionConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    deepstack_visual_indexes: list[int] = field(default_factory=list)
+    hidden_act: str = "gelu_pytorch_tanh"
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_position_embeddings: int = 2304
+    # Not in the published files: transformers' default for the axial 2-D rope (SPEC §1.3).
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> VisionConfig:
+        params = dict(params)
+        rope = params.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            params["rope_theta"] = rope["rope_theta"]
+        config = _from_known_keys(cls, params, "vision_config")
+        if config.hidden_act not in VISION_ACTIVATIONS:
+            raise Qwen3VLError(f"config.json: vision hidden_act {config.hidden_act!r} is not supported")
+        if any(not 0 <= i < config.depth for i in config.deepstack_visual_indexes):
+            raise Qwen3VLError(
+                f"config.json: deepstack_visual_indexes {config.deepstack_visual_indexes} "
+                f"outside the {config.depth} vision blocks"
+            )
+        return config
+
+    @property
+    def head_dim(self) -> int:
+        # The vision config has no head_dim key; transformers derives it the same way.
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class TextConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float
+    mrope_section: list[int]
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 262144
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> TextConfig:
+        params = dict(params)
+        # 5.x layout: everything in rope_parameters; 4.57 layout: rope_theta + rope_scaling.
+        rope = dict(params.get("rope_scaling") or {})
+        rope.update(params.get("rope_parameters") or {})
+        theta = rope.get("rope_theta", params.get("rope_theta"))
+        if theta is None:
+            raise Qwen3VLError(
+                "config.json: text_config has neither rope_theta nor rope_parameters.rope_theta"
+            )
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise Qwen3VLError(
+                f"config.json: rope_type {rope_type!r} is not supported (Qwen3-VL uses 'default')"
+            )
+        if not rope.get("mrope_interleaved", True):
+            raise Qwen3VLError(
+                "config.json: non-interleaved MRoPE (Qwen2-VL style) is not supported; this is not Qwen3-VL"
+            )
+        params["rope_theta"] = float(theta)
+        params["mrope_section"] = list(rope.get("mrope_section", [24, 20, 20]))
+        if "num_attention_heads" in params:
+            params.setdefault("num_key_value_heads", params["num_attention_heads"])
+            if "hidden_size" in params:
+                params.setdefault("head_dim", params["hidden_size"] // params["num_attention_heads"])
+        config = _from_known_keys(cls, params, "text_config")
+        if sum(config.mrope_section) * 2 != config.head_dim:
+            raise Qwen3VLError(
+                f"config.json: mrope_section {config.mrope_section} does not cover head_dim {config.head_dim}"
+            )
+        if config.attention_bias:
+            raise Qwen3VLError("config.json: attention_bias=true is not a Qwen3-VL configuration")
+        return config
+
+
+SUPPORTED_MODEL_TYPE = "qwen3_vl"
+
+
+@dataclass
+class ModelConfig:
+    text_config: TextConfig
+    vision_config: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    tie_word_embeddings: bool = False
+    model_type: str = SUPPORTED_MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ModelConfig:
+        model_type = params.get("model_type")
+        if model_type == "qwen3_vl_moe":
+            raise Qwen3VLError(
+                "config.json: model_type 'qwen3_vl_moe' (Qwen3-VL MoE, e.g. 30B-A3B) is not supported; "
+                "use a dense Qwen3-VL model (2B, 4B, 8B or 32B)"
+            )
+        if model_type != SUPPORTED_MODEL_TYPE:
+            raise Qwen3VLError(
+                f"config.json: model_type {model_type!r} is not Qwen3-VL (expected {SUPPORTED_MODEL_TYPE!r})"
+            )
+        for key in ("text_config", "vision_config"):
+            if not isinstance(params.get(key), dict):
+                raise Qwen3VLError(f"config.json: missing the {key} section")
+        params = dict(params)
+        text = params["text_config"]
+        # transformers ties lm_head by the top-level flag; older files repeat it in text_config.
+        params.setdefault("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        params["text_config"] = TextConfig.from_dict(text)
+        params["vision_config"] = VisionConfig.from_dict(params["vision_config"])
+        return _from_known_keys(cls, params, "config.json")

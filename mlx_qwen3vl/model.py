@@ -1,0 +1,179 @@
+"""The whole Qwen3-VL model: embed the prompt, put the vision features at their placeholder tokens, run
+the decoder with 3-D positions, project to the vocabulary.
+
+The forward contract follows transformers' argument names:
+`model(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, cache)` -> logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import KVCache
+
+from .config import ModelConfig
+from .errors import Qwen3VLError
+from .language import TextModel
+from .positions import batch_rope_index
+from .vision import VisionModel
+
+
+class PromptCache(list):
+    """One mlx-lm KVCache per decoder layer, plus the rope delta of the sequence(s) it holds.
+
+    After a prompt with images or videos, token i of the continuation sits at MRoPE position
+    `cache offset + i + rope_delta` on all three axes (SPEC §4.4); the delta belongs to the cached
+    sequence, so it lives here rather than on the model. A list, so mlx-lm's cache helpers accept it."""
+
+    def __init__(self, caches, rope_delta=0):
+        super().__init__(caches)
+        self.rope_delta = np.zeros(1, dtype=np.int64) + rope_delta  # one per batch row
+
+    @property
+    def offset(self) -> int:
+        return self[0].offset
+
+
+@dataclass
+class VisionFeatures:
+    """The encoder's output for a set of images or videos: merged features and DeepStack features, each
+    [tokens, hidden], in placeholder order."""
+
+    features: mx.array
+    deepstack: list[mx.array]
+
+
+class Qwen3VLModel(nn.Module):
+    """The checkpoint's `model.` prefix: the vision tower and the decoder."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.visual = VisionModel(config.vision_config)
+        self.language_model = TextModel(config.text_config)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen3VLModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(
+                config.text_config.hidden_size, config.text_config.vocab_size, bias=False
+            )
+
+    @property
+    def layers(self):
+        return self.model.language_model.layers
+
+    def make_cache(self) -> PromptCache:
+        return PromptCache([KVCache() for _ in self.layers])
+
+    def encode_vision(self, pixel_values, grid_thw) -> VisionFeatures:
+        """Run the vision tower on images (or videos) and their grids."""
+        features, deepstack = self.model.visual(mx.array(pixel_values), grid_thw)
+        return VisionFeatures(features, deepstack)
+
+    def __call__(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        pixel_values_videos=None,
+        video_grid_thw=None,
+        cache: PromptCache | None = None,
+    ) -> mx.array:
+        """Logits [B, L, vocab] for input_ids [B, L] (or [L]). With a cache, the call continues the
+        cached sequence: pass the next token(s) and the same cache."""
+        input_ids = mx.array(input_ids)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        images = self.encode_vision(pixel_values, image_grid_thw) if pixel_values is not None else None
+        videos = (
+            self.encode_vision(pixel_values_videos, video_grid_thw)
+            if pixel_values_videos is not None
+            else None
+        )
+        return self.forward_features(input_ids, images, image_grid_thw, videos, video_grid_thw, cache)
+
+    def forward_features(
+        self,
+        input_ids: mx.array,
+        images: VisionFeatures | None = None,
+        image_grid_thw=None,
+        videos: VisionFeatures | None = None,
+        video_grid_thw=None,
+        cache: PromptCache | None = None,
+    ) -> mx.array:
+        """The forward pass with vision features already encoded (each image or video is encoded once)."""
+        embed = self.model.language_model.embed_tokens
+        h = embed(input_ids)
+        B, L, H = h.shape
+        offset = cache.offset if cache is not None else 0
+        rope_delta = cache.rope_delta if cache is not None else np.zeros(1, dtype=np.int64)
+        visual_index, deepstack = None, None
+        if images is not None or videos is not None:
+            if cache is not None and not isinstance(cache, PromptCache):
+                raise Qwen3VLError("a prompt with images or videos needs a cache made by model.make_cache()")
+            ids = np.array(input_ids)
+            h, visual_index, deepstack = self._place_vision(h, ids, images, videos)
+            positions, chunk_delta = batch_rope_index(
+                ids,
+                image_grid_thw if images is not None else None,
+                video_grid_thw if videos is not None else None,
+                image_token_id=self.config.image_token_id,
+                video_token_id=self.config.video_token_id,
+                spatial_merge_size=self.config.vision_config.spatial_merge_size,
+            )
+            position_ids = mx.array(positions + offset + rope_delta[None, :, None])
+            if cache is not None:
+                cache.rope_delta = rope_delta + chunk_delta
+        else:
+            position_ids = mx.arange(offset, offset + L)[None] + mx.array(rope_delta)[:, None]
+            position_ids = mx.broadcast_to(position_ids[None], (3, B, L))
+        h = self.model.language_model(h, position_ids, cache, visual_index, deepstack)
+        if self.config.tie_word_embeddings:
+            return embed.as_linear(h)
+        return self.lm_head(h)
+
+    def _place_vision(self, h, ids: np.ndarray, images, videos):
+        """Write vision features over their placeholder embeddings; return the flat placeholder positions
+        and the DeepStack features in the same order (SPEC §4.1)."""
+        B, L, H = h.shape
+        flat = h.reshape(B * L, H)
+        indices, deepstack_parts = [], []
+        for kind, token_id, encoded in (
+            ("image", self.config.image_token_id, images),
+            ("video", self.config.video_token_id, videos),
+        ):
+            if encoded is None:
+                continue
+            index = np.flatnonzero(ids.reshape(-1) == token_id)
+            if len(index) != encoded.features.shape[0]:
+                raise Qwen3VLError(
+                    f"the prompt has {len(index)} {kind} tokens but the {kind}s give "
+                    f"{encoded.features.shape[0]} features; expand each placeholder to its token count"
+                )
+            index = mx.array(index.astype(np.int32))
+            flat[index] = encoded.features.astype(h.dtype)
+            indices.append(index)
+            deepstack_parts.append(encoded.deepstack)
+        visual_index = mx.concatenate(indices) if len(indices) > 1 else indices[0]
+        deepstack = [
+            mx.concatenate(level) if len(level) > 1 else level[0]
+            for level in zip(*deepstack_parts, strict=True)
+        ]
+        return flat.reshape(B, L, H), visual_index, deepstack
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map a checkpoint's tensors to this module tree (transformers' published layout)."""
+        if self.config.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)  # transformers omits it; if present it equals the embedding
+        prefix = "model.visual."
+        vision = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        weights = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+        weights.update({prefix + k: v for k, v in VisionModel.sanitize(vision).items()})
+        return weights

@@ -1,0 +1,60 @@
+"""Shared fixtures: random-weight checkpoints written by transformers' own `save_pretrained` next to the
+real Qwen3-VL-4B-Instruct config, tokenizer and preprocessing files (vendored in tests/data), and the
+transformers reference model loaded from the same files.
+
+torch and transformers are imported unconditionally: a missing reference fails the run, never skips it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlx_qwen3vl  # noqa: F401  (first: loads the system OpenBLAS before mlx.core, see _blas.py)
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import TINY, build_checkpoint, reference_model  # noqa: E402
+from prompts import make_prompts  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_root) -> Path:
+    """A 4-layer text / 4-block vision model with three DeepStack taps, saved in bfloat16 and sharded
+    (so the index file is exercised), tied embeddings like the 2B/4B models."""
+    return build_checkpoint(checkpoint_root / "tiny", TINY, max_shard_size="20MB")
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(tiny_checkpoint):
+    """Our model and processor on the tiny checkpoint, in float32."""
+    from mlx_qwen3vl import load
+
+    return load(tiny_checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_checkpoint):
+    return reference_model(tiny_checkpoint, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_f32):
+    return make_prompts(tiny_f32[1].tokenizer)
+
+
+@pytest.fixture(scope="session")
+def reference_logits(tiny_reference, prompts) -> dict:
+    """transformers' float32 logits for every prompt, computed once per run."""
+    with torch.no_grad():
+        return {name: tiny_reference(**p.torch_inputs()).logits.numpy() for name, p in prompts.items()}

@@ -1,0 +1,136 @@
+"""load(): the published layout (sharded with an index, or one file), dtypes, and one clear error for
+each kind of broken model directory."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_qwen3vl import Qwen3VLError, load
+from mlx_qwen3vl.loading import weight_files
+
+
+@pytest.fixture
+def model_copy(tiny_checkpoint, tmp_path):
+    """A private copy of the tiny checkpoint to break."""
+    target = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, target)
+    return target
+
+
+def test_sharded_checkpoint_loads_lazily_in_the_requested_dtype(tiny_checkpoint):
+    assert len(weight_files(tiny_checkpoint)) > 1  # exercised through model.safetensors.index.json
+    model, processor = load(tiny_checkpoint, lazy=True)
+    assert model.model.language_model.embed_tokens.weight.dtype == mx.bfloat16
+    assert processor.tokenizer.encode("<|image_pad|>") == [151655]
+    model32, _ = load(tiny_checkpoint, dtype="float32")
+    assert model32.model.visual.patch_embed.proj.weight.dtype == mx.float32
+
+
+def rewrite_as_single_file(path, edit):
+    """Merge the shards into one model.safetensors after `edit(weights)`."""
+    weights = {}
+    for file in weight_files(path):
+        weights.update(mx.load(str(file)))
+        file.unlink()
+    (path / "model.safetensors.index.json").unlink()
+    edit(weights)
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+
+
+def test_single_file_checkpoint_gives_the_same_model(model_copy, tiny_checkpoint):
+    rewrite_as_single_file(model_copy, lambda weights: None)
+    ids = np.array([[151644, 872, 198, 9707]])
+    a, _ = load(model_copy, dtype="float32")
+    b, _ = load(tiny_checkpoint, dtype="float32")
+    np.testing.assert_array_equal(np.array(a(ids)), np.array(b(ids)))
+
+
+TEXT, VISION = "model.language_model.", "model.visual."
+
+
+def drop(key):
+    return lambda weights: weights.pop(key)
+
+
+def add(key):
+    return lambda weights: weights.update({key: mx.zeros((4,))})
+
+
+def reshape(key):
+    return lambda weights: weights.update({key: weights[key][:-1]})
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (drop(f"{TEXT}layers.2.self_attn.k_norm.weight"), f"missing tensor {TEXT}layers.2.self_attn.k_norm"),
+        (
+            drop(f"{VISION}deepstack_merger_list.1.linear_fc2.bias"),
+            f"missing tensor {VISION}deepstack_merger_list",
+        ),
+        (add(f"{VISION}blocks.9.attn.qkv.weight"), f"unexpected tensor {VISION}blocks.9.attn.qkv.weight"),
+        (reshape(f"{TEXT}layers.0.mlp.up_proj.weight"), "layers.0.mlp.up_proj.weight has shape"),
+    ],
+)
+def test_tensors_that_do_not_fit_the_config_are_named(model_copy, edit, message):
+    rewrite_as_single_file(model_copy, edit)
+    with pytest.raises(Qwen3VLError, match=message):
+        load(model_copy)
+
+
+def test_untied_config_without_lm_head_is_refused(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = False
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Qwen3VLError, match="missing tensor lm_head.weight"):
+        load(model_copy)
+
+
+def break_directory(path, how):
+    if how == "no config":
+        (path / "config.json").unlink()
+    elif how == "bad json":
+        (path / "config.json").write_text("{not json")
+    elif how == "moe":
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_vl_moe"}))
+    elif how == "no weights":
+        for file in weight_files(path):
+            file.unlink()
+        (path / "model.safetensors.index.json").unlink()
+    elif how == "missing shard":
+        weight_files(path)[-1].unlink()
+    elif how == "corrupt shard":
+        weight_files(path)[0].write_bytes(b"\x00garbage" * 10)
+    elif how == "no tokenizer":
+        (path / "tokenizer.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("no config", "no config.json"),
+        ("bad json", "config.json: not valid JSON"),
+        ("moe", "qwen3_vl_moe.*not supported"),
+        ("no weights", "no \\*.safetensors weight files"),
+        ("missing shard", "model-00002-of-00002.safetensors listed in the index is missing"),
+        ("corrupt shard", "model-00001-of-00002.safetensors: cannot read safetensors"),
+        ("no tokenizer", "no tokenizer"),
+    ],
+)
+def test_broken_model_directories_get_one_clear_error(model_copy, how, message):
+    break_directory(model_copy, how)
+    with pytest.raises(Qwen3VLError, match=message):
+        load(model_copy)
+
+
+def test_missing_directory_file_path_and_bad_dtype(tiny_checkpoint, tmp_path):
+    with pytest.raises(Qwen3VLError, match="no such model directory"):
+        load(tmp_path / "nowhere")
+    with pytest.raises(Qwen3VLError, match="not a directory"):
+        load(tiny_checkpoint / "config.json")
+    with pytest.raises(Qwen3VLError, match="dtype 'int8' is not supported"):
+        load(tiny_checkpoint, dtype="int8")
