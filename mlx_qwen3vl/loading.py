@@ -28,13 +28,45 @@ def resolve_dtype(dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def model_directory(path) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
+DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+# What a model directory needs; the hub download skips everything else (other formats, images, ...).
+MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def model_directory(path_or_repo) -> Path:
+    """A local model directory, or a Hugging Face repo id fetched with huggingface_hub into its cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise Qwen3VLError(f"{path}: not a directory (expected a model directory with config.json)")
+        return path
+    if not _looks_like_repo_id(str(path_or_repo)):
         raise Qwen3VLError(f"{path}: no such model directory")
-    if not path.is_dir():
-        raise Qwen3VLError(f"{path}: not a directory (expected a model directory with config.json)")
-    return path
+    return download(str(path_or_repo))
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=MODEL_FILES))
+    except RepositoryNotFoundError:
+        raise Qwen3VLError(
+            f"{repo_id}: no such model on the Hugging Face hub (or it needs a login)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise Qwen3VLError(
+            f"{repo_id} is not downloaded and the hub cannot be reached (offline?): run "
+            f"'huggingface-cli download {repo_id}' with network access, or pass a local model directory"
+        ) from None
+    except Exception as e:  # network and HTTP errors come in many types; all mean the same to a user
+        raise Qwen3VLError(f"{repo_id}: download failed ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -95,8 +127,7 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
             raise Qwen3VLError(f"tensor {name} has shape {shape}, the config expects {wanted}")
 
 
-def load_model(path, dtype="bfloat16", lazy: bool = False) -> Model:
-    path = model_directory(path)
+def load_model(path: Path, dtype="bfloat16", lazy: bool = False) -> Model:
     dtype = resolve_dtype(dtype)
     config = read_config(path)
     model = Model(config)
@@ -110,9 +141,10 @@ def load_model(path, dtype="bfloat16", lazy: bool = False) -> Model:
     return model
 
 
-def load(path, dtype="bfloat16", lazy: bool = False) -> tuple[Model, Processor]:
-    """Load a Qwen3-VL model directory (transformers' published layout) as `(model, processor)`.
-    dtype: "bfloat16" (default, the checkpoints' own precision), "float32" or "float16"."""
+def load(path_or_repo=DEFAULT_MODEL, dtype="bfloat16", lazy: bool = False) -> tuple[Model, Processor]:
+    """Load Qwen3-VL as `(model, processor)` from a model directory in transformers' published layout or
+    a Hugging Face repo id (downloaded once into the hub cache). dtype: "bfloat16" (default, the
+    checkpoints' own precision), "float32" or "float16"."""
+    path = model_directory(path_or_repo)
     model = load_model(path, dtype, lazy)
-    processor = Processor.from_pretrained(Path(path).expanduser(), model.config)
-    return model, processor
+    return model, Processor.from_pretrained(path, model.config)

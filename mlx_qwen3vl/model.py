@@ -38,6 +38,37 @@ class PromptCache(list):
 
 
 @dataclass
+class PreparedInput:
+    """A prompt ready for the decoder: embeddings with the vision features in place, absolute 3-D
+    positions, and the DeepStack features with the flat positions (in [B * L]) they are added at."""
+
+    embeddings: mx.array  # [B, L, H]
+    position_ids: mx.array  # [3, B, L]
+    visual_index: np.ndarray | None = None
+    deepstack: list[mx.array] | None = None
+
+    @property
+    def length(self) -> int:
+        return self.embeddings.shape[1]
+
+    def chunk(self, start: int, end: int) -> PreparedInput:
+        """Positions [start, end) of a single sequence, for prefilling a long prompt piece by piece."""
+        if self.visual_index is None:
+            return PreparedInput(self.embeddings[:, start:end], self.position_ids[:, :, start:end])
+        rows = np.flatnonzero((self.visual_index >= start) & (self.visual_index < end))
+        index = self.visual_index[rows] - start
+        if len(rows) == 0:
+            return PreparedInput(self.embeddings[:, start:end], self.position_ids[:, :, start:end])
+        take = mx.array(rows.astype(np.int32))
+        return PreparedInput(
+            self.embeddings[:, start:end],
+            self.position_ids[:, :, start:end],
+            index,
+            [level[take] for level in self.deepstack],
+        )
+
+
+@dataclass
 class VisionFeatures:
     """The encoder's output for a set of images or videos: merged features and DeepStack features, each
     [tokens, hidden], in placeholder order."""
@@ -88,55 +119,63 @@ class Model(nn.Module):
     ) -> mx.array:
         """Logits [B, L, vocab] for input_ids [B, L] (or [L]). With a cache, the call continues the
         cached sequence: pass the next token(s) and the same cache."""
-        input_ids = mx.array(input_ids)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
         images = self.encode_vision(pixel_values, image_grid_thw) if pixel_values is not None else None
-        videos = (
-            self.encode_vision(pixel_values_videos, video_grid_thw)
-            if pixel_values_videos is not None
-            else None
-        )
-        return self.forward_features(input_ids, images, image_grid_thw, videos, video_grid_thw, cache)
+        videos = None
+        if pixel_values_videos is not None:
+            videos = self.encode_vision(pixel_values_videos, video_grid_thw)
+        prepared = self.prepare(input_ids, images, image_grid_thw, videos, video_grid_thw, cache)
+        return self.decode(prepared, cache)
 
-    def forward_features(
+    def prepare(
         self,
-        input_ids: mx.array,
+        input_ids,
         images: VisionFeatures | None = None,
         image_grid_thw=None,
         videos: VisionFeatures | None = None,
         video_grid_thw=None,
         cache: PromptCache | None = None,
-    ) -> mx.array:
-        """The forward pass with vision features already encoded (each image or video is encoded once)."""
-        embed = self.model.language_model.embed_tokens
-        h = embed(input_ids)
-        B, L, H = h.shape
+    ) -> PreparedInput:
+        """Embed a prompt (vision features already encoded) and give it absolute 3-D positions after
+        what the cache holds. With vision input, the cache's rope delta is advanced to cover the whole
+        prompt, which must then be fed to `decode` (at once or in consecutive chunks)."""
+        input_ids = mx.array(input_ids)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        h = self.model.language_model.embed_tokens(input_ids)
+        B, L, _ = h.shape
         offset = cache.offset if cache is not None else 0
-        rope_delta = cache.rope_delta if cache is not None else np.zeros(1, dtype=np.int64)
-        visual_index, deepstack = None, None
-        if images is not None or videos is not None:
-            if cache is not None and not isinstance(cache, PromptCache):
-                raise Qwen3VLError("a prompt with images or videos needs a cache made by model.make_cache()")
-            ids = np.array(input_ids)
-            h, visual_index, deepstack = self._place_vision(h, ids, images, videos)
-            positions, chunk_delta = batch_rope_index(
-                ids,
-                image_grid_thw if images is not None else None,
-                video_grid_thw if videos is not None else None,
-                image_token_id=self.config.image_token_id,
-                video_token_id=self.config.video_token_id,
-                spatial_merge_size=self.config.vision_config.spatial_merge_size,
-            )
-            position_ids = mx.array(positions + offset + rope_delta[None, :, None])
-            if cache is not None:
-                cache.rope_delta = rope_delta + chunk_delta
-        else:
-            position_ids = mx.arange(offset, offset + L)[None] + mx.array(rope_delta)[:, None]
-            position_ids = mx.broadcast_to(position_ids[None], (3, B, L))
-        h = self.model.language_model(h, position_ids, cache, visual_index, deepstack)
+        rope_delta = getattr(cache, "rope_delta", np.zeros(1, dtype=np.int64))
+        if images is None and videos is None:
+            positions = mx.arange(offset, offset + L)[None] + mx.array(rope_delta)[:, None]
+            return PreparedInput(h, mx.broadcast_to(positions[None], (3, B, L)))
+        if cache is not None and not isinstance(cache, PromptCache):
+            raise Qwen3VLError("a prompt with images or videos needs a cache made by model.make_cache()")
+        ids = np.array(input_ids)
+        h, visual_index, deepstack = self._place_vision(h, ids, images, videos)
+        positions, prompt_delta = batch_rope_index(
+            ids,
+            image_grid_thw if images is not None else None,
+            video_grid_thw if videos is not None else None,
+            image_token_id=self.config.image_token_id,
+            video_token_id=self.config.video_token_id,
+            spatial_merge_size=self.config.vision_config.spatial_merge_size,
+        )
+        if cache is not None:
+            cache.rope_delta = rope_delta + prompt_delta
+        position_ids = mx.array(positions + offset + rope_delta[None, :, None])
+        return PreparedInput(h, position_ids, visual_index, deepstack)
+
+    def decode(self, prepared: PreparedInput, cache: PromptCache | None = None, last_only: bool = False):
+        """Run the decoder over a prepared prompt (or chunk); logits for every position, or for the
+        last one only (what generation needs: the vocabulary projection is the largest matmul)."""
+        visual_index = None if prepared.visual_index is None else mx.array(prepared.visual_index)
+        h = self.model.language_model(
+            prepared.embeddings, prepared.position_ids, cache, visual_index, prepared.deepstack
+        )
+        if last_only:
+            h = h[:, -1:]
         if self.config.tie_word_embeddings:
-            return embed.as_linear(h)
+            return self.model.language_model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
     def _place_vision(self, h, ids: np.ndarray, images, videos):
@@ -157,11 +196,10 @@ class Model(nn.Module):
                     f"the prompt has {len(index)} {kind} tokens but the {kind}s give "
                     f"{encoded.features.shape[0]} features; expand each placeholder to its token count"
                 )
-            index = mx.array(index.astype(np.int32))
-            flat[index] = encoded.features.astype(h.dtype)
-            indices.append(index)
+            flat[mx.array(index.astype(np.int32))] = encoded.features.astype(h.dtype)
+            indices.append(index.astype(np.int32))
             deepstack_parts.append(encoded.deepstack)
-        visual_index = mx.concatenate(indices) if len(indices) > 1 else indices[0]
+        visual_index = np.concatenate(indices)
         deepstack = [
             mx.concatenate(level) if len(level) > 1 else level[0]
             for level in zip(*deepstack_parts, strict=True)

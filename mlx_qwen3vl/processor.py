@@ -1,24 +1,294 @@
-"""Turns user input into model input. For now it holds the tokenizer and the model's token ids; image and
-video preprocessing and chat-template expansion come with the preprocessing work (issue 3)."""
+"""From user input to model input: chat messages rendered with the model's template, each image and video
+turned into pixel rows, and each placeholder expanded to the tokens its features fill (SPEC §1.7, §5).
+
+    inputs = processor(messages)            # or processor("Describe this.", images=["cat.jpg"])
+    logits = model(**inputs)
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .errors import Qwen3VLError
+from .image import PatchSettings, image_patches, load_image, normalize, patchify
+from .video import VideoOptions, load_video
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+_PLACEHOLDERS = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
+
+IMAGE_KEYS = ("image", "image_url")
+VIDEO_OPTION_NAMES = set(VideoOptions.__dataclass_fields__)
+
+
+@dataclass
+class EncodedMedia:
+    """One image or video as model input: pixel rows, grid (t, h, w), and for a video the time of each
+    temporal group."""
+
+    pixel_values: np.ndarray
+    grid_thw: tuple[int, int, int]
+    timestamps: list[float] | None = None
+
+    def tokens_per_group(self, merge_size: int) -> int:
+        return self.grid_thw[1] * self.grid_thw[2] // merge_size**2
+
+
+def _media_kind(part) -> str | None:
+    if not isinstance(part, dict):
+        return None
+    if part.get("type") in ("image", "image_url") or any(k in part for k in IMAGE_KEYS):
+        return "image"
+    if part.get("type") == "video" or "video" in part:
+        return "video"
+    return None
+
+
+def _source(part: dict, kind: str):
+    value = part.get(kind) if kind == "video" else part.get("image", part.get("image_url"))
+    if isinstance(value, dict):  # OpenAI style {"image_url": {"url": ...}}
+        value = value.get("url")
+    return value
+
+
+def normalize_messages(messages_or_text, images, videos) -> list[dict]:
+    """Messages as a list of dicts with list content. A plain string becomes one user message holding
+    the given images, then videos, then the text."""
+    if isinstance(messages_or_text, str):
+        content = [{"type": "image"} for _ in images or []] + [{"type": "video"} for _ in videos or []]
+        return [{"role": "user", "content": content + [{"type": "text", "text": messages_or_text}]}]
+    if not isinstance(messages_or_text, (list, tuple)) or not all(
+        isinstance(m, dict) for m in messages_or_text
+    ):
+        raise Qwen3VLError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
+    messages = []
+    for message in messages_or_text:
+        if "role" not in message:
+            raise Qwen3VLError(f"message without a role: {message!r:.80}")
+        content = message.get("content")
+        if isinstance(content, str) or content is None:
+            content = [{"type": "text", "text": content or ""}]
+        messages.append({**message, "content": list(content)})
+    return messages
+
+
+def collect_media(messages: list[dict], images, videos) -> list[tuple[str, object, dict]]:
+    """(kind, source, per-item options) for every image and video part, in prompt order. Parts without
+    a source take the next item of `images` / `videos`."""
+    supplied = {"image": list(images or []), "video": list(videos or [])}
+    counts = {"image": 0, "video": 0}
+    media = []
+    for message in messages:
+        for part in message["content"]:
+            kind = _media_kind(part)
+            if kind is None:
+                continue
+            source = _source(part, kind)
+            if source is None:
+                if counts[kind] >= len(supplied[kind]):
+                    raise Qwen3VLError(f"more {kind} placeholders in the messages than {kind}s given")
+                source = supplied[kind][counts[kind]]
+                counts[kind] += 1
+            options = {
+                k: v for k, v in part.items() if k not in ("type", "text", "image", "image_url", "video")
+            }
+            media.append((kind, source, options))
+    for kind, given in supplied.items():
+        if counts[kind] < len(given):
+            raise Qwen3VLError(
+                f"{len(given)} {kind}s given but the messages have only {counts[kind]} {kind} placeholders "
+                "without a source"
+            )
+    return media
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """What the chat template sees: media parts reduced to their type (it only renders placeholders)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{"type": kind} if (kind := _media_kind(p)) else p for p in content]
+        out.append({**message, "content": content})
+    return out
 
 
 class Processor:
-    def __init__(self, tokenizer: TokenizerWrapper, config: ModelConfig):
+    def __init__(
+        self,
+        tokenizer: TokenizerWrapper,
+        config: ModelConfig,
+        image_settings: PatchSettings,
+        video_settings: PatchSettings,
+        chat_template: str | None = None,
+        generation_config: dict | None = None,
+    ):
         self.tokenizer = tokenizer
         self.config = config
+        self.image_settings = image_settings
+        self.video_settings = video_settings
+        self.chat_template = chat_template
+        self.generation_config = generation_config or {}
 
     @classmethod
     def from_pretrained(cls, path: Path, config: ModelConfig) -> Processor:
         if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():
             raise Qwen3VLError(f"{path}: no tokenizer (tokenizer.json) in the model directory")
-        return cls(load_tokenizer(path), config)
+        image = _read_json(path / "preprocessor_config.json")
+        video = _read_json(path / "video_preprocessor_config.json") or image
+        template = _read_json(path / "chat_template.json").get("chat_template")
+        generation = _read_json(path / "generation_config.json")
+        # Every end-of-turn id of generation_config.json stops generation (<|im_end|> and <|endoftext|>).
+        eos = generation.get("eos_token_id")
+        tokenizer = load_tokenizer(path, eos_token_ids=eos if eos is not None else None)
+        return cls(
+            tokenizer,
+            config,
+            PatchSettings.from_dict(image),
+            PatchSettings.from_dict(video),
+            template,
+            generation,
+        )
+
+    # ---- media ----
+
+    def encode_image(
+        self, source, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> EncodedMedia:
+        pixels, grid = image_patches(load_image(source), self.image_settings, min_pixels, max_pixels)
+        return EncodedMedia(pixels, grid)
+
+    def encode_video(
+        self, source, options: VideoOptions | None = None, fps: float | None = None
+    ) -> EncodedMedia:
+        video = load_video(source, options, fps=fps)
+        settings = self.video_settings
+        pixels, grid = patchify(normalize(video.frames, settings), settings)
+        return EncodedMedia(pixels, grid, video.group_timestamps(settings.temporal_patch_size))
+
+    def encode_media(self, kind: str, source, options: dict) -> EncodedMedia:
+        if kind == "image":
+            unknown = set(options) - {"min_pixels", "max_pixels"}
+            if unknown:
+                raise Qwen3VLError(f"unknown image option {sorted(unknown)[0]!r} (min_pixels, max_pixels)")
+            return self.encode_image(source, options.get("min_pixels"), options.get("max_pixels"))
+        fps = options.pop("source_fps", None) if isinstance(source, (list, tuple)) else None
+        unknown = set(options) - VIDEO_OPTION_NAMES
+        if unknown:
+            raise Qwen3VLError(
+                f"unknown video option {sorted(unknown)[0]!r} ({', '.join(sorted(VIDEO_OPTION_NAMES))})"
+            )
+        return self.encode_video(source, VideoOptions(**options), fps=fps)
+
+    def encode_all(
+        self, media: list[tuple[str, object, dict]], options: dict
+    ) -> list[tuple[str, EncodedMedia]]:
+        """Encode `collect_media` output; `options` apply to every image (min_pixels, max_pixels) or video
+        (VideoOptions) unless the part sets its own."""
+        image_defaults = {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels")}
+        video_defaults = {k: v for k, v in options.items() if k in VIDEO_OPTION_NAMES}
+        unknown = set(options) - set(image_defaults) - set(video_defaults)
+        if unknown:
+            raise Qwen3VLError(f"unknown option {sorted(unknown)[0]!r}")
+        encoded = []
+        for kind, source, own in media:
+            defaults = image_defaults if kind == "image" else video_defaults
+            encoded.append((kind, self.encode_media(kind, source, {**defaults, **own})))
+        return encoded
+
+    # ---- text ----
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
+        """The chat template's text, one placeholder per image / video."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                template_messages(messages),
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template,
+                **template_kwargs,
+            )
+        except Exception as e:  # jinja raises many types, all meaning the messages do not fit the template
+            raise Qwen3VLError(f"the chat template could not render these messages: {e}") from None
+
+    def media_tokens(self, kind: str, media: EncodedMedia) -> list[int]:
+        """The token ids that replace one placeholder (SPEC §5.2-§5.3 and §7: a video is one
+        `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>` block per temporal group)."""
+        c = self.config
+        n = media.tokens_per_group(self.image_settings.merge_size)
+        if kind == "image":
+            return [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
+        ids = []
+        for seconds in media.timestamps:
+            ids += self.tokenizer.encode(f"<{seconds:.1f} seconds>", add_special_tokens=False)
+            ids += [c.vision_start_token_id] + [c.video_token_id] * n + [c.vision_end_token_id]
+        return ids
+
+    def tokenize(self, text: str, media: list[tuple[str, EncodedMedia]]) -> list[int]:
+        """Token ids of rendered text with each placeholder expanded. Placeholders are delimited by
+        special tokens, which the tokenizer always splits on, so tokenizing the pieces between them
+        separately gives the ids of the expanded string."""
+        pieces = _PLACEHOLDERS.split(text)
+        found = _PLACEHOLDERS.findall(text)
+        if len(found) != len(media):
+            raise Qwen3VLError(
+                f"the prompt has {len(found)} image/video placeholders for {len(media)} images/videos"
+            )
+        ids = self.tokenizer.encode(pieces[0], add_special_tokens=False)
+        for placeholder, (kind, encoded), piece in zip(found, media, pieces[1:], strict=True):
+            if (placeholder == IMAGE_PLACEHOLDER) != (kind == "image"):
+                raise Qwen3VLError("the order of images and videos does not match their placeholders")
+            ids += self.media_tokens(kind, encoded)
+            ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids
+
+    def __call__(
+        self,
+        messages_or_text,
+        images=None,
+        videos=None,
+        *,
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        add_vision_id: bool = False,
+        **options,
+    ) -> dict:
+        """input_ids [1, L] and the pixel inputs, under transformers' names, ready for `model(**inputs)`.
+        Options apply to every image (min_pixels, max_pixels) and video (fps, nframes, min_pixels,
+        max_pixels, total_pixels, video_start, video_end); a media part's own keys take precedence."""
+        messages = normalize_messages(messages_or_text, images, videos)
+        encoded = self.encode_all(collect_media(messages, images, videos), options)
+        kwargs = {"add_vision_id": add_vision_id} | ({"tools": tools} if tools else {})
+        text = self.render(messages, add_generation_prompt, **kwargs)
+        ids = self.tokenize(text, encoded)
+        return {"input_ids": np.array([ids], dtype=np.int32), **stack_media(encoded)}
+
+
+def stack_media(encoded: list[tuple[str, EncodedMedia]]) -> dict:
+    """Concatenate the pixel rows and grids of all images and of all videos, in prompt order."""
+    out = {}
+    for kind, values, grids in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        items = [m for k, m in encoded if k == kind]
+        out[values] = np.concatenate([m.pixel_values for m in items]) if items else None
+        out[grids] = np.array([m.grid_thw for m in items], dtype=np.int64) if items else None
+    return out
+
+
+def _read_json(file: Path) -> dict:
+    if not file.exists():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise Qwen3VLError(f"{file}: not valid JSON ({e})") from None

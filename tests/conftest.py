@@ -58,3 +58,22 @@ def reference_logits(tiny_reference, prompts) -> dict:
     """transformers' float32 logits for every prompt, computed once per run."""
     with torch.no_grad():
         return {name: tiny_reference(**p.torch_inputs()).logits.numpy() for name, p in prompts.items()}
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_utils():
+    """qwen-vl-utils' vision_process, the reference for sizing and frame sampling. It imports torchvision
+    at import time; the functions compared here need only math, so where torchvision is absent (no
+    build matches the pinned CPU torch) empty stand-ins take its place."""
+    import importlib
+    import types
+
+    if importlib.util.find_spec("torchvision") is None:
+        stub = types.ModuleType("torchvision")
+        stub.io = types.ModuleType("torchvision.io")
+        stub.transforms = types.ModuleType("torchvision.transforms")
+        stub.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
+        stub.__version__ = "0.0"
+        for name, module in (("", stub), (".io", stub.io), (".transforms", stub.transforms)):
+            sys.modules.setdefault("torchvision" + name, module)
+    return importlib.import_module("qwen_vl_utils.vision_process")

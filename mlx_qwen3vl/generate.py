@@ -1,0 +1,340 @@
+"""Generation as generators, in mlx-lm's shape: `generate_step` yields token ids, `stream_generate` yields
+text as it arrives with statistics, `generate` returns the whole text.
+
+mlx-lm's own `generate_step` cannot be used: a Qwen3-VL prompt chunk needs its 3-D MRoPE positions and
+the DeepStack features of the vision tokens it contains, not just token ids or embeddings. Samplers,
+logits processors and the streaming detokenizer are mlx-lm's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from .errors import Qwen3VLError
+from .model import Model, PreparedInput, PromptCache
+
+DEFAULT_MAX_TOKENS = 512
+PREFILL_STEP_SIZE = 512
+
+# One stream for generation, as mlx-lm does, so evaluation overlaps with the Python loop.
+generation_stream = mx.new_stream(mx.default_device())
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling settings; None takes the model's generation_config.json (then greedy)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = {
+            "temperature": lambda v: v >= 0,
+            "top_p": lambda v: 0 <= v <= 1,
+            "top_k": lambda v: v >= 0 and float(v).is_integer(),
+            "min_p": lambda v: 0 <= v <= 1,
+            "repetition_penalty": lambda v: v > 0,
+            "presence_penalty": lambda v: True,
+            "seed": lambda v: float(v).is_integer(),
+        }
+        ranges = {
+            "temperature": ">= 0",
+            "top_p": "in [0, 1]",
+            "top_k": "a whole number >= 0",
+            "min_p": "in [0, 1]",
+            "repetition_penalty": "> 0",
+            "presence_penalty": "a number",
+            "seed": "a whole number",
+        }
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)
+            ):
+                raise Qwen3VLError(f"{name}={value!r} is out of range: must be {ranges[name]}")
+
+    def with_defaults(self, defaults: dict) -> SamplingOptions:
+        """Fill unset options from generation_config.json (its sampling applies only when do_sample)."""
+        sampling = defaults.get("do_sample", False)
+        pick = {
+            "temperature": defaults.get("temperature") if sampling else 0.0,
+            "top_p": defaults.get("top_p") if sampling else None,
+            "top_k": defaults.get("top_k") if sampling else None,
+            "repetition_penalty": defaults.get("repetition_penalty"),
+        }
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for name, value in pick.items():
+            if values[name] is None:
+                values[name] = value
+        return SamplingOptions(**values)
+
+    def sampler(self):
+        return make_sampler(
+            temp=self.temperature or 0.0,
+            top_p=self.top_p or 0.0,
+            min_p=self.min_p or 0.0,
+            top_k=int(self.top_k or 0),
+        )
+
+    def logits_processors(self):
+        repetition = self.repetition_penalty if self.repetition_penalty not in (None, 1.0) else None
+        presence = self.presence_penalty or None
+        return make_logits_processors(repetition_penalty=repetition, presence_penalty=presence)
+
+
+def prefill(
+    model: Model,
+    prompt: PreparedInput,
+    cache: PromptCache,
+    step_size: int = PREFILL_STEP_SIZE,
+    progress=None,
+) -> mx.array:
+    """Feed a prepared prompt through the cache in chunks of `step_size` tokens (memory stays bounded
+    for long prompts); returns the logits [1, vocab] of its last position."""
+    total = prompt.length
+    for start in range(0, total - 1, step_size):
+        end = min(start + step_size, total - 1)
+        with mx.stream(generation_stream):
+            model.decode(prompt.chunk(start, end), cache, last_only=True)
+        mx.eval([c.state for c in cache])
+        if progress:
+            progress(end, total)
+    with mx.stream(generation_stream):
+        return model.decode(prompt.chunk(total - 1, total), cache, last_only=True)[:, -1]
+
+
+def generate_step(
+    model: Model,
+    prompt: PreparedInput,
+    prompt_tokens: mx.array,
+    cache: PromptCache,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler=None,
+    logits_processors=None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    progress=None,
+) -> Iterator[int]:
+    """Yield token ids. Every token yielded has already been fed to the cache: the next step is
+    evaluated asynchronously while the caller handles the current token."""
+    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    history = prompt_tokens
+
+    def sample(logits):
+        nonlocal history
+        for processor in logits_processors or []:
+            logits = processor(history, logits)
+        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        history = mx.concatenate([history, token])
+        return token
+
+    def step(token: mx.array) -> mx.array:
+        with mx.stream(generation_stream):
+            logits = model.decode(model.prepare(token[None], cache=cache), cache)[:, -1]
+            return sample(logits)
+
+    with mx.stream(generation_stream):
+        token = sample(prefill(model, prompt, cache, prefill_step_size, progress))
+    mx.async_eval(token)
+    for _ in range(max_tokens):
+        # Feed the current token before handing it out (so the cache always holds every token
+        # yielded) and let that step run while the caller works on this one.
+        next_token = step(token)
+        mx.async_eval(next_token)
+        yield token.item()
+        token = next_token
+
+
+@dataclass
+class GenerationResponse:
+    """One piece of a streamed answer (mlx-lm's fields)."""
+
+    text: str
+    token: int | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    finish_reason: str | None = None  # "stop" (end-of-turn token), "stop_string", "length"
+
+
+def _stop_string_cut(text: str, stops: list[str]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters could be the start of a stop string (not shown yet)."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                longest = max(longest, k)
+                break
+    return longest
+
+
+def stream_tokens(
+    model: Model,
+    tokenizer,
+    prompt: PreparedInput,
+    prompt_tokens: mx.array,
+    cache: PromptCache,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampling: SamplingOptions | None = None,
+    stop: list[str] | None = None,
+    stop_token_ids=None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    progress=None,
+    on_token=None,
+) -> Iterator[GenerationResponse]:
+    """Stream an answer for a prepared prompt: text pieces from mlx-lm's streaming detokenizer, stop on
+    an end-of-turn token, a stop string (not shown), or max_tokens. `on_token(id)` sees every token fed
+    to the cache."""
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise Qwen3VLError(f"max_tokens={max_tokens!r} is out of range: must be a whole number >= 1")
+    sampling = sampling or SamplingOptions()
+    if sampling.seed is not None:
+        mx.random.seed(int(sampling.seed))
+    stops = [s for s in (stop or []) if s]
+    stop_ids = set(stop_token_ids if stop_token_ids is not None else tokenizer.eos_token_ids)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    shown = 0
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tps, n, token = 0.0, 0, None
+
+    def response(text, finish=None):
+        elapsed = time.perf_counter() - tic
+        return GenerationResponse(
+            text,
+            token,
+            prompt.length,
+            prompt_tps,
+            n,
+            n / elapsed if elapsed else 0.0,
+            mx.get_peak_memory() / 1e9,
+            finish,
+        )
+
+    steps = generate_step(
+        model,
+        prompt,
+        prompt_tokens,
+        cache,
+        max_tokens=max_tokens,
+        sampler=sampling.sampler(),
+        logits_processors=sampling.logits_processors(),
+        prefill_step_size=prefill_step_size,
+        progress=progress,
+    )
+    finish, cut = "length", None
+    for n, token in enumerate(steps, start=1):
+        if n == 1:
+            prompt_tps = prompt.length / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if on_token:
+            on_token(token)
+        if token in stop_ids:
+            finish = "stop"
+            break
+        detokenizer.add_token(token)
+        cut = _stop_string_cut(detokenizer.text, stops)
+        if cut is not None:
+            finish = "stop_string"
+            break
+        if n == max_tokens:
+            break
+        # One response per token, like mlx-lm; its text is empty while a character is incomplete or
+        # the tail could still become a stop string. The last token comes with the final response.
+        text = detokenizer.text
+        visible = max(shown, len(text) - _held_back(text, stops))
+        yield response(text[shown:visible])
+        shown = visible
+    if cut is None:
+        detokenizer.finalize()
+    yield response(detokenizer.text[shown:cut], finish)
+
+
+def encode_media(model: Model, inputs: dict):
+    """Run the vision tower once over all images and once over all videos of processor output."""
+    images = videos = None
+    if inputs.get("pixel_values") is not None:
+        images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+    if inputs.get("pixel_values_videos") is not None:
+        videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    return images, videos
+
+
+def check_context(model: Model, cache: PromptCache, new_tokens: int, max_tokens: int) -> None:
+    limit = model.config.text_config.max_position_embeddings
+    if cache.offset + new_tokens + max_tokens > limit:
+        raise Qwen3VLError(
+            f"the prompt ({cache.offset + new_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"model's context of {limit} tokens; shorten the input or start a new conversation"
+        )
+
+
+def stream_generate(
+    model: Model,
+    processor,
+    prompt,
+    images=None,
+    videos=None,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | str | None = None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
+    progress=None,
+    **processor_options,
+) -> Iterator[GenerationResponse]:
+    """Answer `prompt` (chat messages or a string, with `images` / `videos`), streaming text as it is
+    generated. Unset sampling options come from the model's generation_config.json; processor options
+    (min_pixels, max_pixels, fps, nframes, ...) go to the processor."""
+    sampling = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, seed)
+    sampling = sampling.with_defaults(processor.generation_config)
+    inputs = processor(prompt, images, videos, **processor_options)
+    cache = model.make_cache()
+    ids = inputs["input_ids"]
+    check_context(model, cache, ids.shape[1], max_tokens)
+    media, media_videos = encode_media(model, inputs)
+    prepared = model.prepare(
+        ids, media, inputs["image_grid_thw"], media_videos, inputs["video_grid_thw"], cache
+    )
+    yield from stream_tokens(
+        model,
+        processor.tokenizer,
+        prepared,
+        mx.array(ids[0]),
+        cache,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        stop=[stop] if isinstance(stop, str) else stop,
+        prefill_step_size=prefill_step_size,
+        progress=progress,
+    )
+
+
+def generate(model: Model, processor, prompt, images=None, videos=None, **options) -> str:
+    """The whole answer as one string; the same arguments as `stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, processor, prompt, images, videos, **options))

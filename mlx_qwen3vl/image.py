@@ -1,0 +1,213 @@
+"""Image input: every common source to RGB, `smart_resize`, bicubic resize, normalisation and the
+patch layout the vision tower expects (SPEC §3.1, §5.1). numpy and pillow only.
+
+The pixels match transformers' PIL-backend image processor (`Qwen2VLImageProcessorPil`); its default
+torchvision backend differs from it by at most a few uint8 levels of bicubic rounding (SPEC §5.1).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import Qwen3VLError
+
+MAX_ASPECT_RATIO = 200
+URL_TIMEOUT_SECONDS = 30
+
+
+@dataclass
+class PatchSettings:
+    """preprocessor_config.json: patch geometry, pixel budget and normalisation."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 65536
+    max_pixels: int = 16777216
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    @classmethod
+    def from_dict(cls, params: dict) -> PatchSettings:
+        size = params.get("size") or {}
+        defaults = cls()
+        return cls(
+            patch_size=params.get("patch_size", defaults.patch_size),
+            temporal_patch_size=params.get("temporal_patch_size", defaults.temporal_patch_size),
+            merge_size=params.get("merge_size", defaults.merge_size),
+            min_pixels=size.get("shortest_edge", params.get("min_pixels", defaults.min_pixels)),
+            max_pixels=size.get("longest_edge", params.get("max_pixels", defaults.max_pixels)),
+            image_mean=list(params.get("image_mean", defaults.image_mean)),
+            image_std=list(params.get("image_std", defaults.image_std)),
+        )
+
+    @property
+    def factor(self) -> int:
+        """Resized sides are multiples of this: one merged 2x2 block of patches."""
+        return self.patch_size * self.merge_size
+
+
+# ---- sources -----------------------------------------------------------------------------------------
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    if not data:
+        raise Qwen3VLError(f"{name}: empty image")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except UnidentifiedImageError:
+        raise Qwen3VLError(f"{name}: not an image in a supported format") from None
+    except (OSError, ValueError) as e:
+        raise Qwen3VLError(f"{name}: corrupt or truncated image ({e})") from None
+    return image
+
+
+def _read_source(source) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    if isinstance(source, (bytes, bytearray)):
+        return _open(bytes(source), "image bytes")
+    if isinstance(source, (str, Path)):
+        text = str(source)
+        if text.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(text, timeout=URL_TIMEOUT_SECONDS) as response:
+                    return _open(response.read(), text)
+            except OSError as e:
+                raise Qwen3VLError(f"{text}: could not download the image ({e})") from None
+        if text.startswith("data:"):
+            header, _, payload = text.partition(",")
+            if not header.endswith(";base64"):
+                raise Qwen3VLError("data: URL images must be base64-encoded (data:image/...;base64,...)")
+            try:
+                return _open(base64.b64decode(payload, validate=True), "data: URL image")
+            except ValueError:
+                raise Qwen3VLError("data: URL image: invalid base64") from None
+        path = Path(text.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise Qwen3VLError(f"{path}: no such image file")
+        return _open(path.read_bytes(), str(path))
+    raise Qwen3VLError(f"unsupported image input of type {type(source).__name__}")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise Qwen3VLError(f"image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and array.size and 0 <= array.min() and array.max() <= 1:
+            array = np.round(array * 255)  # floats in [0, 1]
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF orientation applied; grayscale and palette converted; transparency composited on white
+    (SPEC §7)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source) -> Image.Image:
+    """An RGB PIL image from a path, http(s) URL, data: URL, bytes, PIL image or numpy array."""
+    return to_rgb(_read_source(source))
+
+
+# ---- sizing and pixels ---------------------------------------------------------------------------------
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' image smart_resize (SPEC §5.1): sides rounded to multiples of `factor` (Python round,
+    half to even), then scaled into [min_pixels, max_pixels] keeping the aspect ratio."""
+    if min(height, width) <= 0:
+        raise Qwen3VLError(f"image of size {width}x{height} has no pixels")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise Qwen3VLError(
+            f"image of size {width}x{height}: aspect ratio over {MAX_ASPECT_RATIO} is not supported"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize of an HxWx3 uint8 image with pillow (antialiased when shrinking), as transformers'
+    PIL backend does."""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), resample=Image.Resampling.BICUBIC))
+
+
+def normalize(frames: np.ndarray, settings: PatchSettings) -> np.ndarray:
+    """uint8 [..., 3] -> float32 (x / 255 - mean) / std, in the reference's order of operations."""
+    scaled = (frames.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean = np.array(settings.image_mean, dtype=np.float32)
+    std = np.array(settings.image_std, dtype=np.float32)
+    return (scaled - mean) / std
+
+
+def patchify(frames: np.ndarray, settings: PatchSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Normalised frames [T, H, W, 3] -> pixel rows [patches, 3 * t * p * p] and the grid (t, h, w).
+
+    Consecutive frame pairs form one temporal patch (an odd count repeats the last frame); rows run over
+    temporal group, merge-block row, merge-block column, in-block row, in-block column; each row is
+    ordered (channel, time, y, x) like the Conv3d kernel (SPEC §3.1)."""
+    tps, p, m = settings.temporal_patch_size, settings.patch_size, settings.merge_size
+    if len(frames) % tps:
+        frames = np.concatenate([frames, np.repeat(frames[-1:], tps - len(frames) % tps, axis=0)])
+    T, H, W, C = frames.shape
+    g_t, g_h, g_w = T // tps, H // p, W // p
+    x = frames.reshape(g_t, tps, g_h // m, m, p, g_w // m, m, p, C)
+    # -> (g_t, block row, block col, in-row, in-col, C, time, y, x)
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return np.ascontiguousarray(x.reshape(g_t * g_h * g_w, C * tps * p * p)), (g_t, g_h, g_w)
+
+
+def image_patches(
+    image: Image.Image,
+    settings: PatchSettings,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One RGB image -> pixel rows and grid (1, h, w); per-call pixel limits override the model's."""
+    min_pixels = settings.min_pixels if min_pixels is None else min_pixels
+    max_pixels = settings.max_pixels if max_pixels is None else max_pixels
+    if not 0 < min_pixels <= max_pixels:
+        raise Qwen3VLError(
+            f"min_pixels {min_pixels} and max_pixels {max_pixels}: need 0 < min_pixels <= max_pixels"
+        )
+    width, height = image.size
+    if min(width, height) < settings.patch_size:
+        raise Qwen3VLError(
+            f"image of size {width}x{height} is smaller than one {settings.patch_size}-pixel patch"
+        )
+    h, w = smart_resize(height, width, settings.factor, min_pixels, max_pixels)
+    pixels = resize_rgb(np.asarray(image), h, w)
+    # A still image is one temporal patch: the frame repeated (SPEC §3.1).
+    return patchify(normalize(pixels[None], settings), settings)

@@ -1,0 +1,381 @@
+"""Video input: which frames to keep, at what size, and when each was shown (SPEC §5.3, §7).
+
+Sampling and sizing follow qwen-vl-utils (the Qwen3-VL cookbook path): about 2 frames per second, an even
+count between 4 and 768, a per-frame pixel cap from a total pixel budget. `plan_frames` is that arithmetic
+alone, so it can be checked against qwen-vl-utils for any metadata; `load_video` decodes a file with
+OpenCV (or takes a list of frames) and keeps only the planned frames, already resized.
+
+    video = load_video("clip.mp4", VideoOptions(fps=1.0))
+    video.frames            # [T, H, W, 3] uint8, T even
+    video.group_timestamps()  # seconds, one per temporal patch of 2 frames
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .errors import Qwen3VLError
+from .image import MAX_ASPECT_RATIO, resize_rgb, to_rgb
+
+# qwen-vl-utils constants, with image_factor = patch_size 16 * merge_size 2.
+FACTOR = 32
+FRAME_FACTOR = 2  # frames per temporal patch: counts are kept even
+DEFAULT_FPS = 2.0
+FRAME_MIN_PIXELS = 128 * FACTOR * FACTOR
+FRAME_MAX_PIXELS = 768 * FACTOR * FACTOR
+TOTAL_PIXELS = 128000 * FACTOR * FACTOR * 0.9  # its MODEL_SEQ_LEN default, 90% of it for the video
+
+# Beyond this many frames to skip, seeking (decode from the previous keyframe) beats grabbing every frame;
+# 250 is x264's default keyframe interval.
+SEEK_GAP = 250
+
+
+@dataclass
+class VideoOptions:
+    """The user's sampling and sizing options; None means qwen-vl-utils' default."""
+
+    fps: float | None = None  # frames sampled per second; 2.0 unless nframes is given
+    nframes: int | None = None  # a fixed frame count instead (rounded to an even number)
+    min_frames: int = 4
+    max_frames: int = 768
+    min_pixels: int | None = None  # per frame; default 128 * 32 * 32
+    max_pixels: int | None = None  # per frame; can only lower the cap that total_pixels gives
+    total_pixels: int | None = None  # budget over all frames; default 128000 * 32 * 32 * 0.9
+    video_start: float | None = None  # seconds
+    video_end: float | None = None
+
+    def __post_init__(self):
+        self._check_types()
+        if self.fps is not None and self.nframes is not None:
+            raise Qwen3VLError("video options fps and nframes: give one of them, not both")
+        if self.fps is not None and not self.fps > 0:
+            _bad_option("fps", self.fps, "must be > 0")
+        if self.nframes is not None and self.nframes < 2:
+            _bad_option("nframes", self.nframes, "must be >= 2")
+        if self.min_frames < 1:
+            _bad_option("min_frames", self.min_frames, "must be >= 1")
+        if self.max_frames < max(2, self.min_frames):
+            _bad_option("max_frames", self.max_frames, f"must be >= 2 and >= min_frames ({self.min_frames})")
+        self._check_pixels()
+        if self.video_start is not None and not self.video_start >= 0:
+            _bad_option("video_start", self.video_start, "must be >= 0 seconds")
+        if self.video_end is not None and not self.video_end > (self.video_start or 0):
+            _bad_option("video_end", self.video_end, f"must be > video_start ({self.video_start or 0} s)")
+
+    def _check_types(self):
+        # Options often come from JSON or a chat message: a string "2" must fail here, not deep inside.
+        integers = ("nframes", "min_frames", "max_frames", "min_pixels", "max_pixels", "total_pixels")
+        for name in ("fps", "video_start", "video_end", *integers):
+            value = getattr(self, name)
+            if value is None and name not in ("min_frames", "max_frames"):
+                continue
+            kind, rule = (numbers.Integral, "an integer") if name in integers else (numbers.Real, "a number")
+            if not isinstance(value, kind) or isinstance(value, bool):
+                _bad_option(name, value, f"must be {rule}")
+
+    def _check_pixels(self):
+        for name in ("min_pixels", "max_pixels", "total_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                _bad_option(name, getattr(self, name), "must be > 0")
+        # qwen-vl-utils asserts this inside smart_resize; say it where the option is given.
+        if self.max_pixels is not None and self.max_pixels < self.frame_min_pixels:
+            _bad_option("max_pixels", self.max_pixels, f"must be >= min_pixels ({self.frame_min_pixels})")
+
+    @property
+    def frame_min_pixels(self) -> int:
+        return FRAME_MIN_PIXELS if self.min_pixels is None else self.min_pixels
+
+
+def _bad_option(name: str, value, rule: str):
+    raise Qwen3VLError(f"video option {name}={value!r}: {rule}")
+
+
+@dataclass
+class FramePlan:
+    """Which source frames to keep and the size to resize them to; arithmetic only, no decoding."""
+
+    indices: list[int]  # source frame indices, ascending
+    height: int  # multiples of 32
+    width: int
+
+
+def plan_frames(
+    total_frames: int, source_fps: float, height: int, width: int, options: VideoOptions
+) -> FramePlan:
+    """qwen-vl-utils' `calculate_video_frame_range`, `smart_nframes`, its readers' frame indices and
+    `fetch_video`'s sizing, for a video of `total_frames` frames of `width` x `height` at `source_fps`."""
+    if total_frames < 2:
+        raise Qwen3VLError(f"the video has {total_frames} frame(s); at least 2 are needed")
+    if not source_fps > 0:
+        raise Qwen3VLError(f"frame rate {source_fps} is not a positive number")
+    first, last = _frame_range(total_frames, source_fps, options)
+    nframes = _frame_count(last - first + 1, source_fps, options)
+    frame_height, frame_width = _frame_size(height, width, nframes, options)
+    return FramePlan(_sample_indices(first, last, nframes), frame_height, frame_width)
+
+
+def _frame_range(total_frames: int, source_fps: float, options: VideoOptions) -> tuple[int, int]:
+    """First and last source frame inside [video_start, video_end] (`calculate_video_frame_range`): start
+    rounds up, end rounds down, both clamped to the video."""
+    start, end = options.video_start, options.video_end
+    duration = total_frames / source_fps
+    first = 0 if start is None else math.ceil(max(0.0, min(start, duration)) * source_fps)
+    last = total_frames - 1
+    if end is not None:
+        last = min(math.floor(max(0.0, min(end, duration)) * source_fps), total_frames - 1)
+    if first >= last:
+        raise Qwen3VLError(
+            f"time range video_start={start} .. video_end={end} s selects fewer than 2 frames of a "
+            f"{duration:.2f} s video ({total_frames} frames at {source_fps:g} fps)"
+        )
+    return first, last
+
+
+def _frame_count(available: int, source_fps: float, options: VideoOptions) -> int:
+    """`smart_nframes`: a fixed nframes rounded to even (Python round, half to even), or source duration
+    times fps, clamped to [min_frames, max_frames] and to the frames available, floored to even."""
+    if options.nframes is not None:
+        nframes = round(options.nframes / FRAME_FACTOR) * FRAME_FACTOR
+        if nframes > available:
+            raise Qwen3VLError(
+                f"video option nframes={options.nframes}: more than the {available} frames in the video "
+                "(or in video_start .. video_end)"
+            )
+        return nframes
+    fps = DEFAULT_FPS if options.fps is None else options.fps
+    min_frames = math.ceil(options.min_frames / FRAME_FACTOR) * FRAME_FACTOR
+    max_frames = math.floor(options.max_frames / FRAME_FACTOR) * FRAME_FACTOR
+    nframes = min(max(available / source_fps * fps, min_frames), max_frames, available)
+    return math.floor(nframes / FRAME_FACTOR) * FRAME_FACTOR
+
+
+def _sample_indices(first: int, last: int, nframes: int) -> list[int]:
+    """`torch.linspace(first, last, nframes).round().long()`, bit for bit, in numpy.
+
+    torch works in float32: step = (last - first) / (nframes - 1); the first half of the points is
+    first + step * i, the second half last - step * (nframes - 1 - i), each one fused multiply-add
+    (one rounding). At 300k frames float32 steps are 1/32, so points land exactly on .5 and a second
+    rounding would move some indices. step * i + first is exact in float64 (well under 53 bits), so one
+    cast to float32 is the fused operation's rounding. torch.round, like np.rint, rounds half to even."""
+    start, end = np.float32(first), np.float32(last)
+    step = np.float32((end - start) / np.float32(nframes - 1))
+    i = np.arange(nframes)
+    from_start = np.float64(start) + np.float64(step) * i
+    from_end = np.float64(end) - np.float64(step) * (nframes - 1 - i)
+    points = np.where(i < nframes // 2, from_start, from_end).astype(np.float32)
+    return np.rint(points).astype(np.int64).tolist()
+
+
+def _frame_size(height: int, width: int, nframes: int, options: VideoOptions) -> tuple[int, int]:
+    """`fetch_video`'s per-frame limits: the cap is the total budget shared by the frames (each pair is one
+    temporal patch), at most 768 tokens and at least 5% above min_pixels; a user max_pixels only lowers it."""
+    min_pixels = options.frame_min_pixels
+    total_pixels = TOTAL_PIXELS if options.total_pixels is None else options.total_pixels
+    max_pixels = max(min(FRAME_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    if options.max_pixels is not None:
+        max_pixels = min(options.max_pixels, max_pixels)
+    return _smart_resize(height, width, min_pixels, max_pixels)
+
+
+def _smart_resize(height: int, width: int, min_pixels: int, max_pixels: float) -> tuple[int, int]:
+    """qwen-vl-utils' smart_resize. Unlike transformers' image version (image.smart_resize) the rounded
+    sides start at no less than 32, which can change the branch taken for frames under 16 pixels."""
+    if min(height, width) <= 0:
+        raise Qwen3VLError(f"frame size {width}x{height} has no pixels")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise Qwen3VLError(
+            f"frame size {width}x{height}: aspect ratio over {MAX_ASPECT_RATIO} is not supported"
+        )
+    h_bar = max(FACTOR, round(height / FACTOR) * FACTOR)
+    w_bar = max(FACTOR, round(width / FACTOR) * FACTOR)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        # qwen-vl-utils can floor a side to 0 here (and then fails to resize); keep at least one block.
+        h_bar = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
+        w_bar = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / FACTOR) * FACTOR
+        w_bar = math.ceil(width * beta / FACTOR) * FACTOR
+    return h_bar, w_bar
+
+
+@dataclass
+class Video:
+    """The kept frames, resized, and the time each was shown in the source."""
+
+    frames: np.ndarray  # [T, H, W, 3] uint8 RGB, T even
+    timestamps: list[float]  # seconds: source frame index / source fps
+    source_fps: float
+
+    def group_timestamps(self, temporal_patch_size: int = 2) -> list[float]:
+        """One time per temporal patch, the mean of its first and last frame's time, as transformers'
+        `_calculate_timestamps` (an incomplete last group repeats the last frame's time)."""
+        times = list(self.timestamps)
+        times += times[-1:] * (-len(times) % temporal_patch_size)
+        return [
+            (times[i] + times[i + temporal_patch_size - 1]) / 2
+            for i in range(0, len(times), temporal_patch_size)
+        ]
+
+
+def load_video(source, options: VideoOptions | None = None, *, fps: float | None = None) -> Video:
+    """A video file (path; decoded with OpenCV) or a list of frames (PIL images or HxWx3 uint8 arrays)
+    sampled and resized per `options`. `fps` is the source frame rate: required for a frame list (which is
+    taken as the whole video at that rate); for a file it overrides the container's."""
+    options = options or VideoOptions()
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not fps > 0):
+        raise Qwen3VLError(f"source fps={fps!r}: must be a number > 0")
+    if isinstance(source, (list, tuple)):
+        return _load_frame_list(source, options, fps)
+    if isinstance(source, (str, Path)):
+        return _load_file(source, options, fps)
+    raise Qwen3VLError(
+        f"unsupported video input of type {type(source).__name__}: give a file path or a list of frames"
+    )
+
+
+def _load_file(source: str | Path, options: VideoOptions, fps: float | None) -> Video:
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        raise Qwen3VLError(f"{text}: video URLs are not supported; download the file and pass its path")
+    path = Path(text.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise Qwen3VLError(f"{path}: no such video file")
+    if path.stat().st_size == 0:
+        raise Qwen3VLError(f"{path}: empty file (0 bytes)")
+    capture = _open(path)
+    try:
+        total_frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        if total_frames <= 0:
+            # Some containers (raw streams, some webm) carry no frame count: count by decoding once
+            # (grab only, nothing kept), then start again from the top.
+            capture.release()
+            total_frames = _count_frames(path)
+            capture = _open(path)
+        if total_frames == 0:
+            raise Qwen3VLError(f"{path}: no readable video frames")
+        source_fps = fps or capture.get(cv2.CAP_PROP_FPS)
+        if not source_fps > 0:
+            raise Qwen3VLError(f"{path}: the container has no frame rate; pass fps=<source frame rate>")
+        # OpenCV reports the displayed size (rotation flags applied), as it decodes.
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        plan = _plan(str(path), total_frames, source_fps, height, width, options)
+        return _collect(str(path), _decode(capture, plan.indices), plan, source_fps)
+    finally:
+        capture.release()
+
+
+def _open(path: Path) -> cv2.VideoCapture:
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        capture.release()
+        raise Qwen3VLError(f"{path}: OpenCV cannot open it as a video (unsupported format or corrupt file)")
+    return capture
+
+
+def _count_frames(path: Path) -> int:
+    capture = _open(path)
+    try:
+        count = 0
+        while capture.grab():
+            count += 1
+        return count
+    finally:
+        capture.release()
+
+
+def _decode(capture: cv2.VideoCapture, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB frame) for each planned index, reading forward: skipped frames are only grabbed (decoded,
+    never converted or copied out) or, across long gaps, seeked over. Stops quietly where the stream ends."""
+    position, rgb = 0, None  # index of the frame the next grab() returns; the last frame kept
+    for index in indices:
+        if index < position:  # a repeated index: only past 2**22 frames, where float32 points are coarse
+            yield index, rgb
+            continue
+        if index - position > SEEK_GAP and capture.set(cv2.CAP_PROP_POS_FRAMES, index):
+            # OpenCV decodes from the previous keyframe up to the frame asked for; its own count of where
+            # it is now is the truth from here on (short of the target: grab forward).
+            position = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
+            if position > index:
+                return  # overshot: a broken index or a stream shorter than its metadata
+        while position < index:
+            if not capture.grab():
+                return
+            position += 1
+        if not capture.grab():
+            return
+        ok, bgr = capture.retrieve()
+        if not ok:
+            return
+        position += 1
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        yield index, rgb
+
+
+def _load_frame_list(frames: Sequence, options: VideoOptions, fps: float | None) -> Video:
+    name = f"list of {len(frames)} frames"
+    if fps is None:
+        raise Qwen3VLError(f"{name}: pass fps=<source frame rate> with a list of frames")
+    sizes = {_list_frame_size(name, k, frame) for k, frame in enumerate(frames)}
+    if len(sizes) > 1:
+        raise Qwen3VLError(f"{name}: frames of different sizes {sorted(sizes)} (height, width)")
+    height, width = sizes.pop() if sizes else (0, 0)
+    plan = _plan(name, len(frames), fps, height, width, options)
+    return _collect(name, ((i, _rgb_array(frames[i])) for i in plan.indices), plan, fps)
+
+
+def _list_frame_size(name: str, k: int, frame) -> tuple[int, int]:
+    if isinstance(frame, Image.Image):
+        return frame.height, frame.width
+    if isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3 and frame.dtype == np.uint8:
+        return frame.shape[:2]
+    shape = getattr(frame, "shape", None)
+    raise Qwen3VLError(
+        f"{name}: frame {k} must be a PIL image or an HxWx3 uint8 array, got {type(frame).__name__} "
+        f"{shape if shape is not None else ''}".rstrip()
+    )
+
+
+def _rgb_array(frame) -> np.ndarray:
+    # PIL frames get the image path's conversion: transparency composited on white (SPEC §7).
+    return np.asarray(to_rgb(frame)) if isinstance(frame, Image.Image) else frame
+
+
+def _plan(
+    name: str, total_frames: int, source_fps: float, height: int, width: int, options: VideoOptions
+) -> FramePlan:
+    try:
+        return plan_frames(total_frames, source_fps, height, width, options)
+    except Qwen3VLError as e:
+        raise Qwen3VLError(f"{name}: {e}") from None
+
+
+def _collect(
+    name: str, decoded: Iterable[tuple[int, np.ndarray]], plan: FramePlan, source_fps: float
+) -> Video:
+    """Resize each kept frame into the output as it arrives: only kept frames are ever held, once. A stream
+    that ends early keeps what it gave; an odd count repeats the last frame, as the processor would."""
+    frames = np.empty((len(plan.indices), plan.height, plan.width, 3), np.uint8)
+    indices = []
+    for index, rgb in decoded:
+        frames[len(indices)] = resize_rgb(rgb, plan.height, plan.width)
+        indices.append(index)
+    if len(indices) < 2:
+        what = "no readable video frames" if not indices else "only 1 readable frame"
+        raise Qwen3VLError(
+            f"{name}: {what} (needed frame {plan.indices[len(indices)]}); at least 2 are needed"
+        )
+    if len(indices) % FRAME_FACTOR:  # room left: the plan's count is even
+        frames[len(indices)] = frames[len(indices) - 1]
+        indices.append(indices[-1])
+    return Video(frames[: len(indices)], [i / source_fps for i in indices], source_fps)

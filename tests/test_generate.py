@@ -1,0 +1,207 @@
+"""Generation: greedy tokens against transformers' generate, the chat session's cache reuse, streaming
+text, sampling options."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+from mlx_qwen3vl import ChatSession, Qwen3VLError, generate, stream_generate
+from mlx_qwen3vl.generate import SamplingOptions
+
+
+def picture(width, height, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def write_video(path, frames=24, fps=8.0, size=(96, 64)):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    writer.release()
+    return str(path)
+
+
+def streamed_tokens(model, processor, prompt, **options):
+    responses = list(stream_generate(model, processor, prompt, **options))
+    return [r.token for r in responses], responses
+
+
+def reference_generate(reference, inputs, steps):
+    """transformers' greedy generate from our processor's inputs (equal to its own, see test_processor)."""
+    ids = inputs["input_ids"].astype(np.int64)
+    kwargs = {"input_ids": torch.tensor(ids)}
+    for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if inputs[name] is not None:
+            kwargs[name] = torch.tensor(inputs[name])
+    kwargs["mm_token_type_ids"] = torch.tensor((ids == 151655) * 1 + (ids == 151656) * 2)
+    config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None, pad_token_id=151643)
+    with torch.no_grad():
+        out = reference.generate(**kwargs, generation_config=config)
+    return out[0, ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("media", ["image", "video"])
+def test_greedy_stream_generate_equals_transformers_generate(media, tiny_f32, tiny_reference, tmp_path):
+    model, processor = tiny_f32
+    if media == "image":
+        prompt, kwargs = "Describe the picture.", {"images": [picture(200, 140, 1)]}
+    else:
+        prompt, kwargs = "What happens?", {"videos": [write_video(tmp_path / "clip.avi")]}
+    tokens, responses = streamed_tokens(model, processor, prompt, max_tokens=16, temperature=0, **kwargs)
+    expected = reference_generate(tiny_reference, processor(prompt, **kwargs), 16)
+    assert responses[-1].finish_reason == "length"
+    assert tokens == expected
+
+
+def test_chunked_prefill_splitting_an_image_gives_the_same_answer(tiny_f32):
+    """7-token prefill chunks cut through the image's 24 tokens and its DeepStack rows."""
+    model, processor = tiny_f32
+    args = ("Describe.",)
+    kwargs = {"images": [picture(128, 96, 2)], "max_tokens": 6, "temperature": 0}
+    whole, _ = streamed_tokens(model, processor, *args, **kwargs)
+    chunked, _ = streamed_tokens(model, processor, *args, prefill_step_size=7, **kwargs)
+    assert chunked == whole
+
+
+def test_second_turn_reuses_the_cache_and_matches_one_pass(tiny_f32, monkeypatch):
+    model, processor = tiny_f32
+    session = ChatSession(model, processor, max_tokens=6, temperature=0)
+    image = picture(160, 96, 3)
+    first = list(session.ask("What is this?", images=[image]))
+    assert first[-1].finish_reason in ("length", "stop")
+    before = len(session.tokens)
+
+    encodes = []
+    monkeypatch.setattr(
+        model, "encode_vision", lambda *a: encodes.append(a) or type(model).encode_vision(model, *a)
+    )
+    second = list(session.ask("And its colour?"))
+    assert encodes == []  # the image of turn 1 is not encoded again
+
+    # Only the new turn was prefilled: closing of the answer, the user turn, the generation prompt.
+    new = processor.tokenizer.decode(session.tokens[before : before + session.prefilled])
+    closing = "\n" if session.tokens[before - 1] in processor.tokenizer.eos_token_ids else "<|im_end|>\n"
+    assert new == closing + "<|im_start|>user\nAnd its colour?<|im_end|>\n<|im_start|>assistant\n"
+    assert session.prefilled < before
+
+    # One pass over the same conversation tokens, from an empty cache, gives the same answer.
+    prompt = session.tokens[: before + session.prefilled]
+    inputs = processor("What is this?", images=[image])
+    cache = model.make_cache()
+    logits = model(
+        np.array([prompt]),
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+        cache=cache,
+    )[:, -1]
+    tokens = []
+    for _ in range(6):
+        tokens.append(int(mx.argmax(logits, axis=-1).item()))
+        logits = model(mx.array([[tokens[-1]]]), cache=cache)[:, -1]
+    assert [r.token for r in second] == tokens[: len(second)]
+
+
+def test_session_clear_and_system_prompt(tiny_f32):
+    model, processor = tiny_f32
+    session = ChatSession(model, processor, system="Be brief.", max_tokens=3, temperature=0)
+    list(session.ask("Hi"))
+    assert session.cache.offset > 0 and len(session.messages) == 3
+    session.clear()
+    assert session.cache.offset == 0 and session.messages == [{"role": "system", "content": "Be brief."}]
+    list(session.ask("Hi"))
+    assert processor.tokenizer.decode(session.tokens).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_interrupted_answer_keeps_the_session_consistent(tiny_f32):
+    model, processor = tiny_f32
+    session = ChatSession(model, processor, max_tokens=50, temperature=0)
+    answer = session.ask("Count.")
+    next(answer), next(answer), next(answer)
+    with pytest.raises(KeyboardInterrupt):
+        answer.throw(KeyboardInterrupt)
+    assert session.cache.offset == len(session.tokens)
+    assert session.messages[-1]["role"] == "assistant"
+    list(session.ask("Again."))  # the conversation goes on
+    assert session.cache.offset == len(session.tokens)
+
+
+class Scripted:
+    """A sampler that emits fixed tokens, to exercise the detokenizer on known text."""
+
+    def __init__(self, tokens):
+        self.tokens = list(tokens)
+
+    def __call__(self, logprobs):
+        return mx.array([self.tokens.pop(0) if self.tokens else 151645])
+
+
+TEXT = "你好，世界！🙂👍🏽 naïve café — ok"
+
+
+def scripted_answer(model, processor, monkeypatch, text, **options):
+    tokens = processor.tokenizer.encode(text)
+    monkeypatch.setattr(SamplingOptions, "sampler", lambda self: Scripted(tokens))
+    responses = list(stream_generate(model, processor, "Say it.", max_tokens=len(tokens) + 2, **options))
+    return tokens, responses
+
+
+def test_streamed_pieces_join_to_the_decoded_text(tiny_f32, monkeypatch):
+    model, processor = tiny_f32
+    tokens, responses = scripted_answer(model, processor, monkeypatch, TEXT)
+    assert len(tokens) > len(TEXT.split())  # characters that span several tokens
+    assert "".join(r.text for r in responses) == processor.tokenizer.decode(tokens) == TEXT
+    assert responses[-1].finish_reason == "stop"
+    assert all("\ufffd" not in r.text for r in responses)  # no half characters shown
+
+
+def test_stop_string_ends_the_answer_and_is_not_shown(tiny_f32, monkeypatch):
+    model, processor = tiny_f32
+    _, responses = scripted_answer(model, processor, monkeypatch, TEXT, stop=["🙂👍"])
+    assert "".join(r.text for r in responses) == "你好，世界！"
+    assert responses[-1].finish_reason == "stop_string"
+
+
+def test_sampling_options_do_what_they_say(tiny_f32):
+    model, processor = tiny_f32
+    greedy = generate(model, processor, "Tell me.", max_tokens=8, temperature=0)
+    assert generate(model, processor, "Tell me.", max_tokens=8, temperature=1.0, top_k=1) == greedy
+    one = generate(model, processor, "Tell me.", max_tokens=8, temperature=1.5, seed=7)
+    assert generate(model, processor, "Tell me.", max_tokens=8, temperature=1.5, seed=7) == one
+    others = {generate(model, processor, "Tell me.", max_tokens=8, temperature=1.5, seed=s) for s in range(3)}
+    assert len(others) > 1
+    tokens, responses = streamed_tokens(model, processor, "Tell me.", max_tokens=5, temperature=0)
+    assert len(tokens) == 5 and responses[-1].finish_reason == "length"
+    assert (
+        responses[-1].prompt_tokens > 0 and responses[-1].generation_tps > 0 and responses[-1].peak_memory > 0
+    )
+    # A large presence penalty forbids repeating any token of the last 20.
+    repeats, _ = streamed_tokens(model, processor, "Tell me.", max_tokens=12, temperature=0)
+    assert len(set(repeats)) < len(repeats)
+    distinct, _ = streamed_tokens(
+        model, processor, "Tell me.", max_tokens=12, temperature=0, presence_penalty=1e4
+    )
+    assert len(set(distinct)) == len(distinct)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperature": -1}, "temperature=-1 is out of range"),
+        ({"top_p": 1.5}, "top_p=1.5 is out of range"),
+        ({"top_k": 2.5}, "top_k=2.5 is out of range"),
+        ({"max_tokens": 0}, "max_tokens=0 is out of range"),
+        ({"max_tokens": 300_000}, "exceeds the model's context"),
+        ({"fps": 0, "videos": ["x.mp4"]}, "fps"),
+    ],
+)
+def test_out_of_range_options_are_refused(tiny_f32, options, message):
+    model, processor = tiny_f32
+    with pytest.raises(Qwen3VLError, match=message):
+        generate(model, processor, "Hi", **options)

@@ -1,0 +1,183 @@
+"""Image preprocessing against transformers' image processor (PIL backend) and qwen-vl-utils' sizing."""
+
+import base64
+import http.server
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from checkpoints import DATA
+from PIL import Image, ImageOps
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+from mlx_qwen3vl.errors import Qwen3VLError
+from mlx_qwen3vl.image import PatchSettings, image_patches, load_image, smart_resize
+
+CONFIG = json.loads((DATA / "preprocessor_config.json").read_text())
+SETTINGS = PatchSettings.from_dict(CONFIG)
+
+
+def reference_processor(**overrides):
+    kwargs = {k: v for k, v in CONFIG.items() if k not in ("processor_class", "image_processor_type")}
+    return Qwen2VLImageProcessorPil(**{**kwargs, **overrides})
+
+
+def noise(width, height, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode if mode != "P" else "RGB"]
+    array = rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze()
+    if mode == "RGBA":
+        array[..., 3] = rng.choice([0, 128, 255], (height, width))  # transparent, half, opaque
+    image = Image.fromarray(array, "RGB" if mode == "P" else mode)
+    return image.quantize(64) if mode == "P" else image
+
+
+# (name, image, per-call max_pixels). Both sides get the same per-call limit.
+IMAGES = [
+    ("square", noise(512, 512), None),
+    ("landscape 4:3", noise(640, 480), None),
+    ("wide 100:1", noise(3200, 32), None),
+    ("tall 1:60", noise(40, 2400), None),
+    ("smaller than min_pixels", noise(200, 150), None),
+    ("larger than max_pixels", noise(1200, 900), 512 * 512),
+    ("odd sizes", noise(1001, 333), None),
+    ("RGBA with transparency", noise(300, 200, "RGBA"), None),
+    ("grayscale", noise(257, 311, "L"), None),
+    ("palette", noise(320, 240, "P"), None),
+]
+
+
+@pytest.mark.parametrize("name, image, max_pixels", IMAGES, ids=[i[0] for i in IMAGES])
+def test_pixels_and_grid_equal_transformers_pil_backend(name, image, max_pixels):
+    overrides = {"size": {**CONFIG["size"], "longest_edge": max_pixels}} if max_pixels else {}
+    reference = reference_processor(**overrides)(image, return_tensors="np")
+    pixels, grid = image_patches(load_image(image), SETTINGS, max_pixels=max_pixels)
+    np.testing.assert_array_equal(grid, reference["image_grid_thw"][0])
+    # Same resize (pillow bicubic) and the same float32 arithmetic: identical (measured max diff 0).
+    assert pixels.dtype == np.float32
+    assert np.abs(pixels - reference["pixel_values"]).max() <= 1e-6
+
+
+def test_alpha_is_composited_on_white():
+    image = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red
+    assert np.all(np.asarray(load_image(image)) == 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = noise(96, 64)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif, quality=95)
+    loaded = load_image(path)
+    assert loaded.size == (64, 96)
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(ImageOps.exif_transpose(Image.open(path))))
+
+
+# (height, width): the SPEC §5.1 examples, rounding ties, both branches, extremes.
+SIZES = [(480, 640), (333, 1001), (150, 200), (3000, 5000), (720, 1280), (48, 48), (80, 16000), (4096, 4096)]
+
+
+@pytest.mark.parametrize("height, width", SIZES)
+def test_smart_resize_equals_transformers_and_qwen_vl_utils(height, width, qwen_vl_utils):
+    args = dict(factor=32, min_pixels=65536, max_pixels=16777216)
+    assert smart_resize(height, width, **args) == hf_smart_resize(height, width, **args)
+    assert smart_resize(height, width, **args) == qwen_vl_utils.smart_resize(height, width, **args)
+
+
+def test_smart_resize_spec_examples():
+    args = dict(factor=32, min_pixels=65536, max_pixels=16777216)
+    assert smart_resize(480, 640, **args) == (480, 640)
+    assert smart_resize(333, 1001, **args) == (320, 992)
+    assert smart_resize(150, 200, **args) == (224, 320)
+    assert smart_resize(3000, 5000, **args) == (3008, 4992)
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def http_image():
+    """A PNG served on the loopback interface."""
+    data = png_bytes(noise(64, 48, seed=3))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/cat.png" else 404)
+            self.end_headers()
+            if self.path == "/cat.png":
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_every_source_gives_the_same_pixels(tmp_path, http_image):
+    image = noise(64, 48, seed=3)
+    expected = np.asarray(image)
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes(image))
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+    sources = [
+        image,
+        expected,
+        expected / 255.0,
+        png_bytes(image),
+        str(path),
+        path,
+        f"file://{path}",
+        data_url,
+    ]
+    for source in sources + [f"{http_image}/cat.png"]:
+        np.testing.assert_array_equal(np.asarray(load_image(source)), expected)
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.png", "no such image file"),
+        (lambda d: write(d / "empty.png", b""), "empty image"),
+        (lambda d: write(d / "cut.png", png_bytes(noise(64, 64))[:200]), "corrupt or truncated image"),
+        (lambda d: write(d / "notes.txt", b"hello"), "not an image in a supported format"),
+        (lambda d: "data:image/png;base64,@@@", "invalid base64"),
+        (lambda d: 3.14, "unsupported image input of type float"),
+        (lambda d: np.zeros((4, 4, 2), np.uint8), "HxW, HxWx3 or HxWx4"),
+    ],
+)
+def test_bad_image_sources_get_a_clear_error(tmp_path, make, message):
+    with pytest.raises(Qwen3VLError, match=message):
+        load_image(make(tmp_path))
+
+
+def test_unreachable_url_gets_a_clear_error(http_image):
+    with pytest.raises(Qwen3VLError, match="could not download the image"):
+        load_image(f"{http_image}/missing.png")
+
+
+@pytest.mark.parametrize(
+    "size, options, message",
+    [
+        ((10, 10), {}, "smaller than one 16-pixel patch"),
+        ((4020, 16), {}, "aspect ratio over 200"),
+        ((64, 64), {"min_pixels": 1000, "max_pixels": 10}, "need 0 < min_pixels <= max_pixels"),
+    ],
+)
+def test_images_that_cannot_be_used_are_refused(size, options, message):
+    with pytest.raises(Qwen3VLError, match=message):
+        image_patches(noise(*size), SETTINGS, **options)

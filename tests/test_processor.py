@@ -1,0 +1,214 @@
+"""Prompts: chat template rendering and placeholder expansion against transformers' tokenizer, template
+and image processor; the processor's output fed to the model against transformers end to end."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from checkpoints import DATA
+from compare import relative_max_diff
+from PIL import Image
+from transformers import AutoTokenizer, Qwen3VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from mlx_qwen3vl.errors import Qwen3VLError
+from mlx_qwen3vl.video import load_video
+
+CONFIG = json.loads((DATA / "preprocessor_config.json").read_text())
+IMAGE_PAD, VIDEO_TRIPLE = "<|image_pad|>", "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_f32):
+    return tiny_f32[1]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_checkpoint):
+    return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def hf_image_processor():
+    return Qwen2VLImageProcessorPil(
+        **{k: v for k, v in CONFIG.items() if k not in ("processor_class", "image_processor_type")}
+    )
+
+
+def picture(width, height, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def reference_image_inputs(messages, images, hf_tokenizer, hf_image_processor, **template_kwargs):
+    """transformers 5.24's image path, piece by piece: its chat template rendering, its image processor,
+    each <|image_pad|> repeated by the image's token count (Qwen3VLProcessor.replace_image_token), and its
+    tokenizer on the whole text. (The processor class itself cannot be built without torchvision.)"""
+    text = hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+    )
+    pixels = hf_image_processor(images, return_tensors="np") if images else None
+    counts = [int(g.prod()) // 4 for g in pixels["image_grid_thw"]] if images else []
+    pieces = text.split(IMAGE_PAD)
+    assert len(pieces) == len(counts) + 1
+    text = pieces[0] + "".join(IMAGE_PAD * n + piece for n, piece in zip(counts, pieces[1:], strict=True))
+    return np.array([hf_tokenizer.encode(text)]), pixels
+
+
+def image_part(image):
+    return {"type": "image", "image": image}
+
+
+CONVERSATIONS = {
+    "one image": lambda a, b: [
+        {"role": "user", "content": [image_part(a), {"type": "text", "text": "What is it?"}]}
+    ],
+    "two images with text between": lambda a, b: [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                image_part(a),
+                {"type": "text", "text": " with "},
+                image_part(b),
+                {"type": "text", "text": " please."},
+            ],
+        }
+    ],
+    "system and multi-turn": lambda a, b: [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [image_part(a), {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "Mostly grey."},
+        {"role": "user", "content": [image_part(b), {"type": "text", "text": "And this one? 你好 🙂"}]},
+    ],
+}
+
+
+@pytest.mark.parametrize("add_vision_id", [False, True])
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_image_prompt_ids_equal_transformers(
+    name, add_vision_id, processor, hf_tokenizer, hf_image_processor
+):
+    a, b = picture(300, 200, 1), picture(128, 256, 2)
+    messages = CONVERSATIONS[name](a, b)
+    images = [
+        p["image"] for m in messages if isinstance(m["content"], list) for p in m["content"] if "image" in p
+    ]
+    ids, pixels = reference_image_inputs(
+        messages, images, hf_tokenizer, hf_image_processor, add_vision_id=add_vision_id
+    )
+    ours = processor(messages, add_vision_id=add_vision_id)
+    np.testing.assert_array_equal(ours["input_ids"], ids)
+    np.testing.assert_array_equal(ours["image_grid_thw"], pixels["image_grid_thw"])
+    assert np.abs(ours["pixel_values"] - pixels["pixel_values"]).max() <= 1e-6
+    assert ours["pixel_values_videos"] is None and ours["video_grid_thw"] is None
+
+
+def test_tools_are_rendered_by_the_template(processor, hf_tokenizer):
+    tools = [{"type": "function", "function": {"name": "zoom", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Zoom in."}]
+    text = hf_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert '"name": "zoom"' in text
+    expected = hf_tokenizer.encode(text)
+    np.testing.assert_array_equal(processor(messages, tools=tools)["input_ids"][0], expected)
+
+
+def test_plain_string_with_images_and_image_url_parts(processor):
+    a = picture(96, 64, 3)
+    from_string = processor("Describe.", images=[a])
+    from_messages = processor(
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": a}},
+                    {"type": "text", "text": "Describe."},
+                ],
+            }
+        ]
+    )
+    np.testing.assert_array_equal(from_string["input_ids"], from_messages["input_ids"])
+    np.testing.assert_array_equal(from_string["pixel_values"], from_messages["pixel_values"])
+
+
+def write_video(path, frames: int, fps: float, size=(128, 96)):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
+    for i in range(frames):
+        writer.write(np.full((size[1], size[0], 3), (i * 7) % 256, np.uint8))
+    writer.release()
+    return path
+
+
+def test_video_prompt_ids_follow_the_4_57_layout(processor, hf_tokenizer, tmp_path):
+    """Per temporal group `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, no outer wrapper
+    (SPEC §7): transformers' own replace_video_token and timestamps, put in place of the whole
+    placeholder as 4.57 did, on the frame indices our sampler picked from a real file."""
+    path = write_video(tmp_path / "clip.avi", frames=45, fps=15)
+    video = load_video(path)
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "video", "video": str(path)}, {"type": "text", "text": "What?"}],
+        }
+    ]
+    ours = processor(messages)
+    grid = ours["video_grid_thw"]
+    assert grid[0][0] == len(video.frames) // 2
+
+    stand_in = type("VideoProcessor", (), {"merge_size": 2, "temporal_patch_size": 2})()
+    hf = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
+    hf.video_processor, hf.vision_start_token, hf.vision_end_token = (
+        stand_in,
+        "<|vision_start|>",
+        "<|vision_end|>",
+    )
+    hf.video_token = "<|video_pad|>"
+    indices = [round(t * 15) for t in video.timestamps]
+    metadata = type("Metadata", (), {"fps": 15.0, "frames_indices": indices})()
+    expansion = hf.replace_video_token(
+        {"video_grid_thw": torch.tensor(grid), "video_metadata": [metadata]}, 0
+    )
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.count(VIDEO_TRIPLE) == 1
+    expected = hf_tokenizer.encode(text.replace(VIDEO_TRIPLE, expansion))
+    np.testing.assert_array_equal(ours["input_ids"][0], expected)
+
+
+def test_processor_output_gives_transformers_logits(
+    tiny_f32, tiny_reference, hf_tokenizer, hf_image_processor
+):
+    """End to end, float32: our processor + model vs transformers' image processor + model."""
+    model, processor = tiny_f32
+    image = picture(320, 200, 4)
+    messages = CONVERSATIONS["one image"](image, None)
+    ids, pixels = reference_image_inputs(messages, [image], hf_tokenizer, hf_image_processor)
+    with torch.no_grad():
+        reference = tiny_reference(
+            input_ids=torch.tensor(ids),
+            pixel_values=torch.tensor(pixels["pixel_values"]),
+            image_grid_thw=torch.tensor(pixels["image_grid_thw"]),
+            mm_token_type_ids=torch.tensor((ids == 151655).astype(np.int64)),
+        ).logits.numpy()
+    logits = model(**processor(messages))
+    assert relative_max_diff(logits, reference) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda p, a: p([{"role": "user", "content": "x"}], images=[a]),
+         "1 images given but the messages have only 0 image placeholders"),
+        (lambda p, a: p([{"role": "user", "content": [{"type": "image"}]}]), "more image placeholders"),
+        (lambda p, a: p("Hi", images=[a], temperature=0.5), "unknown option 'temperature'"),
+        (lambda p, a: p([{"role": "user", "content": [{"type": "image", "image": a, "fps": 2}]}]),
+         "unknown image option 'fps'"),
+        (lambda p, a: p([{"content": "no role"}]), "message without a role"),
+        (lambda p, a: p(42), "messages must be a string or a list"),
+        (lambda p, a: p("Hi", images=[a], min_pixels=0), "min_pixels"),
+    ],
+)  # fmt: skip
+def test_bad_prompts_get_a_clear_error(processor, call, message):
+    with pytest.raises(Qwen3VLError, match=message):
+        call(processor, picture(64, 64, 5))
