@@ -134,19 +134,33 @@ def load_image(source) -> Image.Image:
 # ---- sizing and pixels ---------------------------------------------------------------------------------
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int,
+    min_pixels: float,
+    max_pixels: float,
+    *,
+    at_least_one_block: bool = False,
+    what: str = "image",
+) -> tuple[int, int]:
     """transformers' image smart_resize (SPEC §5.1): sides rounded to multiples of `factor` (Python round,
-    half to even), then scaled into [min_pixels, max_pixels] keeping the aspect ratio."""
+    half to even), then scaled into [min_pixels, max_pixels] keeping the aspect ratio.
+    `at_least_one_block` is qwen-vl-utils' variant (its video path): rounded sides start at no less than
+    `factor`, which can change the branch taken for sides under factor / 2."""
     if min(height, width) <= 0:
-        raise Qwen3VLError(f"image of size {width}x{height} has no pixels")
+        raise Qwen3VLError(f"{what} of size {width}x{height} has no pixels")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise Qwen3VLError(
-            f"image of size {width}x{height}: aspect ratio over {MAX_ASPECT_RATIO} is not supported"
+            f"{what} of size {width}x{height}: aspect ratio over {MAX_ASPECT_RATIO} is not supported"
         )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
+    if at_least_one_block:
+        h_bar, w_bar = max(factor, h_bar), max(factor, w_bar)
     if h_bar * w_bar > max_pixels:
         beta = math.sqrt((height * width) / max_pixels)
+        # (qwen-vl-utils can floor a side to 0 here, and then fails to resize: keep one block.)
         h_bar = max(factor, math.floor(height / beta / factor) * factor)
         w_bar = max(factor, math.floor(width / beta / factor) * factor)
     elif h_bar * w_bar < min_pixels:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import Qwen3VLError
-from .image import MAX_ASPECT_RATIO, resize_rgb, to_rgb
+from .image import resize_rgb, smart_resize, to_rgb
 
 # qwen-vl-utils constants, with image_factor = patch_size 16 * merge_size 2.
 FACTOR = 32
@@ -182,30 +182,7 @@ def _frame_size(height: int, width: int, nframes: int, options: VideoOptions) ->
     max_pixels = max(min(FRAME_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
     if options.max_pixels is not None:
         max_pixels = min(options.max_pixels, max_pixels)
-    return _smart_resize(height, width, min_pixels, max_pixels)
-
-
-def _smart_resize(height: int, width: int, min_pixels: int, max_pixels: float) -> tuple[int, int]:
-    """qwen-vl-utils' smart_resize. Unlike transformers' image version (image.smart_resize) the rounded
-    sides start at no less than 32, which can change the branch taken for frames under 16 pixels."""
-    if min(height, width) <= 0:
-        raise Qwen3VLError(f"frame size {width}x{height} has no pixels")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise Qwen3VLError(
-            f"frame size {width}x{height}: aspect ratio over {MAX_ASPECT_RATIO} is not supported"
-        )
-    h_bar = max(FACTOR, round(height / FACTOR) * FACTOR)
-    w_bar = max(FACTOR, round(width / FACTOR) * FACTOR)
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        # qwen-vl-utils can floor a side to 0 here (and then fails to resize); keep at least one block.
-        h_bar = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
-        w_bar = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / FACTOR) * FACTOR
-        w_bar = math.ceil(width * beta / FACTOR) * FACTOR
-    return h_bar, w_bar
+    return smart_resize(height, width, FACTOR, min_pixels, max_pixels, at_least_one_block=True, what="frame")
 
 
 @dataclass

@@ -205,3 +205,31 @@ def test_out_of_range_options_are_refused(tiny_f32, options, message):
     model, processor = tiny_f32
     with pytest.raises(Qwen3VLError, match=message):
         generate(model, processor, "Hi", **options)
+
+
+def test_unset_sampling_options_come_from_generation_config(tiny_f32):
+    _, processor = tiny_f32
+    options = SamplingOptions().with_defaults(processor.generation_config)
+    assert (options.temperature, options.top_p, options.top_k) == (0.7, 0.8, 20)  # the published file
+    assert SamplingOptions(temperature=0).with_defaults(processor.generation_config).temperature == 0
+    assert SamplingOptions().with_defaults({"do_sample": False}).temperature == 0.0
+
+
+@pytest.mark.parametrize("end_of_turn", [151645, 151643])
+def test_every_end_of_turn_id_stops(tiny_f32, monkeypatch, end_of_turn):
+    model, processor = tiny_f32
+    tokens = processor.tokenizer.encode("Hello") + [end_of_turn]
+    monkeypatch.setattr(SamplingOptions, "sampler", lambda self: Scripted(tokens))
+    responses = list(stream_generate(model, processor, "Hi", max_tokens=20))
+    assert "".join(r.text for r in responses) == "Hello"
+    assert responses[-1].finish_reason == "stop" and responses[-1].token == end_of_turn
+
+
+def test_a_conversation_that_outgrows_the_context_gets_a_clear_message(tiny_f32, monkeypatch):
+    model, processor = tiny_f32
+    session = ChatSession(model, processor, max_tokens=4, temperature=0)
+    list(session.ask("Hi"))
+    monkeypatch.setattr(model.config.text_config, "max_position_embeddings", session.cache.offset + 10)
+    with pytest.raises(Qwen3VLError, match="exceeds the model's context"):
+        list(session.ask("Tell me a much longer story about the sea, please."))
+    assert session.cache.offset == len(session.tokens)  # the session is unchanged and usable

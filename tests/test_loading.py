@@ -134,3 +134,14 @@ def test_missing_directory_file_path_and_bad_dtype(tiny_checkpoint, tmp_path):
         load(tiny_checkpoint / "config.json")
     with pytest.raises(Qwen3VLError, match="dtype 'int8' is not supported"):
         load(tiny_checkpoint, dtype="int8")
+
+
+def test_hub_id_while_offline_and_not_cached_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(Qwen3VLError, match="is not downloaded and the hub cannot be reached"):
+        load("Qwen/Qwen3-VL-4B-Instruct")

@@ -533,7 +533,7 @@ def test_frame_list_errors():
         load_video([frame, frame.astype(np.float32)], fps=30)
     with pytest.raises(Qwen3VLError, match="list of 1 frames: the video has 1 frame"):
         load_video([frame], fps=30)
-    with pytest.raises(Qwen3VLError, match="frame size 500x2: aspect ratio over 200"):
+    with pytest.raises(Qwen3VLError, match="frame of size 500x2: aspect ratio over 200"):
         load_video([np.zeros((2, 500, 3), np.uint8)] * 4, fps=30)
     with pytest.raises(Qwen3VLError, match="unsupported video input of type int"):
         load_video(3)
