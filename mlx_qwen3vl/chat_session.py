@@ -84,6 +84,8 @@ class ChatSession:
         sampling_options = SamplingOptions(**values).with_defaults(self.processor.generation_config)
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
 
+        if isinstance(content, list) and all(isinstance(p, dict) and "role" not in p for p in content):
+            content = [{"role": "user", "content": content}]  # content parts of one user turn
         user = normalize_messages(content, images, videos)[0]
         media = collect_media([user], images, videos)
         user["content"] = [
@@ -140,7 +142,9 @@ class ChatSession:
 
     def _recover(self, start: int, delta, prompt_length: int, fed: list[int]) -> None:
         """Bring every layer's cache to one consistent length after an interruption."""
-        consistent = min(c.offset for c in self.cache)
+        # A token can be in the cache without having been handed out (the interrupt came while its
+        # value was awaited): the cache is cut back to what `fed` records.
+        consistent = min(min(c.offset for c in self.cache), start + prompt_length + len(fed))
         if consistent < start + prompt_length:  # the prompt did not get in whole: undo the turn
             for c in self.cache:
                 c.trim(c.offset - start)

@@ -97,7 +97,11 @@ def _read_source(source) -> Image.Image:
         path = Path(text.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise Qwen3VLError(f"{path}: no such image file")
-        return _open(path.read_bytes(), str(path))
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise Qwen3VLError(f"{path}: cannot read the file ({e.strerror})") from None
+        return _open(data, str(path))
     raise Qwen3VLError(f"unsupported image input of type {type(source).__name__}")
 
 

@@ -233,3 +233,27 @@ def test_a_conversation_that_outgrows_the_context_gets_a_clear_message(tiny_f32,
     with pytest.raises(Qwen3VLError, match="exceeds the model's context"):
         list(session.ask("Tell me a much longer story about the sea, please."))
     assert session.cache.offset == len(session.tokens)  # the session is unchanged and usable
+
+
+def test_interrupt_while_a_token_is_awaited_leaves_cache_and_record_equal(tiny_f32, monkeypatch):
+    """Ctrl-C while the next token's value is awaited: that token is already in the cache (it was fed
+    before being handed out) but not recorded; the session cuts the cache back to its record."""
+    model, processor = tiny_f32
+    session = ChatSession(model, processor, max_tokens=50, temperature=0)
+    answer = session.ask([{"type": "text", "text": "Count."}])  # content parts of one user turn
+    next(answer), next(answer)
+    calls = {"n": 0}
+    real_item = mx.array.item
+
+    def interrupted_item(self):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mx.array, "item", interrupted_item)
+    with pytest.raises(KeyboardInterrupt):
+        next(answer)
+    monkeypatch.setattr(mx.array, "item", real_item)
+    assert calls["n"] == 1
+    assert session.cache.offset == len(session.tokens)
+    list(session.ask("Again."))
+    assert session.cache.offset == len(session.tokens)

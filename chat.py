@@ -1,0 +1,290 @@
+"""Chat with Qwen3-VL about images and videos in the terminal.
+
+    python chat.py --image cat.jpg --prompt "What is in this picture?"   # one answer, then exit
+    echo "Write a haiku" | python chat.py                               # the same, question from a pipe
+    python chat.py                                                      # a conversation; /help lists commands
+
+Argument parsing and terminal I/O only: loading, prompts, media and generation live in `mlx_qwen3vl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+from mlx_qwen3vl import DEFAULT_MODEL, ChatSession, Qwen3VLError, load
+from mlx_qwen3vl.generate import DEFAULT_MAX_TOKENS
+from mlx_qwen3vl.loading import DTYPES
+
+SAMPLING_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "seed",
+)
+MEDIA_OPTIONS = ("fps", "nframes", "min_pixels", "max_pixels")
+HISTORY_FILE = Path.home() / ".cache" / "mlx-qwen3vl" / "chat_history"
+PROMPT = "> "
+HELP = """\
+/image PATH   attach an image to the next question
+/video PATH   attach a video to the next question
+/clear        start a new conversation (the system prompt stays)
+/system TEXT  set the system prompt and start a new conversation (no TEXT removes it)
+/stats        statistics of the last answer
+/help         this list
+/quit         quit (or Ctrl-D); Ctrl-C stops an answer"""
+
+
+def fail(message: str) -> NoReturn:
+    print(f"chat.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line instead of argparse's usage block: the problem is what the user needs to see.
+        fail(f"{message} (see --help)")
+
+
+# The ranges the numeric options must be in, by the words the error message uses.
+RANGES = {
+    "": lambda v: True,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
+    "> 0": lambda v: v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+def number(kind: type, requirement: str = ""):
+    """An argparse type: an int or float in the range `requirement` names (a key of RANGES)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if not RANGES[requirement](value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {requirement}")
+        return value
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = ArgumentParser(
+        description="Chat with Qwen3-VL about images and videos: one answer with --prompt or a piped "
+        "question, else a conversation.",
+        epilog="commands in a conversation:\n" + HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="model directory or Hugging Face repo id (%(default)s)"
+    )
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="attach to the first question"
+    )
+    p.add_argument(
+        "--video", action="append", default=[], metavar="PATH", help="attach to the first question"
+    )
+    p.add_argument("--prompt", help="answer this question and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument(
+        "--max-tokens", type=number(int, ">= 1"), default=DEFAULT_MAX_TOKENS, help="per answer (%(default)s)"
+    )
+    sampling = p.add_argument_group("sampling (unset: the model's generation_config.json)")
+    sampling.add_argument("--temperature", type=number(float, ">= 0"), help="0: greedy")
+    sampling.add_argument("--top-p", type=number(float, "in [0, 1]"))
+    sampling.add_argument("--top-k", type=number(int, ">= 0"))
+    sampling.add_argument("--min-p", type=number(float, "in [0, 1]"))
+    sampling.add_argument("--repetition-penalty", type=number(float, "> 0"))
+    sampling.add_argument("--presence-penalty", type=number(float))
+    sampling.add_argument("--seed", type=number(int))
+    media = p.add_argument_group("images and videos (unset: the model's preprocessor settings)")
+    frames = media.add_mutually_exclusive_group()
+    frames.add_argument("--fps", type=number(float, "> 0"), help="video frames sampled per second")
+    frames.add_argument("--nframes", type=number(int, ">= 2"), help="video frames in all")
+    media.add_argument("--min-pixels", type=number(int, ">= 1"), help="per image or video frame")
+    media.add_argument("--max-pixels", type=number(int, ">= 1"), help="per image or video frame")
+    return p.parse_args(argv)
+
+
+def given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """The options set on the command line; the others keep the package's defaults."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def check_file(path: str, kind: str) -> None:
+    """Catch a typo now rather than after the question is typed (or the model loaded)."""
+    if path.startswith(("http://", "https://", "data:")):
+        return
+    if not Path(path.removeprefix("file://")).expanduser().is_file():
+        raise Qwen3VLError(f"{path}: no such {kind} file")
+
+
+def load_model(name: str, dtype: str):
+    # stderr, so that stdout holds nothing but answers; not one line, because huggingface_hub's
+    # download bars would overwrite an unfinished one.
+    print(f"Loading {name} ...", file=sys.stderr, flush=True)
+    tic = time.perf_counter()
+    model, processor = load(name, dtype=dtype)
+    print(f"ready in {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
+    return model, processor
+
+
+def stream_answer(session: ChatSession, question: str, media: dict, options: dict) -> None:
+    """Print the answer as it arrives."""
+    # closing(): a Ctrl-C between two pieces closes the generator at once, so the session keeps the
+    # answer so far and stays consistent.
+    with closing(session.ask(question, **media, **options)) as answer:
+        for response in answer:
+            print(response.text, end="", flush=True)
+    print()
+
+
+def stats(session: ChatSession) -> str:
+    last = session.last
+    if last is None:
+        return f"no complete answer yet; conversation: {session.cache.offset} tokens"
+    return (
+        f"prompt:       {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s\n"
+        f"answer:       {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s\n"
+        f"peak memory:  {last.peak_memory:.2f} GB\n"
+        f"conversation: {session.cache.offset} tokens"
+    )
+
+
+def path_argument(text: str) -> str:
+    """One path as typed, or quoted / with escaped spaces as a terminal's drag-and-drop gives it."""
+    try:
+        words = shlex.split(text)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        return text
+    return words[0] if len(words) == 1 else text
+
+
+def run_command(line: str, session: ChatSession, pending: dict) -> bool:
+    """Carry out a /command; False means quit."""
+    name, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name in ("/image", "/video"):
+        kind = name[1:]
+        if not argument:
+            print(f"usage: {name} PATH")
+            return True
+        path = path_argument(argument)
+        check_file(path, kind)
+        pending[kind + "s"].append(path)
+        print(f"{kind} {path} goes with the next question")
+    elif name == "/clear":
+        session.clear()
+        pending.update(images=[], videos=[])
+        print("new conversation")
+    elif name == "/system":
+        session.set_system(argument)
+        print(f"system prompt {'set' if argument else 'removed'}; new conversation")
+    elif name == "/stats":
+        print(stats(session))
+    elif name == "/help":
+        print(HELP)
+    else:
+        print(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+@contextmanager
+def history():
+    """Line editing with readline, and the history of earlier sessions when the cache is writable."""
+    import readline  # imported here: it hooks into input(), which only the interactive mode uses
+
+    readline.set_history_length(1000)
+    try:
+        HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        if HISTORY_FILE.exists():
+            readline.read_history_file(HISTORY_FILE)
+    except OSError:  # a convenience only: without a writable cache, history stays in memory
+        pass
+    try:
+        yield
+    finally:
+        try:
+            readline.write_history_file(HISTORY_FILE)
+        except OSError:
+            pass
+
+
+def chat(session: ChatSession, pending: dict, options: dict) -> None:
+    """The interactive loop, until /quit or Ctrl-D. Errors are reported and the conversation goes on."""
+    print("Ask a question; /help lists the commands.")
+    while True:
+        try:
+            line = input(PROMPT).strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:  # like a shell: drop the line, prompt again
+            print()
+            continue
+        try:
+            if line.startswith("/"):
+                if not run_command(line, session, pending):
+                    return
+            elif line:
+                media, pending = pending, {"images": [], "videos": []}
+                stream_answer(session, line, media, options)
+        except KeyboardInterrupt:  # the answer so far stays in the conversation
+            print()
+        except (Qwen3VLError, OSError) as e:  # OSError: a file the system will not let us read
+            print(f"error: {e}", file=sys.stderr)
+
+
+def read_question(args: argparse.Namespace) -> str | None:
+    """The one-shot question: --prompt, else standard input when it is not a terminal; None: interactive."""
+    if args.prompt is not None:
+        return args.prompt
+    return None if sys.stdin.isatty() else sys.stdin.read().strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        for kind in ("image", "video"):
+            for path in getattr(args, kind):
+                check_file(path, kind)
+        question = read_question(args)
+        if question == "" and not (args.image or args.video):
+            raise Qwen3VLError("no question: the prompt (--prompt or standard input) is empty")
+        model, processor = load_model(args.model, args.dtype)
+        session = ChatSession(
+            model, processor, system=args.system, max_tokens=args.max_tokens, **given(args, SAMPLING_OPTIONS)
+        )
+        media, options = {"images": args.image, "videos": args.video}, given(args, MEDIA_OPTIONS)
+        if question is not None:
+            stream_answer(session, question, media, options)
+            return 0
+    except (Qwen3VLError, OSError) as e:  # OSError: a file the system will not let us read
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    with history():
+        chat(session, media, options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

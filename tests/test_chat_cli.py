@@ -1,0 +1,262 @@
+"""chat.py as a user runs it: one-shot answers on stdout, the interactive loop on a pseudo-terminal, and
+one-line errors. Each run is a subprocess (a few seconds of imports and loading), so there are few of them.
+
+The tiny model's answers are gibberish but deterministic with temperature 0: the expected text comes from
+the package run in this process with the same options and dtype (bfloat16, the CLI's default).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mlx_qwen3vl import ChatSession, generate, load
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = ("--max-tokens", "5", "--temperature", "0")
+PROMPT = r"\n> \Z"  # the prompt, waiting for input at the end of the output so far
+LOAD_TIMEOUT = 120  # imports and model loading take ~5-10 s on a 2-core CPU; a hang must still fail
+ANSWER_TIMEOUT = 60
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_checkpoint):
+    return load(tiny_checkpoint)
+
+
+@pytest.fixture
+def red_image(tmp_path) -> Path:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (220, 30, 30)).save(path)
+    return path
+
+
+def child_env(home: Path) -> dict:
+    # HOME: the readline history file goes to the test's folder, not the user's cache.
+    return dict(os.environ, HOME=str(home), TERM="xterm", PYTHONIOENCODING="utf-8")
+
+
+def run_chat(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """chat.py with standard input from a pipe (never a terminal, so never interactive)."""
+    return subprocess.run(
+        [sys.executable, "chat.py", *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        encoding="utf-8",
+        env=child_env(home),
+        timeout=LOAD_TIMEOUT,
+    )
+
+
+def answer(session: ChatSession, question: str, **kwargs) -> str:
+    return "".join(r.text for r in session.ask(question, **kwargs))
+
+
+# ---- one-shot mode ------------------------------------------------------------------------------------
+
+
+def test_prompt_answers_once_on_stdout(tiny_checkpoint, tiny_bf16, tmp_path):
+    result = run_chat(tmp_path, "--model", str(tiny_checkpoint), "--prompt", "Hi", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == generate(*tiny_bf16, "Hi", max_tokens=5, temperature=0) + "\n"
+    assert "Loading" in result.stderr and "ready in" in result.stderr  # progress goes to stderr only
+
+
+def test_piped_question_with_an_image(tiny_checkpoint, tiny_bf16, red_image, tmp_path):
+    question = "What is in this picture?"
+    args = ("--model", str(tiny_checkpoint), "--image", str(red_image), "--min-pixels", "4096", *GREEDY)
+    result = run_chat(tmp_path, *args, stdin=question + "\n")
+    assert result.returncode == 0, result.stderr
+    options = dict(images=[str(red_image)], max_tokens=5, temperature=0)
+    expected = generate(*tiny_bf16, question, min_pixels=4096, **options)
+    assert result.stdout == expected + "\n"
+    # --min-pixels reached the processor: the 64x48 image becomes 64x64 (4 image tokens), not 320x224 (70).
+    assert expected != generate(*tiny_bf16, question, **options)
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--model", "{tmp}/no-model"], "{tmp}/no-model: no such model directory"),  # the later --model wins
+        (["--image", "{tmp}/no.png"], "{tmp}/no.png: no such image file"),
+        (["--max-tokens", "0"], "argument --max-tokens: 0 is out of range: must be >= 1 (see --help)"),
+    ],
+    ids=["missing model", "missing image", "max tokens 0"],
+)
+def test_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, args, problem):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run_chat(tmp_path, "--model", str(tiny_checkpoint), *args, "--prompt", "Hi")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    # The error is the last line and the only one; a "Loading ..." progress line may come before it.
+    lines = result.stderr.splitlines()
+    assert lines[-1] == "chat.py: error: " + problem.format(tmp=tmp_path)
+    assert sum("error:" in line for line in lines) == 1, result.stderr
+
+
+# ---- interactive mode ---------------------------------------------------------------------------------
+
+
+class Terminal:
+    """chat.py on a pseudo-terminal, so it runs interactively and Ctrl-C is a real SIGINT. Every wait is
+    bounded: a hang fails the test with the output so far."""
+
+    def __init__(self, args: tuple[str, ...], home: Path):
+        env = child_env(home)
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child becomes chat.py at once: little else is safe after a fork
+            try:
+                os.chdir(ROOT)
+                os.execve(sys.executable, [sys.executable, "chat.py", *args], env)
+            finally:
+                os._exit(127)
+        # A wide terminal: readline's line wrapping stays out of the echoed input.
+        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
+        self.output = b""
+        self.seen = 0  # position in text() after the last match
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def text(self) -> str:
+        """The output so far as the user reads it: escape sequences removed, line ends as \\n."""
+        return ANSI_ESCAPE.sub("", self.output.decode("utf-8", "replace")).replace("\r\n", "\n")
+
+    def _read(self, until: float) -> bool:
+        """Read what arrives before `until`; False once the child has closed the terminal."""
+        ready, _, _ = select.select([self.fd], [], [], max(0.0, until - time.monotonic()))
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: nothing is left on the other side
+            data = b""
+        self.output += data
+        return bool(data)
+
+    def expect(self, pattern: str, timeout: float = ANSWER_TIMEOUT) -> str:
+        """Wait for the regex `pattern` after the previous match; return the output up to its end."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            match = re.compile(pattern).search(text, self.seen)
+            if match:
+                start, self.seen = self.seen, match.end()
+                return text[start : match.end()]
+            if time.monotonic() > deadline or not self._read(deadline):
+                raise AssertionError(f"no {pattern!r} within {timeout} s; output since:\n{text[self.seen :]}")
+
+    def exit_code(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = 0
+                return os.waitstatus_to_exitcode(status)
+            if not self._read(min(deadline, time.monotonic() + 0.2)):  # keep draining the output
+                time.sleep(0.05)
+        raise AssertionError(f"chat.py did not exit within {timeout} s; output:\n{self.text()[self.seen :]}")
+
+    def close(self) -> None:
+        if self.pid:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    """Start chat.py on a pseudo-terminal; whatever is still running at the end is killed."""
+    started = []
+
+    def start(*args: str) -> Terminal:
+        started.append(Terminal(args, tmp_path))
+        return started[-1]
+
+    yield start
+    for t in started:
+        t.close()
+
+
+def test_interactive_conversation(terminal, tiny_checkpoint, tiny_bf16, red_image, tmp_path):
+    session = ChatSession(*tiny_bf16, max_tokens=5, temperature=0)
+    first = answer(session, "Hi")
+    second = answer(session, "What color is it?", images=[str(red_image)])
+
+    chat = terminal("--model", str(tiny_checkpoint), *GREEDY)
+    chat.expect(PROMPT, timeout=LOAD_TIMEOUT)
+    chat.send(b"Hi\r")
+    assert f"\n{first}\n" in chat.expect(PROMPT)
+
+    chat.send(b"/nope\r")
+    assert "unknown command /nope; /help lists the commands" in chat.expect(PROMPT)
+    chat.send(f"/image {tmp_path / 'no.png'}\r".encode())
+    assert f"{tmp_path / 'no.png'}: no such image file" in chat.expect(PROMPT)
+    chat.send(f"/image {red_image}\r".encode())
+    chat.expect(PROMPT)
+    chat.send(b"What color is it?\r")
+    assert f"\n{second}\n" in chat.expect(PROMPT)  # the second turn of one conversation, with the image
+
+    # Ctrl-C at the prompt drops the typed line: "abc/stats" would be a question, not the command.
+    chat.send(b"abc")
+    chat.expect("abc")
+    # As a person would, pause before Ctrl-C: CPython's readline loop only sees a SIGINT that arrives
+    # while it waits for input, not one that comes while it is still echoing the last key.
+    time.sleep(1)
+    chat.send(b"\x03")
+    chat.expect(PROMPT)
+    chat.send(b"/stats\r")
+    stats = chat.expect(PROMPT)
+    assert re.search(rf"prompt: +{session.last.prompt_tokens} tokens, \d+\.\d tokens/s\n", stats), stats
+    assert re.search(r"answer: +5 tokens, \d+\.\d tokens/s\n", stats), stats
+    assert re.search(r"peak memory: +\d+\.\d\d GB\n", stats), stats
+    assert re.search(rf"conversation: +{session.cache.offset} tokens\n", stats), stats
+
+    chat.send(b"/quit\r")
+    assert chat.exit_code() == 0
+
+
+def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(terminal, tiny_checkpoint, tiny_bf16):
+    session = ChatSession(*tiny_bf16, max_tokens=3, temperature=0)
+    # What the stream shows of the long answer's first tokens (the last piece only flushes the end).
+    opening = "".join(r.text for r in session.ask("Tell me a story") if not r.finish_reason)
+    prompt_tokens = session.prefilled
+    assert opening
+
+    # The random model's greedy answers never end early: only Ctrl-C stops this one before 3000 tokens
+    # (minutes here), and /stats then has no complete answer to show.
+    chat = terminal("--model", str(tiny_checkpoint), "--max-tokens", "3000", "--temperature", "0")
+    chat.expect(PROMPT, timeout=LOAD_TIMEOUT)
+    chat.send(b"Tell me a story\r")
+    chat.expect(re.escape(opening))
+    chat.send(b"\x03")
+    chat.expect(PROMPT)
+    chat.send(b"/stats\r")
+    kept = re.search(r"no complete answer yet; conversation: (\d+) tokens", chat.expect(PROMPT))
+    assert kept and prompt_tokens < int(kept[1]) < prompt_tokens + 3000  # the partial answer stays
+
+    chat.send(b"Hi\r")
+    chat.expect(r"Hi\n+\S")  # the next answer streams
+    chat.send(b"\x03")
+    chat.expect(PROMPT)
+    chat.send(b"\x04")  # Ctrl-D at an empty prompt
+    assert chat.exit_code() == 0
