@@ -15,9 +15,9 @@ import sys
 import time
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import NoReturn
 
 from mlx_qwen3vl import DEFAULT_MODEL, ChatSession, Qwen3VLError, load
+from mlx_qwen3vl.cli import ArgumentParser, fail
 from mlx_qwen3vl.generate import DEFAULT_MAX_TOKENS
 from mlx_qwen3vl.loading import DTYPES
 
@@ -41,17 +41,6 @@ HELP = """\
 /stats        statistics of the last answer
 /help         this list
 /quit         quit (or Ctrl-D); Ctrl-C stops an answer"""
-
-
-def fail(message: str) -> NoReturn:
-    print(f"chat.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line instead of argparse's usage block: the problem is what the user needs to see.
-        fail(f"{message} (see --help)")
 
 
 # The ranges the numeric options must be in, by the words the error message uses.

@@ -1,7 +1,9 @@
 """Find a model directory, read its config and weights lazily, check them against the model, load().
 
 Weights are opened with `mx.load`, which maps the safetensors files without reading them; tensors are
-materialised once, in the requested dtype, when the model's parameters are evaluated.
+materialised once, in the requested dtype, when the model's parameters are evaluated. The layouts read:
+transformers' published one, this package's converter output (quantized at any bits, or mixed), and
+mlx-vlm's (the MLX community's Qwen3-VL conversions); `Model.sanitize` maps the key names.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import infer_quant_config
 
 from .config import ModelConfig
 from .errors import Qwen3VLError
@@ -127,11 +131,33 @@ def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
             raise Qwen3VLError(f"tensor {name} has shape {shape}, the config expects {wanted}")
 
 
+def quantize_as_stored(model: Model, weights: dict[str, mx.array]) -> None:
+    """Swap in a quantized layer for each module the checkpoint stores quantized (it has `.scales`), with
+    the bits and group size its tensors were packed with. The tensors decide, not config.json's
+    `quantization` block: its per-module entries are named after the converter's module tree (ours or
+    mlx-vlm's), while the packed shapes determine both numbers given the layer's input width (mlx-lm's
+    `infer_quant_config`, which its own loader uses for modules the block does not name)."""
+
+    def stored_quantized(path: str, module: nn.Module):
+        if not hasattr(module, "to_quantized") or not {f"{path}.scales", f"{path}.weight"} <= weights.keys():
+            return False  # a stray `.scales` is then reported by check_weights as an unexpected tensor
+        try:
+            return infer_quant_config(path, module, weights)
+        except ValueError as e:
+            raise Qwen3VLError(f"tensor {path}.weight: {e}") from None
+
+    try:
+        nn.quantize(model, class_predicate=stored_quantized)
+    except ValueError as e:  # packed shapes that give no bit width MLX supports
+        raise Qwen3VLError(f"checkpoint has quantized tensors that do not fit the config ({e})") from None
+
+
 def load_model(path: Path, dtype="bfloat16", lazy: bool = False) -> Model:
     dtype = resolve_dtype(dtype)
     config = read_config(path)
     model = Model(config)
     weights = model.sanitize(read_weights(path))
+    quantize_as_stored(model, weights)
     check_weights(model, weights)
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
@@ -142,9 +168,11 @@ def load_model(path: Path, dtype="bfloat16", lazy: bool = False) -> Model:
 
 
 def load(path_or_repo=DEFAULT_MODEL, dtype="bfloat16", lazy: bool = False) -> tuple[Model, Processor]:
-    """Load Qwen3-VL as `(model, processor)` from a model directory in transformers' published layout or
-    a Hugging Face repo id (downloaded once into the hub cache). dtype: "bfloat16" (default, the
-    checkpoints' own precision), "float32" or "float16"."""
+    """Load Qwen3-VL as `(model, processor)` from a model directory or a Hugging Face repo id (downloaded
+    once into the hub cache): transformers' published layout, a directory written by `convert.py`
+    (quantized or not), or one converted by mlx-vlm / published by the MLX community. dtype: "bfloat16"
+    (default, the checkpoints' own precision), "float32" or "float16"; quantized layers keep their
+    packed weights, and their scales take this dtype."""
     path = model_directory(path_or_repo)
     model = load_model(path, dtype, lazy)
     return model, Processor.from_pretrained(path, model.config)

@@ -207,11 +207,33 @@ class Model(nn.Module):
         return flat.reshape(B, L, H), visual_index, deepstack
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map a checkpoint's tensors to this module tree (transformers' published layout)."""
+        """Map a checkpoint's tensors to this module tree. Reads transformers' published layout (which this
+        package's converter keeps) and mlx-vlm's, used by the MLX community's Qwen3-VL conversions (SPEC §2).
+        Quantized tensors (`.scales`, `.biases`) follow their weight's name."""
+        mlx_vlm = any(k.startswith(tuple(MLX_VLM_PREFIXES)) for k in weights)
+        if mlx_vlm:
+            weights = {_rename_mlx_vlm(k): v for k, v in weights.items()}
         if self.config.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)  # transformers omits it; if present it equals the embedding
+            # transformers omits lm_head; if present it equals the embedding (quantized: with its scales).
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
         prefix = "model.visual."
         vision = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
         weights = {k: v for k, v in weights.items() if not k.startswith(prefix)}
-        weights.update({prefix + k: v for k, v in VisionModel.sanitize(vision).items()})
+        vision = VisionModel.sanitize(vision, channels_last=mlx_vlm)
+        weights.update({prefix + k: v for k, v in vision.items()})
         return weights
+
+
+# mlx-vlm's module tree puts the decoder under `language_model.model` and the lm_head beside it.
+MLX_VLM_PREFIXES = {
+    "vision_tower.": "model.visual.",
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+}
+
+
+def _rename_mlx_vlm(key: str) -> str:
+    for theirs, ours in MLX_VLM_PREFIXES.items():
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    return key

@@ -281,11 +281,27 @@ class VisionModel(nn.Module):
         return self.merger(x), deepstack
 
     @staticmethod
-    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Adapt checkpoint tensors (keys relative to the vision tower) to this module's layout."""
+    def sanitize(weights: dict[str, mx.array], channels_last: bool = False) -> dict[str, mx.array]:
+        """Adapt checkpoint tensors (keys relative to the vision tower) to this module's layout.
+        channels_last: the patch embedding is an MLX Conv3d weight, as mlx-vlm stores it."""
         key = "patch_embed.proj.weight"
         w = weights.get(key)
         if w is not None and w.ndim == 5:
+            if channels_last:
+                w = w.transpose(0, 4, 1, 2, 3)  # MLX's [D, T, kh, kw, C] back to transformers' order
             # transformers' Conv3d weight [D, C, T, kh, kw]: its flattening order is the pixel row order.
             weights[key] = w.reshape(w.shape[0], -1)
+        if {"pos_embed.scales", "pos_embed.biases", "patch_embed.proj.bias"} <= weights.keys():
+            # Older mlx-vlm conversions quantized the whole tower; the position table is read by row index
+            # (position_embedding), not through the layer, so it is dequantized once here. The tower width,
+            # from the patch embedding's bias, fixes bits and group size.
+            table, scales = weights["pos_embed.weight"], weights.pop("pos_embed.scales")
+            width = weights["patch_embed.proj.bias"].shape[0]
+            weights["pos_embed.weight"] = mx.dequantize(
+                table,
+                scales,
+                weights.pop("pos_embed.biases"),
+                group_size=width // scales.shape[-1],
+                bits=table.shape[-1] * 32 // width,
+            )
         return weights

@@ -1,0 +1,79 @@
+"""Convert Qwen3-VL into an MLX model directory, optionally quantized, for `load()` and chat.py.
+
+    python convert.py --hf-path Qwen/Qwen3-VL-4B-Instruct --mlx-path qwen3-vl-4b-4bit -q
+    python convert.py --hf-path Qwen/Qwen3-VL-4B-Instruct --mlx-path qwen3-vl-4b-8bit --q-bits 8
+    python convert.py --hf-path path/to/model --mlx-path out --q-recipe mixed_4_6 --quantize-vision
+
+Argument parsing and terminal output only: the conversion lives in `mlx_qwen3vl/convert.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
+from mlx_qwen3vl.cli import ArgumentParser, fail
+from mlx_qwen3vl.convert import BITS, GROUP_SIZES, RECIPES, convert
+from mlx_qwen3vl.loading import DTYPES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--hf-path",
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"source: a model directory or a Hugging Face repo id (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--mlx-path", required=True, help="the output directory to create")
+    parser.add_argument("-q", "--quantize", action="store_true", help="quantize (4-bit, group size 64)")
+    parser.add_argument(
+        "--q-bits", type=int, help=f"bits per weight: {', '.join(map(str, BITS))} (implies -q)"
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        help=f"quantization group size: {', '.join(map(str, GROUP_SIZES))} (implies -q)",
+    )
+    parser.add_argument(
+        "--q-recipe",
+        choices=RECIPES,
+        help="mixed bits mixed_<low>_<high>: embedding, lm_head and the most sensitive layers' v_proj and "
+        "down_proj at <high> bits (implies -q)",
+    )
+    parser.add_argument(
+        "--quantize-vision",
+        action="store_true",
+        help="quantize the vision tower too (default: it stays in --dtype; implies -q)",
+    )
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of what is not quantized (bfloat16)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace the output directory if it exists")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        convert(
+            args.hf_path,
+            args.mlx_path,
+            quantize=args.quantize,
+            q_bits=args.q_bits,
+            q_group_size=args.q_group_size,
+            q_recipe=args.q_recipe,
+            quantize_vision=args.quantize_vision,
+            dtype=args.dtype,
+            force=args.force,
+        )
+    except Qwen3VLError as e:
+        fail(str(e))
+    except OSError as e:  # disk full, permissions: the system's own one-line message says it
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; no output directory was written", code=130)
+
+
+if __name__ == "__main__":
+    main()

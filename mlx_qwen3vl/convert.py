@@ -1,0 +1,323 @@
+"""Convert a Qwen3-VL checkpoint into an MLX model directory, optionally quantized (MLX's affine
+quantization), that `load()` reads directly.
+
+The conversion streams: source tensors are mapped lazily (`mx.load`), each output tensor is computed and
+evaluated on its own, and a shard is written and released before the next is started, so memory holds at
+most one output shard plus the source tensor being converted, never a whole copy of the model.
+
+The output directory: `model-0000i-of-0000n.safetensors` shards (at most 5 GB each) with
+`model.safetensors.index.json`; config.json, the source's with mlx-lm's `quantization` block (and its
+copy `quantization_config`) when quantized; generation_config.json, the tokenizer, chat template and
+preprocessing files copied from the source; a short model card, README.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
+from tqdm import tqdm
+
+from .errors import Qwen3VLError
+from .loading import (
+    MODEL_FILES,
+    check_weights,
+    model_directory,
+    read_config,
+    read_weights,
+    resolve_dtype,
+)
+from .model import Model
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
+# mlx-lm's mixed recipes "mixed_<low>_<high>": v_proj and down_proj of the most sensitive decoder layers
+# (the first and last eighth, and every third between) at <high> bits, the rest at <low>.
+RECIPES = tuple(QUANT_RECIPES)
+MAX_SHARD_SIZE = 5 * 10**9  # bytes: "5 GB" in both the decimal and the binary reading
+
+# Vision layers that stay in float even with quantize_vision: the position table is indexed by row, not
+# applied as a layer, and the patch embedding casts the pixels to its weight's dtype (vision.py). Both
+# are small (2304 rows; one 1536-wide layer) next to the blocks and mergers.
+FLOAT_VISION_MODULES = ("model.visual.pos_embed", "model.visual.patch_embed.proj")
+# The embedding is also the output projection of the tied 2B/4B models; mixed recipes keep both at
+# their high bit width, as mlx-lm's recipes do for lm_head.
+HIGH_PRECISION_MODULES = ("model.language_model.embed_tokens", "lm_head")
+# Files of the source directory that are not copied: the weights, and what the converter writes itself.
+REWRITTEN_FILES = ("config.json", "model.safetensors.index.json", "*.safetensors", "README.md")
+
+
+def quantization_settings(
+    bits: int | None = None, group_size: int | None = None, recipe: str | None = None
+) -> dict:
+    """The top-level `quantization` block ({group_size, bits, mode}) after checking the options."""
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise Qwen3VLError(
+                f"quantization recipe {recipe!r} is not supported; choose one of {', '.join(RECIPES)}"
+            )
+        if bits is not None:
+            raise Qwen3VLError(f"choose either a bit width or a recipe: {recipe} sets the bits itself")
+        bits = int(recipe.split("_")[1])
+    bits = DEFAULT_BITS if bits is None else bits
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if bits not in BITS:
+        raise Qwen3VLError(
+            f"{bits}-bit quantization is not supported; choose one of {', '.join(map(str, BITS))}"
+        )
+    if group_size not in GROUP_SIZES:
+        raise Qwen3VLError(
+            f"quantization group size {group_size} is not supported; choose one of "
+            f"{', '.join(map(str, GROUP_SIZES))}"
+        )
+    return {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+
+def quantization_plan(
+    model: Model, settings: dict, recipe: str | None = None, quantize_vision: bool = False
+) -> dict[str, dict]:
+    """{module path: its quantization parameters} for every module to quantize. The vision tower stays in
+    float unless quantize_vision; a layer whose input width is not a multiple of the group size stays in
+    float (MLX quantizes groups along the input dimension)."""
+    group_size = settings["group_size"]
+    recipe_params = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
+    plan = {}
+    for path, module in model.named_modules():
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            continue
+        in_vision = path.startswith("model.visual.")
+        if in_vision and (not quantize_vision or path in FLOAT_VISION_MODULES):
+            continue
+        if recipe is None or in_vision:
+            # The recipes rank decoder layers by sensitivity; the vision tower has no such ranking.
+            plan[path] = dict(settings)
+        elif path in HIGH_PRECISION_MODULES:
+            plan[path] = {**settings, "bits": int(recipe.split("_")[2])}
+        else:
+            plan[path] = recipe_params(path, module)
+    return plan
+
+
+def output_tensors(weights: dict[str, mx.array], plan: dict[str, dict], dtype: mx.Dtype) -> dict:
+    """The output tensors, lazily: float tensors cast to dtype, the weights of planned modules quantized
+    (affine: packed `.weight`, `.scales` and `.biases`, as `nn.QuantizedLinear` / `QuantizedEmbedding`
+    hold them). mx.quantize per tensor, rather than nn.quantize on the model, so that a source tensor is
+    referenced only by its outputs and freed once they are written."""
+    tensors = {}
+    for key in sorted(weights):
+        value = weights[key]
+        if mx.issubdtype(value.dtype, mx.floating):
+            value = value.astype(dtype)
+        module, _, name = key.rpartition(".")
+        if name == "weight" and module in plan:
+            params = plan[module]
+            packed, scales, biases = mx.quantize(
+                value, group_size=params["group_size"], bits=params["bits"], mode=params["mode"]
+            )
+            tensors.update({key: packed, f"{module}.scales": scales, f"{module}.biases": biases})
+        else:
+            tensors[key] = value
+    return dict(sorted(tensors.items()))
+
+
+def shard_keys(tensors: dict[str, mx.array], max_shard_size: int) -> list[list[str]]:
+    """Consecutive tensors grouped into shards of at most max_shard_size bytes (a larger tensor gets a
+    shard of its own). mlx-lm's make_shards does the same in whole gigabytes; bytes let the tests write
+    several shards of a small model."""
+    shards: list[list[str]] = []
+    size = 0
+    for key, value in tensors.items():
+        if not shards or (shards[-1] and size + value.nbytes > max_shard_size):
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += value.nbytes
+    return shards
+
+
+def write_shards(tensors: dict[str, mx.array], directory: Path, max_shard_size: int, progress: bool) -> None:
+    """Evaluate and write the tensors shard by shard, with the index. Consumes `tensors`: each one is
+    dropped from it when evaluated, so its source tensor is freed with the shard."""
+    shards = shard_keys(tensors, max_shard_size)
+    total_size = sum(v.nbytes for v in tensors.values())
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    weight_map = {}
+    with tqdm(total=total_size, unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
+        for name, keys in zip(names, shards, strict=True):
+            bar.set_description(name)
+            shard = {}
+            for key in keys:
+                shard[key] = tensors.pop(key)
+                mx.eval(shard[key])
+                bar.update(shard[key].nbytes)
+            mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+            weight_map.update(dict.fromkeys(keys, name))
+            del shard
+            mx.clear_cache()
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def output_config(source: dict, dtype_name: str, quantization: dict | None) -> dict:
+    """The source config.json with the new dtype and, when quantized, the block MLX tools read: mlx-lm's
+    `quantization` (group_size, bits, mode, and per-module entries where a module differs), repeated as
+    `quantization_config` as mlx-lm writes it."""
+    config = copy.deepcopy(source)
+    for section in (config, config.get("text_config"), config.get("vision_config")):
+        for key in ("dtype", "torch_dtype"):
+            if isinstance(section, dict) and key in section:
+                section[key] = dtype_name
+    if quantization is not None:
+        config["quantization"] = quantization
+        config["quantization_config"] = copy.deepcopy(quantization)
+    return config
+
+
+def quantization_block(settings: dict, plan: dict[str, dict]) -> dict:
+    block = dict(settings)
+    block.update({path: params for path, params in sorted(plan.items()) if params != settings})
+    return block
+
+
+def describe(quantization: dict | None, recipe: str | None, quantize_vision: bool, dtype_name: str) -> str:
+    if quantization is None:
+        return f"{dtype_name}, not quantized"
+    bits = recipe or f"{quantization['bits']}-bit"
+    vision = "vision tower quantized too" if quantize_vision else f"vision tower kept in {dtype_name}"
+    return f"{bits} affine quantization, group size {quantization['group_size']} ({vision})"
+
+
+def write_model_card(directory: Path, name: str, base_model: str | None, description: str) -> None:
+    """A short card in the hub's format; base_model only for a hub source (the hub checks it is a repo)."""
+    header = f"base_model: {base_model}\n" if base_model else ""
+    source = f"`{base_model}`" if base_model else "Qwen3-VL"
+    card = f"""---
+library_name: mlx
+{header}pipeline_tag: image-text-to-text
+tags:
+- mlx
+- qwen3_vl
+---
+
+# {name}
+
+{source} converted to MLX by mlx-qwen3vl's `convert.py`: {description}.
+
+```python
+from mlx_qwen3vl import generate, load
+
+model, processor = load("{name}")
+print(generate(model, processor, "Describe this image.", images=["photo.jpg"]))
+```
+"""
+    (directory / "README.md").write_text(card)
+
+
+def copy_model_files(source: Path, target: Path) -> None:
+    """Tokenizer, chat template, generation and preprocessing configs: what the source has of the files
+    a model directory needs (loading.MODEL_FILES), less those the converter writes itself."""
+    for file in sorted(source.iterdir()):
+        wanted = any(fnmatch.fnmatch(file.name, p) for p in MODEL_FILES)
+        if wanted and not any(fnmatch.fnmatch(file.name, p) for p in REWRITTEN_FILES) and file.is_file():
+            shutil.copyfile(file, target / file.name)
+
+
+def check_target(target: Path, source: Path, force: bool) -> None:
+    if target.resolve() == source.resolve() or target.resolve() in source.resolve().parents:
+        raise Qwen3VLError(f"{target}: the output directory would replace the source model")
+    if not target.exists() and not target.is_symlink():
+        return
+    if not force:
+        raise Qwen3VLError(
+            f"{target} already exists: choose another output path or pass --force to replace it"
+        )
+    # --force replaces an earlier conversion, never an unrelated file or folder.
+    if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
+        raise Qwen3VLError(
+            f"{target} exists and is not a model directory; not replacing it, even with --force"
+        )
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_recipe: str | None = None,
+    quantize_vision: bool = False,
+    dtype: str = "bfloat16",
+    force: bool = False,
+    max_shard_size: int = MAX_SHARD_SIZE,
+    progress: bool = True,
+) -> Path:
+    """Convert the Qwen3-VL checkpoint at `hf_path` (a model directory or a Hugging Face repo id; the
+    published layout or mlx-vlm's) into an MLX model directory at `mlx_path`; returns that path.
+
+    quantize: affine quantization of the language model at q_bits (2, 3, 4, 5, 6 or 8; default 4) with
+    q_group_size (32, 64 or 128; default 64); any q_* option or quantize_vision implies it. q_recipe: one
+    of mlx-lm's mixed recipes (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6), which also keeps the embedding
+    and lm_head at the high bit width. quantize_vision: quantize the vision tower's blocks and mergers too
+    (default: it stays in `dtype`). dtype: of every tensor not quantized, and of the quantization scales.
+    force: replace an existing output directory (only a model directory)."""
+    quantize = quantize or quantize_vision or any(v is not None for v in (q_bits, q_group_size, q_recipe))
+    settings = quantization_settings(q_bits, q_group_size, q_recipe) if quantize else None
+    dtype_name = str(dtype).rpartition(".")[2]  # also accepts mx.bfloat16 ("mlx.core.bfloat16")
+    mx_dtype = resolve_dtype(dtype_name)
+    source = model_directory(hf_path)
+    target = Path(mlx_path).expanduser()
+    check_target(target, source, force)
+
+    config = read_config(source)
+    model = Model(config)  # its parameters stay lazy: only their names and shapes are used
+    weights = model.sanitize(read_weights(source))
+    if any(key.endswith(".scales") for key in weights):
+        raise Qwen3VLError(
+            f"{source}: the model is already quantized; convert from the unquantized checkpoint"
+        )
+    check_weights(model, weights)
+    plan = quantization_plan(model, settings, q_recipe, quantize_vision) if quantize else {}
+    tensors = output_tensors(weights, plan, mx_dtype)
+    del weights, model
+    quantization = quantization_block(settings, plan) if quantize else None
+    description = describe(settings, q_recipe, quantize_vision, dtype_name)
+    if progress:
+        print(f"Converting {source} to {target}: {description}", file=sys.stderr)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed at the end, so an interrupted conversion leaves no
+    # half-written model directory behind.
+    staging = target.parent / f".{target.name}.converting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        write_shards(tensors, staging, max_shard_size, progress)
+        raw_config = json.loads((source / "config.json").read_text())
+        config_text = json.dumps(output_config(raw_config, dtype_name, quantization), indent=2)
+        (staging / "config.json").write_text(config_text + "\n")
+        copy_model_files(source, staging)
+        from_hub = not Path(hf_path).expanduser().exists()
+        write_model_card(staging, target.name, str(hf_path) if from_hub else None, description)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if progress:
+        print(f"Wrote {target} ({directory_size(target) / 1e9:.2f} GB)", file=sys.stderr)
+    return target
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -1,0 +1,463 @@
+"""convert.py: from the published checkpoint to an MLX model directory (bfloat16 or quantized at any bits,
+or mixed), and load() on every layout it must read: the converter's output and mlx-vlm's.
+
+Accuracy bounds are measured on the tiny random-weight model, float32 compute on both sides, so what
+remains is the quantization of the weights alone."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from checkpoints import TINY, build_checkpoint, config_with
+from mlx.utils import tree_flatten
+
+from mlx_qwen3vl import Qwen3VLError, load
+from mlx_qwen3vl.convert import convert
+from mlx_qwen3vl.loading import read_config, weight_files
+
+REPO = Path(__file__).parent.parent
+PROMPTS = ("text", "image")
+
+
+def run_python(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """A fresh interpreter in the repository root (so `convert.py` and the package are found)."""
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint converted with the given options, once per set of options."""
+    root = tmp_path_factory.mktemp("converted")
+    done = {}
+
+    def get(**options) -> Path:
+        name = "-".join(f"{k}={v}" for k, v in sorted(options.items())) or "bfloat16"
+        if name not in done:
+            done[name] = convert(tiny_checkpoint, root / name, progress=False, **options)
+        return done[name]
+
+    return get
+
+
+def logits(model, prompt) -> np.ndarray:
+    return np.array(model(prompt.input_ids, **prompt.mlx_inputs())[0].astype(mx.float32))
+
+
+@pytest.fixture(scope="module")
+def unquantized_logits(tiny_f32, prompts) -> dict:
+    return {name: logits(tiny_f32[0], prompts[name]) for name in PROMPTS}
+
+
+def cosine(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+# Logits of the quantized model against the unquantized one at all 80 positions of the text and image
+# prompts, float32 compute on both sides. Measured (min / mean cosine, top-1 agreement): 8-bit 0.99945 /
+# 0.99976 / 0.89; 4-bit 0.915 / 0.955 / 0.44; mixed_4_6 0.928 / 0.965 / 0.49; 4-bit with the vision tower
+# quantized too 0.901 / 0.945 / 0.40. The bounds sit just below. Top-1 agreement is low for a random
+# model: its logits are nearly flat, the top-1 margins far below the quantization noise.
+ACCURACY = [
+    ({"q_bits": 8}, 0.999, 0.9995, 0.85),
+    ({"q_bits": 4}, 0.88, 0.94, 0.40),
+    ({"q_recipe": "mixed_4_6"}, 0.90, 0.95, 0.45),
+    ({"q_bits": 4, "quantize_vision": True}, 0.87, 0.93, 0.35),
+]
+
+
+@pytest.mark.parametrize("options, min_cos, mean_cos, top1", ACCURACY, ids=lambda v: str(v))
+def test_quantized_logits_stay_close_to_the_unquantized_model(
+    options, min_cos, mean_cos, top1, converted, prompts, unquantized_logits
+):
+    model, _ = load(converted(**options), dtype="float32")
+    ours = {name: logits(model, prompts[name]) for name in PROMPTS}
+    cos = np.concatenate([cosine(ours[n], unquantized_logits[n]) for n in PROMPTS])
+    agree = np.concatenate([ours[n].argmax(-1) == unquantized_logits[n].argmax(-1) for n in PROMPTS])
+    print(f"{options}: cosine min {cos.min():.5f} mean {cos.mean():.5f}, top-1 {agree.mean():.3f}")
+    assert cos.min() > min_cos and cos.mean() > mean_cos and agree.mean() > top1
+
+
+def quantized_modules(path: Path) -> dict[str, tuple[int, int]]:
+    """{module: (bits, group size)} of a converted directory, from its tensors' packed shapes."""
+    model, _ = load(path, lazy=True)
+    return {
+        name: (m.bits, m.group_size)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    }
+
+
+def test_quantized_layers_follow_the_options_and_the_config_block(converted):
+    plain = quantized_modules(converted(q_bits=8, q_group_size=128))
+    assert set(plain.values()) == {(8, 128)}
+    assert not any(name.startswith("model.visual.") for name in plain)  # the tower stays bfloat16
+    assert (
+        "model.language_model.embed_tokens" in plain
+        and "model.language_model.layers.3.mlp.down_proj" in plain
+    )
+
+    mixed_dir = converted(q_recipe="mixed_3_6")
+    mixed = quantized_modules(mixed_dir)
+    block = json.loads((mixed_dir / "config.json").read_text())["quantization"]
+    # mlx-lm's layout: defaults, then one entry per module that differs from them.
+    assert {k: block[k] for k in ("group_size", "bits", "mode")} == {
+        "group_size": 64,
+        "bits": 3,
+        "mode": "affine",
+    }
+    high = {name for name, (bits, _) in mixed.items() if bits == 6}
+    assert high == {k for k in block if "." in k}
+    # 4 layers: mlx-lm's recipe puts the last one and every third one (layer 2) at high precision.
+    assert high == {
+        "model.language_model.embed_tokens",
+        *(
+            f"model.language_model.layers.{i}.{m}"
+            for i in (2, 3)
+            for m in ("mlp.down_proj", "self_attn.v_proj")
+        ),
+    }
+
+    vision = quantized_modules(converted(q_bits=4, quantize_vision=True))
+    assert "model.visual.blocks.0.attn.qkv" in vision and "model.visual.merger.linear_fc2" in vision
+    # Read by row (positions) or as the input cast (patches): these stay in float, see convert.py.
+    assert "model.visual.pos_embed" not in vision and "model.visual.patch_embed.proj" not in vision
+
+
+def test_bfloat16_conversion_is_lossless_sharded_and_complete(tiny_checkpoint, tmp_path):
+    out = convert(tiny_checkpoint, tmp_path / "bf16", max_shard_size=20_000_000, progress=False)
+    expected = {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "README.md",
+        "model.safetensors.index.json",
+    }
+    assert expected <= {f.name for f in out.iterdir()}
+    shards = weight_files(out)
+    assert len(shards) > 1
+    for shard in shards:
+        tensors = mx.load(str(shard))
+        # A shard holds at most 20 MB, unless it is one larger tensor on its own (the embedding).
+        assert len(tensors) == 1 or shard.stat().st_size <= 20_000_000 + 100_000
+    ours, _ = load(out, lazy=True)
+    source, _ = load(tiny_checkpoint, lazy=True)
+    for (name, a), (_, b) in zip(
+        tree_flatten(ours.parameters()), tree_flatten(source.parameters()), strict=True
+    ):
+        assert mx.array_equal(a, b).item(), name
+
+    f16 = convert(tiny_checkpoint, tmp_path / "f16", dtype="float16", progress=False)
+    assert json.loads((f16 / "config.json").read_text())["dtype"] == "float16"
+    assert load(f16, dtype="float16", lazy=True)[0].model.visual.pos_embed.weight.dtype == mx.float16
+
+
+def safetensors_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in weight_files(path))
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, 64), (4, 64), (4, 128)])
+def test_file_sizes_shrink_as_the_bit_width_says(bits, group_size, converted, tiny_checkpoint):
+    """Each quantized weight takes bits/8 bytes plus a bfloat16 scale and bias per group; everything else
+    (the vision tower, norms) keeps its 2 bytes per value."""
+    source = {}
+    for file in weight_files(tiny_checkpoint):
+        source.update(mx.load(str(file)))
+    quantized = sum(
+        v.size for k, v in source.items() if k.startswith("model.language_model.") and v.ndim == 2
+    )
+    kept = sum(
+        v.nbytes for k, v in source.items() if not (k.startswith("model.language_model.") and v.ndim == 2)
+    )
+    expected = quantized * (bits / 8 + 4 / group_size) + kept
+    actual = safetensors_bytes(converted(q_bits=bits, q_group_size=group_size))
+    assert abs(actual - expected) / expected < 0.01  # the rest: safetensors headers
+    assert actual < (0.6 if bits == 8 else 0.36) * safetensors_bytes(tiny_checkpoint)
+
+
+def test_converted_directory_is_self_contained(tiny_checkpoint, tmp_path, prompts):
+    """Converted by the CLI in one process, loaded in another after the source is gone, with torch
+    unavailable and without transformers' model classes; the config round-trips."""
+    source = shutil.copytree(tiny_checkpoint, tmp_path / "source")
+    out = tmp_path / "converted"
+    result = run_python("convert.py", "--hf-path", str(source), "--mlx-path", str(out), "--q-bits", "4")
+    assert "Converting" in result.stderr and f"Wrote {out}" in result.stderr  # progress is shown
+    source_config = json.loads((source / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config.pop("quantization")
+        == config.pop("quantization_config")
+        == {
+            "group_size": 64,
+            "bits": 4,
+            "mode": "affine",
+        }
+    )
+    assert config == source_config
+    assert read_config(out) == read_config(source)
+    in_process, _ = load(out, dtype="float32")
+    expected = logits(in_process, prompts["image"])
+    shutil.rmtree(source)
+
+    prompt = prompts["image"]
+    inputs = {k: v for k, v in prompt.mlx_inputs().items() if v is not None}
+    np.savez(tmp_path / "inputs.npz", input_ids=prompt.input_ids, **inputs)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # import torch fails; transformers sees no torch
+        import numpy as np
+        from mlx_qwen3vl import load
+        inputs = dict(np.load({str(tmp_path / "inputs.npz")!r}))
+        model, processor = load({str(out)!r}, dtype="float32")
+        np.save({str(tmp_path / "logits.npy")!r}, np.array(model(**inputs)[0]))
+        assert not [m for m in sys.modules if m.startswith("transformers.models.") and ".modeling_" in m]
+        """
+    )
+    run_python("-c", script)
+    np.testing.assert_array_equal(np.load(tmp_path / "logits.npy"), expected)
+
+
+@pytest.fixture(scope="module")
+def mlx_vlm_conversions(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint converted by mlx-vlm's own converter: bfloat16, and 4-bit with group size 64."""
+    root = tmp_path_factory.mktemp("mlx_vlm")
+    source = shutil.copytree(tiny_checkpoint, root / "source")
+    # mlx-vlm 0.7.10 reads the text rope settings in transformers 4.57's layout, which the published
+    # config.json has; save_pretrained (transformers 5) rewrote them in its own.
+    (source / "config.json").write_text(json.dumps(config_with(TINY)))
+    script = textwrap.dedent(
+        f"""
+        from mlx_vlm.convert import convert
+        convert({str(source)!r}, {str(root / "bf16")!r})
+        convert({str(source)!r}, {str(root / "q4")!r}, quantize=True, q_bits=4, q_group_size=64)
+        """
+    )
+    run_python("-c", script, env={"HF_HUB_OFFLINE": "1"})
+    return root
+
+
+def test_mlx_vlm_layout_gives_the_same_logits(
+    mlx_vlm_conversions, converted, tiny_checkpoint, tmp_path, prompts
+):
+    keys = json.loads((mlx_vlm_conversions / "q4" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (
+        "language_model.model.layers.0.mlp.down_proj.scales" in keys
+        and "vision_tower.merger.norm.weight" in keys
+    )
+    patch = mx.load(str(mlx_vlm_conversions / "bf16" / "model.safetensors"))[
+        "vision_tower.patch_embed.proj.weight"
+    ]
+    assert patch.shape == (128, 2, 16, 16, 3)  # an MLX Conv3d, channels last
+
+    # Unquantized, the same weights: the same logits. 4-bit, the same round-to-nearest quantization as
+    # ours with the same bits and group size: the same logits again.
+    for theirs, ours in (
+        (mlx_vlm_conversions / "bf16", tiny_checkpoint),
+        (mlx_vlm_conversions / "q4", converted(q_bits=4)),
+    ):
+        a, _ = load(theirs, dtype="float32")
+        b, _ = load(ours, dtype="float32")
+        np.testing.assert_array_equal(logits(a, prompts["image"]), logits(b, prompts["image"]))
+
+    # The converter reads that layout too: from mlx-vlm's bfloat16 directory, the same 4-bit tensors.
+    again = convert(mlx_vlm_conversions / "bf16", tmp_path / "q4", q_bits=4, progress=False)
+    ours = {k: v for f in weight_files(converted(q_bits=4)) for k, v in mx.load(str(f)).items()}
+    theirs = {k: v for f in weight_files(again) for k, v in mx.load(str(f)).items()}
+    assert ours.keys() == theirs.keys()
+    assert all(mx.array_equal(ours[k], theirs[k]).item() for k in ours)
+
+
+def vision_features(model, prompt) -> list[np.ndarray]:
+    encoded = model.encode_vision(prompt.pixel_values, prompt.image_grid_thw)
+    return [np.array(f) for f in (encoded.features, *encoded.deepstack)]
+
+
+def test_mlx_vlm_layout_with_a_quantized_position_table(
+    mlx_vlm_conversions, tiny_checkpoint, tmp_path, prompts
+):
+    """Older mlx-vlm conversions quantized the vision tower, position table included; it loads dequantized."""
+    target = shutil.copytree(mlx_vlm_conversions / "bf16", tmp_path / "legacy")
+    weights = dict(mx.load(str(target / "model.safetensors")))
+    table = weights.pop("vision_tower.pos_embed.weight")
+    packed, scales, biases = mx.quantize(table, group_size=64, bits=4)
+    weights.update(
+        {
+            "vision_tower.pos_embed.weight": packed,
+            "vision_tower.pos_embed.scales": scales,
+            "vision_tower.pos_embed.biases": biases,
+        }
+    )
+    mx.eval(weights)  # read before the file is rewritten
+    (target / "model.safetensors.index.json").unlink()
+    mx.save_safetensors(str(target / "model.safetensors"), weights)
+
+    legacy, _ = load(target, dtype="float32")
+    expected, _ = load(tiny_checkpoint, dtype="float32")
+    expected.model.visual.pos_embed.weight = mx.dequantize(packed, scales, biases, 64, 4).astype(mx.float32)
+    prompt = prompts["image"]
+    for a, b in zip(vision_features(legacy, prompt), vision_features(expected, prompt), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# Untied, text 512 wide with 6 layers: 364 MB in bfloat16, of which 156 MB in each of the embedding and
+# lm_head (the largest tensors). Built in ~5 s.
+MID = {
+    "text_config": {
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+    },
+    "tie_word_embeddings": False,
+    "vision_config": {
+        "depth": 2,
+        "hidden_size": 256,
+        "num_heads": 4,
+        "intermediate_size": 1024,
+        "out_hidden_size": 512,
+        "deepstack_visual_indexes": [0, 1],
+        "initializer_range": 0.02,
+    },
+}
+
+PEAK_SCRIPT = """
+import json, pathlib, sys
+import mlx.core as mx
+from mlx_qwen3vl.convert import convert
+
+def status(field):  # this process's own resident size (VmRSS) and its peak (VmHWM), in bytes
+    line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+before, peaks, sizes, source, out = status("VmRSS"), [], [], sys.argv[1], sys.argv[2]
+for options in ({"q_bits": 4}, {"max_shard_size": 50_000_000}):
+    mx.reset_peak_memory()
+    convert(source, out, force=True, **options)
+    peaks.append(mx.get_peak_memory())
+    sizes.append(sum(f.stat().st_size for f in pathlib.Path(out).glob("*.safetensors")))
+print(json.dumps({"rss_growth": status("VmHWM") - before, "peaks": peaks, "output_sizes": sizes}))
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="reads the resident size from /proc (Linux)"
+)
+def test_conversion_streams_with_bounded_peak_memory(checkpoint_root, tmp_path):
+    """Measured: 4-bit, the output in one shard: 243 MB of MLX memory at peak (113 MB written + the largest
+    tensor while it is quantized); bfloat16 in 50 MB shards: 156 MB, the largest tensor alone. Resident
+    size grows 246 MB at most. The model is 364 MB: never two copies, nor even one."""
+    source = checkpoint_root / "mid"
+    if not source.exists():
+        build_checkpoint(source, MID)
+    input_size = safetensors_bytes(source)
+    largest = max(v.nbytes for f in weight_files(source) for v in mx.load(str(f)).values())
+    result = run_python("-c", PEAK_SCRIPT, str(source), str(tmp_path / "out"))
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    quantized_peak, sharded_peak = measured["peaks"]
+    q4_size = measured["output_sizes"][0]
+    print(f"input {input_size / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB: {measured}")
+
+    assert sharded_peak < 1.1 * max(50_000_000, largest)
+    assert quantized_peak < q4_size + 1.5 * largest
+    assert measured["rss_growth"] < 0.8 * input_size
+    assert "model-00001-of-" in result.stderr  # one progress line per shard
+
+
+def cli(*args, env=None) -> subprocess.CompletedProcess:
+    return run_python("convert.py", *args, env=env, check=False)
+
+
+@pytest.mark.parametrize(
+    "case, args, message",
+    [
+        ("exists", ["--q-bits", "4"], "already exists: choose another output path or pass --force"),
+        ("bits", ["--q-bits", "7"], "7-bit quantization is not supported; choose one of 2, 3, 4, 5, 6, 8"),
+        (
+            "hub offline",
+            ["--hf-path", "someone/Qwen3-VL-not-downloaded"],
+            "is not downloaded and the hub cannot",
+        ),
+    ],
+)
+def test_cli_errors_are_one_line(case, args, message, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    if case != "exists":
+        out = tmp_path / "new"
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # nothing cached, nothing downloaded
+    result = cli("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out), *args, env=env)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert result.stderr.startswith("convert.py: error: ")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"q_group_size": 48}, "group size 48 is not supported; choose one of 32, 64, 128"),
+        ({"q_recipe": "mixed_5_7"}, "recipe 'mixed_5_7' is not supported"),
+        ({"q_recipe": "mixed_3_6", "q_bits": 4}, "either a bit width or a recipe"),
+        ({"dtype": "int8"}, "dtype 'int8' is not supported"),
+    ],
+)
+def test_unsupported_options_are_refused_before_any_work(options, message, tmp_path):
+    with pytest.raises(Qwen3VLError, match=message):
+        convert(tmp_path / "nowhere", tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_that_is_not_qwen3_vl_is_refused(tiny_checkpoint, tmp_path):
+    source = shutil.copytree(tiny_checkpoint, tmp_path / "llama")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(Qwen3VLError, match="model_type 'llama' is not Qwen3-VL"):
+        convert(source, tmp_path / "out")
+    (source / "config.json").unlink()
+    with pytest.raises(Qwen3VLError, match="no config.json, this is not a model directory"):
+        convert(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_already_quantized_source_is_refused(converted, tmp_path):
+    with pytest.raises(Qwen3VLError, match="already quantized; convert from the unquantized checkpoint"):
+        convert(converted(q_bits=4), tmp_path / "again", q_bits=8)
+
+
+def test_force_replaces_a_model_directory_only(converted, tiny_checkpoint, tmp_path):
+    out = convert(tiny_checkpoint, tmp_path / "out", q_bits=8, progress=False)
+    with pytest.raises(Qwen3VLError, match="already exists"):
+        convert(tiny_checkpoint, out, q_bits=4)
+    convert(tiny_checkpoint, out, q_bits=4, force=True, progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
+    assert safetensors_bytes(out) == safetensors_bytes(converted(q_bits=4))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
+
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "todo.txt").write_text("keep me")
+    with pytest.raises(Qwen3VLError, match="not a model directory; not replacing it, even with --force"):
+        convert(tiny_checkpoint, unrelated, force=True)
+    with pytest.raises(Qwen3VLError, match="would replace the source model"):
+        convert(tiny_checkpoint, tiny_checkpoint, force=True)
