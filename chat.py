@@ -81,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="model directory or Hugging Face repo id (%(default)s)"
     )
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)"
+    )
     p.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="attach to the first question"
     )

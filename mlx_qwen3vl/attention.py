@@ -15,8 +15,9 @@ import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention as fused_attention
 
 
-def _use_fused_kernel(cache) -> bool:
-    return mx.default_device() == mx.gpu or hasattr(cache, "bits")
+def _use_fused_kernel(dtype: mx.Dtype, cache) -> bool:
+    # In float32 the CPU fallback is exact attention too, and one graph node instead of a dozen.
+    return mx.default_device() == mx.gpu or dtype == mx.float32 or hasattr(cache, "bits")
 
 
 def _float32_attention(q, k, v, scale: float, mask) -> mx.array:
@@ -48,6 +49,6 @@ def _float32_attention(q, k, v, scale: float, mask) -> mx.array:
 
 def attention(q, k, v, scale: float, mask=None, cache=None) -> mx.array:
     """softmax(q k^T * scale + mask) v for q [B, Hq, Lq, d] and k, v [B, Hkv, Lk, d]."""
-    if _use_fused_kernel(cache):
+    if _use_fused_kernel(q.dtype, cache):
         return fused_attention(q, k, v, cache=cache, scale=scale, mask=mask)
     return _float32_attention(q, k, v, scale, mask)

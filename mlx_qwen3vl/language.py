@@ -32,17 +32,20 @@ class MRoPE:
         self.axes = mx.array(mrope_axes(config.head_dim, config.mrope_section))
 
     def __call__(self, position_ids: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """cos and a signed sin, [B, 1, L, d]: sin's first half is negated so that `apply_rope` rotates
+        with a single roll (exact: negation commutes with the rounding to `dtype`)."""
         per_freq = position_ids.astype(mx.float32)[self.axes]  # [d/2, B, L]
         angles = per_freq.transpose(1, 2, 0) * self.inv_freq  # [B, L, d/2]
-        emb = mx.concatenate([angles, angles], axis=-1)
-        return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
+        cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+        cos = mx.concatenate([cos, cos], axis=-1)
+        sin = mx.concatenate([-sin, sin], axis=-1)
+        return cos[:, None], sin[:, None]
 
 
-def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate-half rope. x: [B, heads, L, d]; cos/sin: [B, L, d]."""
-    half = x.shape[-1] // 2
-    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+def apply_rope(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
+    """Rotate-half rope, x * cos + [-x2, x1] * sin, as x * cos + roll(x) * signed_sin.
+    x: [B, heads, L, d]; cos / signed_sin: [B, 1, L, d] from MRoPE."""
+    return x * cos + mx.roll(x, x.shape[-1] // 2, axis=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -81,9 +84,12 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate = self.gate_proj(x)
-        # SiLU in float32, rounded once, as PyTorch does for bfloat16 (SPEC §6.2).
-        activated = nn.silu(gate.astype(mx.float32)).astype(gate.dtype)
-        return self.down_proj(activated * self.up_proj(x))
+        if gate.dtype != mx.float32:
+            # SiLU in float32, rounded once, as PyTorch does for bfloat16 (SPEC §6.2).
+            gate = nn.silu(gate.astype(mx.float32)).astype(gate.dtype)
+        else:
+            gate = nn.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

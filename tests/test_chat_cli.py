@@ -2,7 +2,7 @@
 one-line errors. Each run is a subprocess (a few seconds of imports and loading), so there are few of them.
 
 The tiny model's answers are gibberish but deterministic with temperature 0: the expected text comes from
-the package run in this process with the same options and dtype (bfloat16, the CLI's default).
+the package run in this process with the same options and dtype (the per-backend default of both).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ import termios
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from PIL import Image
 
 from mlx_qwen3vl import ChatSession, generate, load
+from mlx_qwen3vl.generate import generation_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = ("--max-tokens", "5", "--temperature", "0")
@@ -122,6 +124,11 @@ class Terminal:
 
     def __init__(self, args: tuple[str, ...], home: Path):
         env = child_env(home)
+        # No computation may be in flight in this process when it forks: the last answer's pipelined
+        # next step can still be running a BLAS call, and OpenBLAS's fork handlers then leave its
+        # thread pool deadlocked for every later float32 matmul here.
+        mx.synchronize(generation_stream)
+        mx.synchronize()
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child becomes chat.py at once: little else is safe after a fork
             try:

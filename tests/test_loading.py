@@ -22,7 +22,7 @@ def model_copy(tiny_checkpoint, tmp_path):
 
 def test_sharded_checkpoint_loads_lazily_in_the_requested_dtype(tiny_checkpoint):
     assert len(weight_files(tiny_checkpoint)) > 1  # exercised through model.safetensors.index.json
-    model, processor = load(tiny_checkpoint, lazy=True)
+    model, processor = load(tiny_checkpoint, dtype="bfloat16", lazy=True)
     assert model.model.language_model.embed_tokens.weight.dtype == mx.bfloat16
     assert processor.tokenizer.encode("<|image_pad|>") == [151655]
     model32, _ = load(tiny_checkpoint, dtype="float32")
@@ -145,3 +145,10 @@ def test_hub_id_while_offline_and_not_cached_says_how_to_get_it(monkeypatch, tmp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(Qwen3VLError, match="is not downloaded and the hub cannot be reached"):
         load("Qwen/Qwen3-VL-4B-Instruct")
+
+
+def test_default_compute_dtype_is_chosen_per_backend(tiny_checkpoint):
+    model, _ = load(tiny_checkpoint, lazy=True)
+    expected = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    assert model.model.language_model.embed_tokens.weight.dtype == expected
+    assert model.model.visual.blocks[0].attn.qkv.weight.dtype == expected

@@ -105,7 +105,7 @@ BF16_MAX, BF16_MEAN = 2.5e-2, 2.5e-3
 
 @pytest.fixture(scope="module")
 def bf16_logits(tiny_checkpoint, prompts):
-    model, _ = load(tiny_checkpoint)  # bfloat16 by default
+    model, _ = load(tiny_checkpoint, dtype="bfloat16")
     ours, reference = {}, reference_model(tiny_checkpoint, torch.bfloat16)
     with torch.no_grad():
         ref = {c: reference(**prompts[c].torch_inputs()).logits.float().numpy() for c in PROMPTS}
@@ -143,8 +143,8 @@ def eager_attention(q, k, v, scale, mask):
 
 def test_bfloat16_rounds_like_the_reference(tiny_checkpoint, prompts, reference_logits, monkeypatch):
     monkeypatch.setattr(mlx_qwen3vl.attention, "_float32_attention", eager_attention)
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda cache: False)
-    model, _ = load(tiny_checkpoint)
+    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda dtype, cache: False)
+    model, _ = load(tiny_checkpoint, dtype="bfloat16")
     reference = Qwen3VLForConditionalGeneration.from_pretrained(
         tiny_checkpoint, dtype=torch.bfloat16, attn_implementation="eager"
     ).eval()
@@ -162,8 +162,8 @@ def test_bfloat16_vision_rounds_like_the_reference(tiny_checkpoint, monkeypatch)
     float32 and rounded to bf16 differs from it in 69%. Catches a missed float32 step (position-embedding
     accumulation, LayerNorm, GELU, rope) in the tower."""
     monkeypatch.setattr(mlx_qwen3vl.attention, "_float32_attention", eager_attention)
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda cache: False)
-    model, _ = load(tiny_checkpoint)
+    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda dtype, cache: False)
+    model, _ = load(tiny_checkpoint, dtype="bfloat16")
     reference = Qwen3VLForConditionalGeneration.from_pretrained(
         tiny_checkpoint, dtype=torch.bfloat16, attn_implementation="eager"
     ).eval()

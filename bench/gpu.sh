@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU measurements in one call on the lent machine (bench/README.md, "On a GPU"), after
+# `bash .devwhl/c2/install.sh && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1`.
+# Every stage has its own timeout and writes under $OUT, so a slow stage cannot lose the others'.
+set -u
+OUT=${OUT:-/tmp/bench-out}
+mkdir -p "$OUT"
+export MLX_QWEN3VL_BENCH_CACHE=/tmp/bench-cache
+python - > "$OUT/versions.txt" 2>&1 <<'PY'
+import mlx.core as mx, mlx_lm, mlx_vlm, torch, transformers
+print("mlx", mx.__version__, mx.default_device(), mx.device_info())
+print("mlx-lm", mlx_lm.__version__, "mlx-vlm", mlx_vlm.__version__)
+print("torch", torch.__version__, torch.cuda.is_available(), "transformers", transformers.__version__)
+PY
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv >> "$OUT/versions.txt" 2>&1
+
+# 1. Random 4B weights, built here (never carried), directly in bfloat16 (--fast-build).
+timeout 150 python bench/presets.py 4b 0 0 fast > "$OUT/build.log" 2>&1 || echo "build failed" >> "$OUT/build.log"
+
+# 2. 4-bit, the headline targets: decode vs mlx-vlm (>= 2x) and mlx-lm (>= 1x), prefill, vision, TTFT,
+#    chat, memory. The first process compiles kernels (~40-60 s per workload) in its warm-up runs.
+COMMON="--preset 4b --fast-build --runs 3 --warmup 1 --load-runs 1 --tokens 128 --chat-tokens 16 --timeout 200"
+timeout 270 python bench/bench.py $COMMON --quantize 4 --compare mlx-vlm,mlx-lm \
+    --json "$OUT/4b_q4.json" > "$OUT/4b_q4.md" 2> "$OUT/4b_q4.log"
+
+# 3. bfloat16 against mlx-vlm, mlx-lm and transformers (CUDA).
+timeout 270 python bench/bench.py $COMMON --compare mlx-vlm,mlx-lm,transformers \
+    --json "$OUT/4b_bf16.json" > "$OUT/4b_bf16.md" 2> "$OUT/4b_bf16.log"
+ls -la "$OUT"

@@ -1,0 +1,81 @@
+"""The matmul paths a decoder layer can take on this backend, in GFLOP/s: dense float32 (with and without
+the system OpenBLAS), dense bfloat16, and 4-bit affine (group 64) with float32 or bfloat16 activations,
+for one token (decode) and a 64-token chunk (prefill), at the 4B model's MLP shape (2560 -> 9728).
+
+    python bench/matmul.py            # both BLAS settings, each in its own process
+
+This is the evidence for the compute-dtype choice per backend (README, "Compute dtype and path").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+K, N = 2560, 9728
+ROWS = (1, 64)  # 64 rows stand for a prefill chunk: 512 would take minutes on the slow paths
+
+
+def measure() -> list[dict]:
+    import mlx.core as mx
+
+    def best(fn, repeats: int) -> float:
+        mx.eval(fn())
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    rows = []
+    for dtype in (mx.float32, mx.bfloat16):
+        w = (mx.random.normal((N, K)) * 0.02).astype(dtype)
+        wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+        mx.eval(w, wq, scales, biases)
+        for m in ROWS:
+            x = mx.random.normal((m, K)).astype(dtype)
+            mx.eval(x)
+            slow = m > 1 and (dtype == mx.bfloat16 or os.environ.get("MLX_QWEN3VL_OPENBLAS") == "0")
+            repeats = 1 if slow else 5
+            dense = best(lambda x=x, w=w: x @ w.T, repeats)
+            q = (wq, scales, biases)
+            quant = best(
+                lambda x=x, q=q: mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=4),
+                1 if m > 1 else 5,
+            )
+            flops = 2 * m * N * K
+            name = str(dtype).split(".")[-1]
+            rows.append({"activations": name, "rows": m, "path": "dense", "gflops": flops / dense / 1e9})
+            rows.append({"activations": name, "rows": m, "path": "4-bit", "gflops": flops / quant / 1e9})
+    return rows
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--worker"]:
+        import mlx_qwen3vl  # noqa: F401  (loads the system OpenBLAS unless MLX_QWEN3VL_OPENBLAS=0)
+        from mlx_qwen3vl import _blas
+
+        print(json.dumps({"openblas": _blas.loaded, "rows": measure()}))
+        return
+    print(f"| BLAS | activations | path | GFLOP/s, 1 row (decode) | GFLOP/s, {ROWS[1]} rows (prefill) |")
+    print("|---|---|---|---:|---:|")
+    for blas in ("1", "0"):
+        env = {**os.environ, "MLX_QWEN3VL_OPENBLAS": blas}
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True, check=True
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        label = "system OpenBLAS" if result["openblas"] else "MLX's bundled"
+        table = {(r["activations"], r["path"], r["rows"]): r["gflops"] for r in result["rows"]}
+        for activations in ("float32", "bfloat16"):
+            for path in ("dense", "4-bit"):
+                one, many = table[(activations, path, 1)], table[(activations, path, ROWS[1])]
+                print(f"| {label} | {activations} | {path} | {one:.2f} | {many:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""This package, through its public API (`load`, `stream_generate`, `ChatSession`) and, for the
+figures without preprocessing, the same steps `stream_generate` takes after its processor call."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from inputs import FOLLOW_UP, IMAGE_QUESTION, VIDEO_FRAMES
+from measure import Clock, count_ops, mlx_memory, quantize, weight_bytes_per_token
+
+from mlx_qwen3vl import ChatSession, load, stream_generate
+from mlx_qwen3vl.generate import encode_media, generate_step, generation_stream, prefill
+
+from .base import System as Base
+from .base import question_for
+
+
+class System(Base):
+    name = "ours"
+
+    def load(self) -> None:
+        self.model = self.processor = None
+        self.model, self.processor = load(self.spec["checkpoint"], dtype=self.dtype)
+        if self.bits:
+            self.info["quantized_layers"] = quantize(self.model, self.bits, skip=("model.visual",))
+            mx.eval(self.model.parameters())
+
+    def drain(self) -> None:
+        mx.synchronize(generation_stream)
+        mx.synchronize()
+
+    def _process(self, media: str) -> dict:
+        if media == "video16":
+            return self.processor(question_for(media), videos=[self.inputs.video], nframes=VIDEO_FRAMES)
+        return self.processor(question_for(media), images=[self.inputs.images[media]])
+
+    def preprocess(self, media: str) -> None:
+        inputs = self._process(media)
+        grids = inputs["image_grid_thw"] if inputs["image_grid_thw"] is not None else inputs["video_grid_thw"]
+        self.info[f"{media}_prompt_tokens"] = int(inputs["input_ids"].shape[1])
+        self.info[f"{media}_grid"] = np.asarray(grids).tolist()
+
+    def vision(self, media: str) -> None:
+        pixels, grid = self.inputs.vision[media]
+        encoded = self.model.encode_vision(pixels, grid)
+        mx.eval(encoded.features, encoded.deepstack)
+
+    def _first_token(self, inputs: dict, max_tokens: int):
+        """stream_generate's steps after the processor: encode, place, prefill, sample."""
+        model = self.model
+        cache = model.make_cache()
+        images, videos = encode_media(model, inputs)
+        prepared = model.prepare(
+            inputs["input_ids"], images, inputs["image_grid_thw"], videos, inputs["video_grid_thw"], cache
+        )
+        ids = mx.array(np.asarray(inputs["input_ids"])[0])
+        return cache, generate_step(model, prepared, ids, cache, max_tokens=max_tokens)
+
+    def text_generation(self, max_tokens: int):
+        ids = self.inputs.prompt[None]
+        with Clock() as clock:
+            _, steps = self._first_token(
+                {"input_ids": ids, "image_grid_thw": None, "video_grid_thw": None}, max_tokens
+            )
+            tokens, times = [], []
+            for token in steps:
+                times.append(clock.lap())
+                tokens.append(token)
+        return times[0], times, tokens
+
+    def image_ttft(self, image: str, preprocess: bool) -> float:
+        if preprocess:
+            with Clock() as clock:
+                responses = stream_generate(
+                    self.model,
+                    self.processor,
+                    IMAGE_QUESTION,
+                    images=[self.inputs.images[image]],
+                    max_tokens=2,
+                    temperature=0.0,
+                )
+                next(responses)
+            responses.close()
+            return clock.seconds
+        inputs = self._process(image)
+        with Clock() as clock:
+            _, steps = self._first_token(inputs, 2)
+            next(steps)
+        steps.close()
+        return clock.seconds
+
+    def chat(self, image: str, max_tokens: int):
+        session = ChatSession(self.model, self.processor, max_tokens=max_tokens, temperature=0.0)
+        seconds = []
+        for content, images in ((IMAGE_QUESTION, [self.inputs.images[image]]), (FOLLOW_UP, None)):
+            with Clock() as clock:
+                answer = session.ask(content, images=images)
+                next(answer)
+            seconds.append(clock.seconds)
+            for _ in answer:
+                pass
+        return seconds[0], seconds[1], session.prefilled
+
+    def peak_memory(self, image: str | None, max_tokens: int) -> float:
+        self.drain()
+        mlx_memory(reset=True)
+        if image is None:
+            self.text_generation(max_tokens)
+        else:
+            responses = stream_generate(
+                self.model,
+                self.processor,
+                IMAGE_QUESTION,
+                images=[self.inputs.images[image]],
+                max_tokens=max_tokens,
+                temperature=0.0,
+            )
+            for _ in responses:
+                pass
+        self.drain()
+        return mlx_memory()
+
+    def decode_ops(self):
+        model = self.model
+        cache = model.make_cache()
+        prepared = model.prepare(self.inputs.prompt[None], cache=cache)
+        token = mx.argmax(prefill(model, prepared, cache), axis=-1)
+        mx.eval(token, [c.state for c in cache])
+        # The step generate_step takes for each token: prepare (embed + positions), decoder, last logits.
+        logits = model.decode(model.prepare(token[None], cache=cache), cache)[:, -1]
+        return count_ops(logits)
+
+    def bytes_per_token(self) -> int:
+        tied = self.model.config.tie_word_embeddings
+        return weight_bytes_per_token(
+            self.model,
+            ("model.language_model", "lm_head"),
+            "model.language_model.embed_tokens",
+            tied,
+        )
