@@ -7,17 +7,27 @@ hand here (no library has it) is what that kernel does: scores, softmax statisti
 accumulation in float32, with only the unnormalised probabilities rounded to the activation dtype
 before P @ V. In float32 this is plain exact attention; on CPU float32 matmuls also go through BLAS,
 which is much faster there than MLX's bfloat16 kernels.
+
+The softmax is taken in base 2 with log2(e) folded into the score scale (as flash attention kernels
+do): on MLX's x86 CPU backend `mx.exp` is a scalar polynomial (~40M values/s on the 2-core test
+machine) while `mx.power(2, x)` runs ~2.6x faster at the same accuracy (both ~2e-6 relative to float64
+exp), and the exponentials dominate the vision tower's time on large images there.
 """
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention as fused_attention
 
+LOG2_E = math.log2(math.e)
 
-def _use_fused_kernel(dtype: mx.Dtype, cache) -> bool:
-    # In float32 the CPU fallback is exact attention too, and one graph node instead of a dozen.
-    return mx.default_device() == mx.gpu or dtype == mx.float32 or hasattr(cache, "bits")
+
+def _use_fused_kernel(dtype: mx.Dtype, query_length: int, cache) -> bool:
+    # For one query (a decode step) the CPU fallback's exponentials cost nothing and its graph is smaller.
+    cpu_decode_in_float32 = dtype == mx.float32 and query_length == 1
+    return mx.default_device() == mx.gpu or cpu_decode_in_float32 or hasattr(cache, "bits")
 
 
 def _float32_attention(q, k, v, scale: float, mask) -> mx.array:
@@ -29,7 +39,8 @@ def _float32_attention(q, k, v, scale: float, mask) -> mx.array:
     # Group the query heads that share a kv head instead of repeating k and v.
     q = q.reshape(B, n_kv, n_q // n_kv, L_q, d).astype(f32)
     k, v = k[:, :, None].astype(f32), v[:, :, None].astype(f32)
-    scores = (q @ k.swapaxes(-1, -2)) * scale
+    # Base-2 logits; scaling q (Lq x d) instead of the scores (Lq x Lk) saves a pass over the scores.
+    scores = (q * (scale * LOG2_E)) @ k.swapaxes(-1, -2)
     if isinstance(mask, str):  # "causal", aligned to the end of the keys (cached prefix first)
         keep = mx.arange(L_k)[None] <= mx.arange(L_k - L_q, L_k)[:, None]
         scores = mx.where(keep, scores, -mx.inf)
@@ -40,15 +51,17 @@ def _float32_attention(q, k, v, scale: float, mask) -> mx.array:
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, -mx.inf)
         else:
-            scores = scores + mask.astype(f32)
-    probs = mx.exp(scores - scores.max(axis=-1, keepdims=True))
+            scores = scores + mask.astype(f32) * LOG2_E
+    probs = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
     total = probs.sum(axis=-1, keepdims=True)
-    out = (probs.astype(dtype).astype(f32) @ v) / total
+    if dtype != f32:
+        probs = probs.astype(dtype).astype(f32)
+    out = (probs @ v) / total
     return out.reshape(B, n_q, L_q, d).astype(dtype)
 
 
 def attention(q, k, v, scale: float, mask=None, cache=None) -> mx.array:
     """softmax(q k^T * scale + mask) v for q [B, Hq, Lq, d] and k, v [B, Hkv, Lk, d]."""
-    if _use_fused_kernel(q.dtype, cache):
+    if _use_fused_kernel(q.dtype, q.shape[2], cache):
         return fused_attention(q, k, v, cache=cache, scale=scale, mask=mask)
     return _float32_attention(q, k, v, scale, mask)

@@ -42,9 +42,11 @@ class MRoPE:
         return cos[:, None], sin[:, None]
 
 
+@mx.compile  # fuses the multiplies and the add into one kernel: 3 graph nodes per call instead of ~8
 def apply_rope(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
     """Rotate-half rope, x * cos + [-x2, x1] * sin, as x * cos + roll(x) * signed_sin.
-    x: [B, heads, L, d]; cos / signed_sin: [B, 1, L, d] from MRoPE."""
+    x: [B, heads, L, d]; cos / signed_sin: [B, 1, L, d] from MRoPE. (Not shapeless: the roll's split
+    needs shapes; each new prompt-chunk length traces once.)"""
     return x * cos + mx.roll(x, x.shape[-1] // 2, axis=-1) * signed_sin
 
 

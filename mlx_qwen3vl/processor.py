@@ -18,7 +18,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .errors import Qwen3VLError
-from .image import PatchSettings, image_patches, load_image, normalize, patchify
+from .image import PatchSettings, image_patches, load_image, patchify
 from .video import VideoOptions, load_video
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -171,7 +171,7 @@ class Processor:
     ) -> EncodedMedia:
         video = load_video(source, options, fps=fps)
         settings = self.video_settings
-        pixels, grid = patchify(normalize(video.frames, settings), settings)
+        pixels, grid = patchify(video.frames, settings)
         return EncodedMedia(pixels, grid, video.group_timestamps(settings.temporal_patch_size))
 
     def encode_media(self, kind: str, source, options: dict) -> EncodedMedia:

@@ -143,7 +143,7 @@ def eager_attention(q, k, v, scale, mask):
 
 def test_bfloat16_rounds_like_the_reference(tiny_checkpoint, prompts, reference_logits, monkeypatch):
     monkeypatch.setattr(mlx_qwen3vl.attention, "_float32_attention", eager_attention)
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda dtype, cache: False)
+    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda *args: False)
     model, _ = load(tiny_checkpoint, dtype="bfloat16")
     reference = Qwen3VLForConditionalGeneration.from_pretrained(
         tiny_checkpoint, dtype=torch.bfloat16, attn_implementation="eager"
@@ -162,7 +162,7 @@ def test_bfloat16_vision_rounds_like_the_reference(tiny_checkpoint, monkeypatch)
     float32 and rounded to bf16 differs from it in 69%. Catches a missed float32 step (position-embedding
     accumulation, LayerNorm, GELU, rope) in the tower."""
     monkeypatch.setattr(mlx_qwen3vl.attention, "_float32_attention", eager_attention)
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda dtype, cache: False)
+    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda *args: False)
     model, _ = load(tiny_checkpoint, dtype="bfloat16")
     reference = Qwen3VLForConditionalGeneration.from_pretrained(
         tiny_checkpoint, dtype=torch.bfloat16, attn_implementation="eager"
