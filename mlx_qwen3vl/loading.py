@@ -163,6 +163,23 @@ def quantize_as_stored(model: Model, weights: dict[str, mx.array]) -> None:
         raise Qwen3VLError(f"checkpoint has quantized tensors that do not fit the config ({e})") from None
 
 
+def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """Floating-point tensors in the compute dtype, except the scales and biases of quantized linear
+    layers: they keep the checkpoint's dtype. A quantized matmul takes float32 activations with bfloat16
+    scales at the same speed and gives the same numbers (bfloat16 widens exactly), so float32 compute on
+    the CPU costs no extra memory or load time there. A quantized embedding's do take the compute dtype:
+    it dequantizes in its scales' dtype, and its output is the activations' start."""
+    linear = {name for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+
+    def cast(key: str, value: mx.array) -> mx.array:
+        module, _, name = key.rpartition(".")
+        if not mx.issubdtype(value.dtype, mx.floating) or (module in linear and name in ("scales", "biases")):
+            return value
+        return value.astype(dtype)
+
+    return {k: cast(k, v) for k, v in weights.items()}
+
+
 def load_model(path: Path, dtype=None, lazy: bool = False) -> Model:
     dtype = resolve_dtype(dtype)
     config = read_config(path)
@@ -170,8 +187,7 @@ def load_model(path: Path, dtype=None, lazy: bool = False) -> Model:
     weights = model.sanitize(read_weights(path))
     quantize_as_stored(model, weights)
     check_weights(model, weights)
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    model.update(tree_unflatten(list(weights.items())))
+    model.update(tree_unflatten(list(in_compute_dtype(model, weights, dtype).items())))
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from checkpoints import TINY, build_checkpoint, config_with
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import Qwen3VLError, load
 from mlx_qwen3vl.convert import convert
@@ -89,6 +89,27 @@ def test_quantized_logits_stay_close_to_the_unquantized_model(
     agree = np.concatenate([ours[n].argmax(-1) == unquantized_logits[n].argmax(-1) for n in PROMPTS])
     print(f"{options}: cosine min {cos.min():.5f} mean {cos.mean():.5f}, top-1 {agree.mean():.3f}")
     assert cos.min() > min_cos and cos.mean() > mean_cos and agree.mean() > top1
+
+
+def test_float32_compute_keeps_the_stored_scales_and_computes_in_float32(converted, prompts):
+    """Quantized linear layers keep their bfloat16 scales under float32 compute (memory), yet every
+    activation is float32: the logits equal those of the same model with all its scales widened to float32
+    (bfloat16 widens exactly), and differ from bfloat16 compute."""
+    path = converted(q_bits=4, quantize_vision=True)
+    model, _ = load(path, dtype="float32")
+    params = dict(tree_flatten(model.parameters()))
+    scales = {
+        k: v.dtype for k, v in params.items() if k.endswith((".scales", ".biases")) and "embed" not in k
+    }
+    assert scales and set(scales.values()) == {mx.bfloat16}
+    assert {v.dtype for k, v in params.items() if k not in scales and v.dtype != mx.uint32} == {mx.float32}
+    widened, _ = load(path, dtype="float32")
+    widened.update(tree_unflatten([(k, params[k].astype(mx.float32)) for k in scales]))
+    in_bf16, _ = load(path, dtype="bfloat16")
+    for name in PROMPTS:
+        ours = logits(model, prompts[name])
+        np.testing.assert_allclose(ours, logits(widened, prompts[name]), rtol=0, atol=1e-5)
+        assert np.abs(ours - logits(in_bf16, prompts[name])).max() > 1e-3
 
 
 def quantized_modules(path: Path) -> dict[str, tuple[int, int]]:

@@ -7,9 +7,11 @@ import mlx.core as mx
 import numpy as np
 from inputs import FOLLOW_UP, IMAGE_QUESTION, VIDEO_FRAMES
 from measure import Clock, count_ops, mlx_memory, quantize, weight_bytes_per_token
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import ChatSession, load, stream_generate
 from mlx_qwen3vl.generate import encode_media, generate_step, generation_stream, prefill
+from mlx_qwen3vl.loading import in_compute_dtype, resolve_dtype
 
 from .base import System as Base
 from .base import question_for
@@ -20,10 +22,17 @@ class System(Base):
 
     def load(self) -> None:
         self.model = self.processor = None
-        self.model, self.processor = load(self.spec["checkpoint"], dtype=self.dtype)
-        if self.bits:
-            self.info["quantized_layers"] = quantize(self.model, self.bits, skip=("model.visual",))
-            mx.eval(self.model.parameters())
+        if not self.bits:
+            self.model, self.processor = load(self.spec["checkpoint"], dtype=self.dtype)
+            return
+        # As a checkpoint written by convert.py loads: quantized from the stored bfloat16 weights (the
+        # peers' quantization, bit for bit), scales kept in bfloat16, everything else in our dtype.
+        self.model, self.processor = load(self.spec["checkpoint"], dtype="bfloat16", lazy=True)
+        self.info["quantized_layers"] = quantize(self.model, self.bits, skip=("model.visual",))
+        params = dict(tree_flatten(self.model.parameters()))
+        weights = in_compute_dtype(self.model, params, resolve_dtype(self.dtype))
+        self.model.update(tree_unflatten(list(weights.items())))
+        mx.eval(self.model.parameters())
 
     def drain(self) -> None:
         mx.synchronize(generation_stream)
