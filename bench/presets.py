@@ -112,7 +112,8 @@ def build(target: Path, config: dict, seed: int = 0) -> Path:
 
     sections = {k: v for k, v in config.items() if k in ("text_config", "vision_config")}
     top = {k: v for k, v in config.items() if k not in sections}
-    build_checkpoint(target, {**sections, **top}, seed=seed)
+    # A copy: transformers' config classes pop keys (rope_scaling's rope_theta) from the dicts they get.
+    build_checkpoint(target, copy.deepcopy({**sections, **top}), seed=seed)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return target
 

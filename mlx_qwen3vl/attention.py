@@ -11,7 +11,10 @@ which is much faster there than MLX's bfloat16 kernels.
 The softmax is taken in base 2 with log2(e) folded into the score scale (as flash attention kernels
 do): on MLX's x86 CPU backend `mx.exp` is a scalar polynomial (~40M values/s on the 2-core test
 machine) while `mx.power(2, x)` runs ~2.6x faster at the same accuracy (both ~2e-6 relative to float64
-exp), and the exponentials dominate the vision tower's time on large images there.
+exp). The vision tower uses this version on the CPU in float32 too (`split_attention`), where the
+exponentials of its long non-causal segments dominate; it holds two score buffers where the fused
+fallback holds one, which the tower's query blocks bound. The decoder keeps the fused fallback in
+float32: its prefill is matmul-bound, and a long prompt's scores are large.
 """
 
 from __future__ import annotations
@@ -24,13 +27,12 @@ from mlx_lm.models.base import scaled_dot_product_attention as fused_attention
 LOG2_E = math.log2(math.e)
 
 
-def _use_fused_kernel(dtype: mx.Dtype, query_length: int, cache) -> bool:
-    # For one query (a decode step) the CPU fallback's exponentials cost nothing and its graph is smaller.
-    cpu_decode_in_float32 = dtype == mx.float32 and query_length == 1
-    return mx.default_device() == mx.gpu or cpu_decode_in_float32 or hasattr(cache, "bits")
+def _use_fused_kernel(dtype: mx.Dtype, cache) -> bool:
+    # In float32 the CPU fallback is exact attention too, and one graph node instead of a dozen.
+    return mx.default_device() == mx.gpu or dtype == mx.float32 or hasattr(cache, "bits")
 
 
-def _float32_attention(q, k, v, scale: float, mask) -> mx.array:
+def float32_attention(q, k, v, scale: float, mask=None) -> mx.array:
     """q [B, Hq, Lq, d], k/v [B, Hkv, Lk, d] (GQA: Hq a multiple of Hkv); mask None, "causal" or an array
     (boolean keep-mask or additive) broadcastable to [B, Hq, Lq, Lk]."""
     B, n_q, L_q, d = q.shape
@@ -62,6 +64,6 @@ def _float32_attention(q, k, v, scale: float, mask) -> mx.array:
 
 def attention(q, k, v, scale: float, mask=None, cache=None) -> mx.array:
     """softmax(q k^T * scale + mask) v for q [B, Hq, Lq, d] and k, v [B, Hkv, Lk, d]."""
-    if _use_fused_kernel(q.dtype, q.shape[2], cache):
+    if _use_fused_kernel(q.dtype, cache):
         return fused_attention(q, k, v, cache=cache, scale=scale, mask=mask)
-    return _float32_attention(q, k, v, scale, mask)
+    return float32_attention(q, k, v, scale, mask)

@@ -7,22 +7,24 @@ computed on the host with numpy by `VisionLayout`, once per call, and shared by 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .attention import attention
+from .attention import attention, float32_attention
 from .config import VISION_ACTIVATIONS, VisionConfig
 from .rope import inv_freq
 
 LAYER_NORM_EPS = 1e-6  # hard-coded in the reference, not a config key
 
 # Attention scores of one segment are computed in query blocks when they would exceed this many bytes,
-# so a large photo costs O(N * block) memory instead of O(N^2). Fused GPU kernels never materialise the
-# scores, so there the whole segment goes in one call.
-CPU_ATTENTION_SCORE_BYTES = 256 * 2**20
+# so a large photo costs O(N * block) memory instead of O(N^2) (two buffers of this size live at once:
+# the scores and their exponentials). Fused GPU kernels never materialise the scores, so there the whole
+# segment goes in one call.
+CPU_ATTENTION_SCORE_BYTES = 128 * 2**20
 _FUSED_SDPA_HEAD_DIMS = (64, 80, 128)
 
 
@@ -97,6 +99,17 @@ class LayerNorm(nn.LayerNorm):
         return y.astype(x.dtype)
 
 
+# gelu_tanh(x) = x * sigmoid(2u), u = sqrt(2 / pi) * (x + 0.044715 x^3): the tanh approximation, written
+# with a power of 2 because MLX's CPU tanh (and exp) is a scalar polynomial: this form ran 4x faster
+# there than `nn.gelu_approx`, as accurate against float64 (max abs error 5e-7 vs 4e-7 on N(0, 4)).
+_GELU_TANH_EXPONENT = -2 * math.sqrt(2 / math.pi) * math.log2(math.e)
+
+
+@mx.compile
+def gelu_tanh(x: mx.array) -> mx.array:
+    return x / (1 + mx.power(2.0, _GELU_TANH_EXPONENT * (x + 0.044715 * (x * x * x))))
+
+
 def _in_float32(fn):
     """Apply an elementwise activation in float32 and round once (PyTorch's opmath, SPEC §6.2)."""
     return lambda x: fn(x.astype(mx.float32)).astype(x.dtype)
@@ -131,6 +144,8 @@ def _score_budget(head_dim: int) -> int | None:
 def segment_attention(q, k, v, runs, scale: float, max_score_bytes: int | None) -> mx.array:
     """Non-causal attention within each segment. q, k, v: [N, heads, d] -> [N, heads * d]."""
     n_heads, head_dim = q.shape[1:]
+    # Where the scores are materialised, the base-2 version (much faster exponentials on the CPU).
+    attend = attention if max_score_bytes is None else float32_attention
     outputs, start = [], 0
     for length, count in runs:
         end = start + length * count
@@ -142,14 +157,14 @@ def segment_attention(q, k, v, runs, scale: float, max_score_bytes: int | None) 
         # Bytes of float32 scores for one query row of one segment.
         row_bytes = n_heads * length * 4
         if max_score_bytes is None or count * length * row_bytes <= max_score_bytes:
-            out = attention(qs, ks, vs, scale)
+            out = attend(qs, ks, vs, scale)
         else:
             block = max(1, max_score_bytes // row_bytes)
             out = mx.concatenate(
                 [
                     mx.concatenate(
                         [
-                            attention(qs[i : i + 1, :, s : s + block], ks[i : i + 1], vs[i : i + 1], scale)
+                            attend(qs[i : i + 1, :, s : s + block], ks[i : i + 1], vs[i : i + 1], scale)
                             for s in range(0, length, block)
                         ],
                         axis=2,
@@ -185,7 +200,7 @@ class VisionMLP(nn.Module):
         self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
         self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
         approximate = VISION_ACTIVATIONS[config.hidden_act]
-        self.act = _in_float32(nn.gelu_approx if approximate else nn.gelu)
+        self.act = _in_float32(gelu_tanh if approximate else nn.gelu)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_fc2(self.act(self.linear_fc1(x)))

@@ -10,6 +10,7 @@ from prompts import IMAGE_A, IMAGE_B, Prompt, chat, image_block, pixel_rows
 from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
 import mlx_qwen3vl.attention
+import mlx_qwen3vl.vision
 from mlx_qwen3vl import load
 
 PROMPTS = ["text", "image", "two_images", "video", "image_and_video"]
@@ -129,7 +130,7 @@ def test_bfloat16_logits_close_to_transformers_bfloat16(case, bf16_logits, refer
     assert relative_mean_diff(ours, f32, f32) < 1.15 * relative_mean_diff(ref, f32, f32)
 
 
-def eager_attention(q, k, v, scale, mask):
+def eager_attention(q, k, v, scale, mask=None):
     """transformers' eager_attention_forward, op by op: bf16 q k^T, scaled in float32 and rounded,
     float32 softmax rounded to bf16, bf16 P v."""
     n_q, n_kv, L_q, L_k = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
@@ -141,9 +142,14 @@ def eager_attention(q, k, v, scale, mask):
     return mx.softmax(scores.astype(mx.float32), axis=-1, precise=True).astype(q.dtype) @ v
 
 
-def test_bfloat16_rounds_like_the_reference(tiny_checkpoint, prompts, reference_logits, monkeypatch):
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_float32_attention", eager_attention)
+def use_eager_attention(monkeypatch):
+    for module in (mlx_qwen3vl.attention, mlx_qwen3vl.vision):
+        monkeypatch.setattr(module, "float32_attention", eager_attention)
     monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda *args: False)
+
+
+def test_bfloat16_rounds_like_the_reference(tiny_checkpoint, prompts, reference_logits, monkeypatch):
+    use_eager_attention(monkeypatch)
     model, _ = load(tiny_checkpoint, dtype="bfloat16")
     reference = Qwen3VLForConditionalGeneration.from_pretrained(
         tiny_checkpoint, dtype=torch.bfloat16, attn_implementation="eager"
@@ -161,8 +167,7 @@ def test_bfloat16_vision_rounds_like_the_reference(tiny_checkpoint, monkeypatch)
     transformers' eager bf16: measured 10% of elements differ (by 1 ulp); the same tensor computed in
     float32 and rounded to bf16 differs from it in 69%. Catches a missed float32 step (position-embedding
     accumulation, LayerNorm, GELU, rope) in the tower."""
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_float32_attention", eager_attention)
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda *args: False)
+    use_eager_attention(monkeypatch)
     model, _ = load(tiny_checkpoint, dtype="bfloat16")
     reference = Qwen3VLForConditionalGeneration.from_pretrained(
         tiny_checkpoint, dtype=torch.bfloat16, attn_implementation="eager"

@@ -85,3 +85,13 @@ def test_large_image_in_query_blocks_matches_transformers(tiny_f32, tiny_referen
     ref_features, ref_deepstack = reference_vision(tiny_reference, pixels, grids)
     assert relative_max_diff(features, ref_features) < TOLERANCE
     assert relative_max_diff(deepstack[-1], ref_deepstack[-1]) < TOLERANCE
+
+
+def test_gelu_tanh_equals_pytorch_tanh_approximation():
+    """The power-of-2 form of the vision blocks' activation against PyTorch's gelu(approximate="tanh"),
+    in float32 over the range activations take, and at the extremes (no overflow to nan)."""
+    x = np.concatenate([np.linspace(-12, 12, 200001), [-1e30, -1e4, -88.0, 0.0, 88.0, 1e4, 1e30]])
+    x = x.astype(np.float32)
+    ours = np.array(vision.gelu_tanh(mx.array(x)))
+    reference = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
+    np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-6)
