@@ -95,3 +95,23 @@ def test_gelu_tanh_equals_pytorch_tanh_approximation():
     ours = np.array(vision.gelu_tanh(mx.array(x)))
     reference = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
     np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-6)
+
+
+def test_query_blocks_bound_the_memory_of_a_large_segment():
+    """A 2048-patch segment with 64 MiB of scores in 2 MiB query blocks: the attention's peak memory
+    stays within a few blocks (not the whole matrix, nor all blocks at once)."""
+    n, heads, head_dim, budget = 2048, 4, 32, 2 * 2**20
+    rng = np.random.default_rng(1)
+    q, k, v = (mx.array(rng.standard_normal((n, heads, head_dim)).astype(np.float32)) for _ in range(3))
+    mx.eval(q, k, v)
+    out_bytes = n * heads * head_dim * 4
+
+    def peak(max_score_bytes):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(segment_attention(q, k, v, [(n, 1)], 0.2, max_score_bytes))
+        return mx.get_peak_memory() - base
+
+    assert peak(None) > heads * n * n * 4  # the whole score matrix at once
+    assert peak(budget) < 3 * budget + 4 * out_bytes
