@@ -56,6 +56,7 @@ def measure() -> list[dict]:
 
 def main() -> None:
     if sys.argv[1:] == ["--worker"]:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
         import mlx_qwen3vl  # noqa: F401  (loads the system OpenBLAS unless MLX_QWEN3VL_OPENBLAS=0)
         from mlx_qwen3vl import _blas
 
