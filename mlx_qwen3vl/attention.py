@@ -11,8 +11,8 @@ which is much faster there than MLX's bfloat16 kernels.
 The softmax is taken in base 2 with log2(e) folded into the score scale (as flash attention kernels
 do): on MLX's x86 CPU backend `mx.exp` is a scalar polynomial (~40M values/s on the 2-core test
 machine) while `mx.power(2, x)` runs ~2.6x faster at the same accuracy (both ~2e-6 relative to float64
-exp). The vision tower uses this version on the CPU in float32 too (`split_attention`), where the
-exponentials of its long non-causal segments dominate; it holds two score buffers where the fused
+exp). The vision tower uses this version on the CPU in float32 too (`vision.segment_attention`), where
+the exponentials of its long non-causal segments dominate; it holds two score buffers where the fused
 fallback holds one, which the tower's query blocks bound. The decoder keeps the fused fallback in
 float32: its prefill is matmul-bound, and a long prompt's scores are large.
 """

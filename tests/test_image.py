@@ -206,3 +206,18 @@ def test_video_rows_follow_the_spec_order():
                         expected.append(patch.transpose(3, 0, 1, 2).reshape(-1))
     assert grid == (2, 64 // p, 96 // p)
     np.testing.assert_array_equal(rows, np.stack(expected))
+
+
+def test_normalisation_of_every_byte_value_equals_the_reference_arithmetic():
+    """The reference scales in float64 and rounds to float32, then normalises in float32; we divide in
+    float32: the same number for each of the 256 byte values, in every channel."""
+    patch = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    frame = np.repeat(np.tile(patch, (2, 2))[:, :, None], 3, axis=2)  # one 2x2 merge block of patches
+    rows, _ = patchify(frame[None], SETTINGS)
+    scaled = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    expected = (scaled[:, None] - np.float32(SETTINGS.image_mean)) / np.float32(SETTINGS.image_std)
+    # Row 0 is the top-left 16x16 patch: all 256 values once per channel (and twice in time).
+    values = rows[0].reshape(3, 2, 256)
+    for c in range(3):
+        np.testing.assert_array_equal(values[c, 0], expected[:, c])
+        np.testing.assert_array_equal(values[c, 1], expected[:, c])
