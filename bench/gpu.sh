@@ -2,8 +2,13 @@
 # The GPU measurements in one call on the lent machine (bench/README.md, "On a GPU"), after
 # `bash .devwhl/c2/install.sh && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1`.
 # Every stage has its own timeout and writes under $OUT, so a slow stage cannot lose the others'.
+# The stages take up to 150 + 270 + 270 s, more than one device call's 600 s: run them in two calls on
+# the warm machine, STAGES="build q4" then STAGES=bf16.
 set -u
 OUT=${OUT:-/tmp/bench-out}
+PRESET=${PRESET:-4b}  # PRESET=tiny tries the script on a CPU first (its bfloat16 stages time out there)
+STAGES=${STAGES:-build q4 bf16}
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export MLX_QWEN3VL_BENCH_CACHE=/tmp/bench-cache
 python - > "$OUT/versions.txt" 2>&1 <<'PY'
@@ -15,15 +20,15 @@ PY
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv >> "$OUT/versions.txt" 2>&1
 
 # 1. Random 4B weights, built here (never carried), directly in bfloat16 (--fast-build).
-timeout 150 python bench/presets.py 4b 0 0 fast > "$OUT/build.log" 2>&1 || echo "build failed" >> "$OUT/build.log"
+stage build && { timeout 150 python bench/presets.py $PRESET 0 0 fast > "$OUT/build.log" 2>&1 || echo "build failed" >> "$OUT/build.log"; }
 
 # 2. 4-bit, the headline targets: decode vs mlx-vlm (>= 2x) and mlx-lm (>= 1x), prefill, vision, TTFT,
 #    chat, memory. The first process compiles kernels (~40-60 s per workload) in its warm-up runs.
-COMMON="--preset 4b --fast-build --runs 3 --warmup 1 --load-runs 1 --tokens 128 --chat-tokens 16 --timeout 200"
-timeout 270 python bench/bench.py $COMMON --quantize 4 --compare mlx-vlm,mlx-lm \
+COMMON="--preset $PRESET --fast-build --runs 3 --warmup 1 --load-runs 1 --tokens 128 --chat-tokens 16 --timeout 200"
+stage q4 && timeout 270 python bench/bench.py $COMMON --quantize 4 --compare mlx-vlm,mlx-lm \
     --json "$OUT/4b_q4.json" > "$OUT/4b_q4.md" 2> "$OUT/4b_q4.log"
 
 # 3. bfloat16 against mlx-vlm, mlx-lm and transformers (CUDA).
-timeout 270 python bench/bench.py $COMMON --compare mlx-vlm,mlx-lm,transformers \
+stage bf16 && timeout 270 python bench/bench.py $COMMON --compare mlx-vlm,mlx-lm,transformers \
     --json "$OUT/4b_bf16.json" > "$OUT/4b_bf16.md" 2> "$OUT/4b_bf16.log"
 ls -la "$OUT"
