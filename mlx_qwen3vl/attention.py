@@ -56,9 +56,7 @@ def float32_attention(q, k, v, scale: float, mask=None) -> mx.array:
             scores = scores + mask.astype(f32) * LOG2_E
     probs = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
     total = probs.sum(axis=-1, keepdims=True)
-    if dtype != f32:
-        probs = probs.astype(dtype).astype(f32)
-    out = (probs @ v) / total
+    out = (probs.astype(dtype).astype(f32) @ v) / total
     return out.reshape(B, n_q, L_q, d).astype(dtype)
 
 

@@ -86,12 +86,10 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate = self.gate_proj(x)
-        if gate.dtype != mx.float32:
-            # SiLU in float32, rounded once, as PyTorch does for bfloat16 (SPEC §6.2).
-            gate = nn.silu(gate.astype(mx.float32)).astype(gate.dtype)
-        else:
-            gate = nn.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
+        # SiLU in float32, rounded once, as PyTorch does for bfloat16 (SPEC §6.2); casting a float32
+        # array to float32 adds no graph node.
+        activated = nn.silu(gate.astype(mx.float32)).astype(gate.dtype)
+        return self.down_proj(activated * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -199,7 +199,8 @@ def load(path_or_repo=DEFAULT_MODEL, dtype=None, lazy: bool = False) -> tuple[Mo
     once into the hub cache): transformers' published layout, a directory written by `convert.py`
     (quantized or not), or one converted by mlx-vlm / published by the MLX community. dtype: the compute
     dtype, "bfloat16", "float32" or "float16"; None picks per backend (`default_dtype`: bfloat16 on a GPU,
-    float32 on the CPU). Quantized layers keep their packed weights; their scales take this dtype."""
+    float32 on the CPU). Quantized layers keep their packed weights and, except the embedding's, their
+    stored scales (`in_compute_dtype`)."""
     path = model_directory(path_or_repo)
     model = load_model(path, dtype, lazy)
     return model, Processor.from_pretrained(path, model.config)

@@ -76,6 +76,16 @@ class System:
         """Wait for any asynchronous work (outside the timed region)."""
 
 
+def seconds_to_first(start_stream) -> float:
+    """Seconds from calling `start_stream()` (which builds a generator of tokens or responses) to its first
+    item; the generator is closed afterwards, outside the timed region."""
+    with Clock() as clock:
+        stream = start_stream()
+        next(stream)
+    stream.close()
+    return clock.seconds
+
+
 def _ttft_and_rates(prompt_tokens: int, result) -> dict:
     first, times, _ = result
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
@@ -115,20 +125,14 @@ def run(system: System, spec: dict) -> dict:
     else:
         system.load()
 
-    if "preprocess" in groups:
+    for group, operation in (("preprocess", system.preprocess), ("vision", system.vision)):
+        if group not in groups:
+            continue
         for media in media_names:
             attempt(
-                "preprocess",
-                lambda m=media: figures.__setitem__(
-                    f"preprocess_{m}_s", repeat(lambda: timed(lambda: system.preprocess(m)), runs, warmup)
-                ),
-            )
-    if "vision" in groups:
-        for media in media_names:
-            attempt(
-                "vision",
-                lambda m=media: figures.__setitem__(
-                    f"vision_{m}_s", repeat(lambda: timed(lambda: system.vision(m)), runs, warmup)
+                group,
+                lambda g=group, op=operation, m=media: figures.__setitem__(
+                    f"{g}_{m}_s", repeat(lambda: timed(lambda: op(m)), runs, warmup)
                 ),
             )
     if "text" in groups:

@@ -18,6 +18,7 @@ from mlx_vlm.models import cache as vlm_cache
 from mlx_vlm.prompt_utils import apply_chat_template
 
 from .base import System as Base
+from .base import seconds_to_first
 
 DTYPES = {"bfloat16": mx.bfloat16, "float32": mx.float32, "float16": mx.float16}
 
@@ -97,28 +98,23 @@ class System(Base):
 
     def image_ttft(self, image: str, preprocess: bool) -> float:
         if preprocess:
-            with Clock() as clock:
-                prompt = self._prompt(IMAGE_QUESTION, num_images=1)
-                responses = stream_generate(
+            return seconds_to_first(
+                lambda: stream_generate(
                     self.model,
                     self.processor,
-                    prompt,
+                    self._prompt(IMAGE_QUESTION, num_images=1),
                     image=[self.inputs.images[image]],
                     max_tokens=2,
                     temperature=0.0,
                 )
-                next(responses)
-            responses.close()
-            return clock.seconds
+            )
         inputs = self._process(image)
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
-        with Clock() as clock:
-            steps = self._steps(
+        return seconds_to_first(
+            lambda: self._steps(
                 inputs["input_ids"], inputs["pixel_values"], inputs.get("attention_mask"), 2, **extra
             )
-            next(steps)
-        steps.close()
-        return clock.seconds
+        )
 
     def chat(self, image: str, max_tokens: int):
         """Turn two re-sends the whole conversation; PromptCacheState finds the cached prefix (which

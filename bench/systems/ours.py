@@ -14,7 +14,7 @@ from mlx_qwen3vl.generate import encode_media, generate_step, generation_stream,
 from mlx_qwen3vl.loading import in_compute_dtype, resolve_dtype
 
 from .base import System as Base
-from .base import question_for
+from .base import question_for, seconds_to_first
 
 
 class System(Base):
@@ -79,8 +79,8 @@ class System(Base):
 
     def image_ttft(self, image: str, preprocess: bool) -> float:
         if preprocess:
-            with Clock() as clock:
-                responses = stream_generate(
+            return seconds_to_first(
+                lambda: stream_generate(
                     self.model,
                     self.processor,
                     IMAGE_QUESTION,
@@ -88,15 +88,9 @@ class System(Base):
                     max_tokens=2,
                     temperature=0.0,
                 )
-                next(responses)
-            responses.close()
-            return clock.seconds
+            )
         inputs = self._process(image)
-        with Clock() as clock:
-            _, steps = self._first_token(inputs, 2)
-            next(steps)
-        steps.close()
-        return clock.seconds
+        return seconds_to_first(lambda: self._first_token(inputs, 2)[1])
 
     def chat(self, image: str, max_tokens: int):
         session = ChatSession(self.model, self.processor, max_tokens=max_tokens, temperature=0.0)
