@@ -3,13 +3,16 @@ DeepStack injection of visual features after the first decoder layers."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
-from .attention import attention
+from .attention import LOG2_E, attention
 from .config import TextConfig
+from .quantized import Linear
 from .rope import inv_freq
 
 
@@ -58,10 +61,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
@@ -77,19 +80,25 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
+@partial(mx.compile, shapeless=True)
+def silu_gate(gate: mx.array, up: mx.array) -> mx.array:
+    """SiLU(gate) * up, the SiLU in float32 and rounded once as PyTorch does for bfloat16 (SPEC §6.2).
+    One fused kernel, so a prefill chunk holds one intermediate of [tokens, intermediate_size] instead of
+    three; the sigmoid written with a power of 2, because MLX's CPU exp is a scalar polynomial (as in
+    `vision.gelu_tanh`): 3x faster there, as accurate against float64."""
+    g = gate.astype(mx.float32)
+    return (g / (1 + mx.power(2.0, -LOG2_E * g))).astype(gate.dtype) * up
+
+
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate = self.gate_proj(x)
-        # SiLU in float32, rounded once, as PyTorch does for bfloat16 (SPEC §6.2); casting a float32
-        # array to float32 adds no graph node.
-        activated = nn.silu(gate.astype(mx.float32)).astype(gate.dtype)
-        return self.down_proj(activated * self.up_proj(x))
+        return self.down_proj(silu_gate(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

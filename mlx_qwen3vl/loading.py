@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .errors import Qwen3VLError
 from .model import Model
 from .processor import Processor
+from .vision import WideningLinear
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -164,16 +165,21 @@ def quantize_as_stored(model: Model, weights: dict[str, mx.array]) -> None:
 
 
 def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Floating-point tensors in the compute dtype, except the scales and biases of quantized linear
-    layers: they keep the checkpoint's dtype. A quantized matmul takes float32 activations with bfloat16
-    scales at the same speed and gives the same numbers (bfloat16 widens exactly), so float32 compute on
-    the CPU costs no extra memory or load time there. A quantized embedding's do take the compute dtype:
-    it dequantizes in its scales' dtype, and its output is the activations' start."""
-    linear = {name for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    """Floating-point tensors in the compute dtype, except where a narrower stored dtype serves exactly:
+    - the scales and biases of quantized linear layers keep the checkpoint's dtype. A quantized matmul
+      takes float32 activations with bfloat16 scales at the same speed and gives the same numbers
+      (bfloat16 widens exactly), so float32 compute on the CPU costs no extra memory or load time there.
+      A quantized embedding's do take the compute dtype: it dequantizes in its scales' dtype, and its
+      output is the activations' start.
+    - the vision tower's `WideningLinear` layers keep a narrower stored dtype and widen per call."""
+    kept = {name for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    widening = {name for name, m in model.named_modules() if isinstance(m, WideningLinear)}
 
     def cast(key: str, value: mx.array) -> mx.array:
         module, _, name = key.rpartition(".")
-        if not mx.issubdtype(value.dtype, mx.floating) or (module in linear and name in ("scales", "biases")):
+        if not mx.issubdtype(value.dtype, mx.floating) or (module in kept and name in ("scales", "biases")):
+            return value
+        if module in widening and value.dtype.size < dtype.size:
             return value
         return value.astype(dtype)
 

@@ -18,6 +18,7 @@ from .config import ModelConfig
 from .errors import Qwen3VLError
 from .language import TextModel
 from .positions import batch_rope_index
+from .quantized import Linear
 from .vision import VisionModel
 
 
@@ -92,9 +93,7 @@ class Model(nn.Module):
         self.config = config
         self.model = Qwen3VLModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(
-                config.text_config.hidden_size, config.text_config.vocab_size, bias=False
-            )
+            self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
 
     @property
     def layers(self):

@@ -7,9 +7,11 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import Qwen3VLError, load
 from mlx_qwen3vl.loading import weight_files
+from mlx_qwen3vl.vision import WideningLinear
 
 
 @pytest.fixture
@@ -151,4 +153,34 @@ def test_default_compute_dtype_is_chosen_per_backend(tiny_checkpoint):
     model, _ = load(tiny_checkpoint, lazy=True)
     expected = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
     assert model.model.language_model.embed_tokens.weight.dtype == expected
-    assert model.model.visual.blocks[0].attn.qkv.weight.dtype == expected
+    assert model.model.visual.patch_embed.proj.weight.dtype == expected  # it sets the tower's dtype
+
+
+def test_vision_matrices_stay_bfloat16_under_float32_compute_and_widen_exactly(
+    tiny_f32, tiny_checkpoint, prompts
+):
+    """A bfloat16 checkpoint's vision matrices keep bfloat16 under float32 compute (half the tower's
+    memory), and are widened per call: the features are float32 and equal, bit for bit, those of the
+    tower with every tensor widened at load."""
+    model = tiny_f32[0]
+    params = dict(tree_flatten(model.model.visual.parameters()))
+    narrow = {
+        f"{name}.{key}"
+        for name, module in model.model.visual.named_modules()
+        if isinstance(module, WideningLinear)
+        for key in ("weight", "bias")
+    }
+    assert narrow and narrow < params.keys() and "blocks.0.attn.qkv.weight" in narrow
+    assert {params[k].dtype for k in narrow} == {mx.bfloat16}
+    assert {v.dtype for k, v in params.items() if k not in narrow} == {mx.float32}
+
+    widened, _ = load(tiny_checkpoint, dtype="float32")
+    widened.model.visual.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in params.items()]))
+    for name in ("image", "video"):
+        prompt = prompts[name]
+        pixels = prompt.pixel_values if prompt.pixel_values is not None else prompt.pixel_values_videos
+        grid = prompt.image_grid_thw if prompt.pixel_values is not None else prompt.video_grid_thw
+        ours, reference = model.encode_vision(pixels, grid), widened.encode_vision(pixels, grid)
+        pairs = zip((ours.features, *ours.deepstack), (reference.features, *reference.deepstack), strict=True)
+        for a, b in pairs:
+            assert a.dtype == mx.float32 and mx.array_equal(a, b).item()
