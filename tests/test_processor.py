@@ -9,6 +9,7 @@ import pytest
 import torch
 from checkpoints import DATA
 from compare import relative_max_diff
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 from PIL import Image
 from transformers import AutoTokenizer, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -212,3 +213,19 @@ def test_processor_output_gives_transformers_logits(
 def test_bad_prompts_get_a_clear_error(processor, call, message):
     with pytest.raises(Qwen3VLError, match=message):
         call(processor, picture(64, 64, 5))
+
+
+def test_tokenizer_streams_with_the_byte_level_detokenizer(processor):
+    """The tokenizer is loaded without mlx-lm's extra parse of tokenizer.json, and still gets mlx-lm's
+    byte-level streaming detokenizer, which reassembles multi-byte characters split across tokens."""
+    tokenizer = processor.tokenizer
+    detokenizer = tokenizer.detokenizer
+    assert isinstance(detokenizer, BPEStreamingDetokenizer)
+    ids = tokenizer.encode("naïve café, 北京 🙂 — done", add_special_tokens=False)
+    pieces = []
+    for token in ids:
+        detokenizer.add_token(token)
+        pieces.append(detokenizer.last_segment)
+    detokenizer.finalize()
+    pieces.append(detokenizer.last_segment)
+    assert "".join(pieces) == tokenizer.decode(ids) == "naïve café, 北京 🙂 — done"
