@@ -1,6 +1,7 @@
 """The matmul paths a decoder layer can take on this backend, in GFLOP/s: dense float32 (with and without
 the system OpenBLAS), dense bfloat16, and 4-bit affine (group 64) with float32 or bfloat16 activations,
-for one token (decode) and a 64-token chunk (prefill), at the 4B model's MLP shape (2560 -> 9728).
+for one token (decode) and a 64-token chunk (prefill), at the 4B model's MLP shape (2560 -> 9728); and
+this package's quantized layer with float32 activations (on the CPU, many rows go through BLAS).
 
     python bench/matmul.py            # both BLAS settings, each in its own process
 
@@ -17,10 +18,13 @@ import time
 
 K, N = 2560, 9728
 ROWS = (1, 64)  # 64 rows stand for a prefill chunk: 512 would take minutes on the slow paths
+OURS = "4-bit, mlx_qwen3vl layer"
 
 
 def measure() -> list[dict]:
     import mlx.core as mx
+
+    from mlx_qwen3vl.quantized import QuantizedLinear
 
     def best(fn, repeats: int) -> float:
         mx.eval(fn())
@@ -51,6 +55,11 @@ def measure() -> list[dict]:
             name = str(dtype).split(".")[-1]
             rows.append({"activations": name, "rows": m, "path": "dense", "gflops": flops / dense / 1e9})
             rows.append({"activations": name, "rows": m, "path": "4-bit", "gflops": flops / quant / 1e9})
+            if dtype == mx.float32:
+                layer = QuantizedLinear(K, N, bias=False, group_size=64, bits=4)
+                layer.weight, layer.scales, layer.biases = q
+                ours = best(lambda x=x, layer=layer: layer(x), 5)
+                rows.append({"activations": name, "rows": m, "path": OURS, "gflops": flops / ours / 1e9})
     return rows
 
 
@@ -73,7 +82,9 @@ def main() -> None:
         label = "system OpenBLAS" if result["openblas"] else "MLX's bundled"
         table = {(r["activations"], r["path"], r["rows"]): r["gflops"] for r in result["rows"]}
         for activations in ("float32", "bfloat16"):
-            for path in ("dense", "4-bit"):
+            for path in ("dense", "4-bit", OURS):
+                if (activations, path, 1) not in table:
+                    continue
                 one, many = table[(activations, path, 1)], table[(activations, path, ROWS[1])]
                 print(f"| {label} | {activations} | {path} | {one:.2f} | {many:.2f} |")
 

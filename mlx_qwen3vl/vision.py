@@ -116,8 +116,9 @@ class WideningLinear(nn.Linear):
     """A Linear whose parameters may be narrower than the activations: under float32 compute a bfloat16
     checkpoint's matrices stay bfloat16 in memory (`loading.in_compute_dtype`) and are widened per call,
     which is exact, so the outputs equal those of widened-at-load weights. The tower's matrices are read
-    once per image, so the cast costs a few percent of an encode on the CPU and halves the tower's memory
-    (0.8 GB less for the 4B); a decoder matrix is read every token, so the decoder keeps nn.Linear."""
+    once per encode, so the casts cost little (measured on the CPU at the 4B widths, 2 blocks and the 4
+    mergers: 448x448 1.12 vs 0.93 s, 1024x768 6.55 vs 6.34 s) and halve the tower's memory (0.8 GB less
+    for the 4B). A decoder matrix is read every token, so the decoder keeps nn.Linear."""
 
     def __call__(self, x: mx.array) -> mx.array:
         weight = self.weight.astype(x.dtype)
