@@ -13,7 +13,7 @@ from mlx_qwen3vl import quantized
 from mlx_qwen3vl.language import MLP
 from mlx_qwen3vl.quantized import BLAS_MIN_ROWS, Linear, QuantizedLinear
 
-pytestmark = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the BLAS path is the CPU's")
+cpu_only = pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the BLAS path is the CPU's")
 
 
 def quantized_layer(in_dims: int, out_dims: int, bias: bool, bits: int = 4, seed: int = 0) -> QuantizedLinear:
@@ -29,6 +29,7 @@ def kernel(layer: QuantizedLinear, x: mx.array) -> mx.array:
     return nn.QuantizedLinear.__call__(layer, x)
 
 
+@cpu_only
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("bias", [False, True])
 def test_many_rows_give_the_quantized_kernels_numbers(bits, bias, monkeypatch):
@@ -52,6 +53,7 @@ def test_one_row_and_non_float32_inputs_use_the_kernel_itself():
         assert mx.array_equal(layer(x), kernel(layer, x)).item()
 
 
+@cpu_only
 def test_blocks_bound_the_extra_memory(monkeypatch):
     """A weight that dequantizes to 16 MiB, in 1 MiB blocks: the call's peak stays within a few blocks
     and its output, not the whole dequantized matrix."""
