@@ -2,21 +2,33 @@
 
 MLX's CPU quantized matmul is a scalar kernel: at the 4B widths it ran at ~1.7 GFLOP/s on the 2-core test
 machine for any number of rows, so a 512-token prefill spent 15 s in each MLP matrix. Dequantizing the
-weight to float32 and handing the product to BLAS takes 0.25 s there (65x); for one row (a decode step)
-the quantized kernel is faster and reads 8x fewer bytes, so it keeps that. The weight is dequantized in
-blocks of output rows, each evaluated before the next is built (MLX allocates a result when its
-operation is dispatched, so lazily built blocks would all be resident at once): a few MiB of dequantized
-weight at a time instead of the whole matrix. No library offers this; on a GPU MLX's own kernel is fast.
+weight to float32 and handing the product to a fast BLAS takes 0.25 s there (65x); from 3 rows on it is
+faster (a chat turn's new tokens, a short prompt), while for one row (a decode step) the quantized
+kernel is faster and reads 8x fewer bytes, so it keeps that. With the reference BLAS bundled in MLX's
+Linux wheel the dense product is no faster than the kernel, so there the kernel does everything.
+
+The weight is dequantized in blocks of output rows, each evaluated before the next is built (MLX
+allocates a result when its operation is dispatched, so lazily built blocks would all be resident at
+once): a few MiB of dequantized weight at a time instead of the whole matrix. No library offers this;
+on a GPU MLX's own kernel is fast.
 """
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
 
-# Rows of input (tokens) from which the BLAS path pays on the CPU: at the 4B widths the dequantization
-# alone costs what the quantized kernel takes for ~8 rows.
-BLAS_MIN_ROWS = 32
+from . import _blas
+
+# MLX's CPU float32 matmuls go through a fast BLAS: the system OpenBLAS this package bound on import
+# (_blas.py), or Accelerate on macOS.
+FAST_BLAS = _blas.loaded is not None or sys.platform == "darwin"
+# Rows of input (tokens) from which the BLAS path pays: at the 4B widths, for 2 rows both paths take the
+# same time (29 ms per MLP matrix for 1 row with the kernel, ~55 ms for any row count up to 16 through
+# BLAS); from 3 rows BLAS wins, 1.5x at 3, 8x at 16.
+BLAS_MIN_ROWS = 3
 # Bytes of dequantized float32 weight per block. Measured at the 4B widths: 4 MiB blocks prefill as fast
 # as 8 MiB ones (and the whole matrix at once) with 8 MB less peak for a 128-token chunk; 2 MiB ones are
 # 25% slower.
@@ -29,7 +41,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if x.dtype != mx.float32 or rows < BLAS_MIN_ROWS or mx.default_device() != mx.cpu:
+        if not FAST_BLAS or x.dtype != mx.float32 or rows < BLAS_MIN_ROWS or mx.default_device() != mx.cpu:
             return super().__call__(x)
         out_dims = self["weight"].shape[0]
         step = max(1, BLOCK_BYTES // (4 * x.shape[-1]))
