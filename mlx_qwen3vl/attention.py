@@ -8,23 +8,20 @@ accumulation in float32, with only the unnormalised probabilities rounded to the
 before P @ V. In float32 this is plain exact attention; on CPU float32 matmuls also go through BLAS,
 which is much faster there than MLX's bfloat16 kernels.
 
-The softmax is taken in base 2 with log2(e) folded into the score scale (as flash attention kernels
-do): on MLX's x86 CPU backend `mx.exp` is a scalar polynomial (~40M values/s on the 2-core test
-machine) while `mx.power(2, x)` runs ~2.6x faster at the same accuracy (both ~2e-6 relative to float64
-exp). The vision tower uses this version on the CPU in float32 too (`vision.segment_attention`), where
-the exponentials of its long non-causal segments dominate; it holds two score buffers where the fused
-fallback holds one, which the tower's query blocks bound. The decoder keeps the fused fallback in
-float32: its prefill is matmul-bound, and a long prompt's scores are large.
+The softmax is taken in base 2 with log2(e) folded into the score scale (`cpu.py`: MLX's CPU exp is
+a scalar polynomial, its power of 2 ~2.6x faster). The vision tower uses this version on the CPU in
+float32 too (`vision.segment_attention`), where the exponentials of its long non-causal segments
+dominate; it holds two score buffers where the fused fallback holds one, which the tower's query blocks
+bound. The decoder keeps the fused fallback in float32: its prefill is matmul-bound, and a long
+prompt's scores are large.
 """
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 from mlx_lm.models.base import scaled_dot_product_attention as fused_attention
 
-LOG2_E = math.log2(math.e)
+from .cpu import LOG2_E
 
 
 def _use_fused_kernel(dtype: mx.Dtype, cache) -> bool:

@@ -10,8 +10,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_attention_mask
 
-from .attention import LOG2_E, attention
+from .attention import attention
 from .config import TextConfig
+from .cpu import LOG2_E, times_sigmoid
 from .quantized import Linear
 from .rope import inv_freq
 
@@ -84,10 +85,9 @@ class Attention(nn.Module):
 def silu_gate(gate: mx.array, up: mx.array) -> mx.array:
     """SiLU(gate) * up, the SiLU in float32 and rounded once as PyTorch does for bfloat16 (SPEC §6.2).
     One fused kernel, so a prefill chunk holds one intermediate of [tokens, intermediate_size] instead of
-    three; the sigmoid written with a power of 2, because MLX's CPU exp is a scalar polynomial (as in
-    `vision.gelu_tanh`): 3x faster there, as accurate against float64."""
+    three; the sigmoid with a power of 2 (`cpu.py`): 2.6x faster on the CPU, as accurate."""
     g = gate.astype(mx.float32)
-    return (g / (1 + mx.power(2.0, -LOG2_E * g))).astype(gate.dtype) * up
+    return times_sigmoid(g, LOG2_E * g).astype(gate.dtype) * up
 
 
 class MLP(nn.Module):

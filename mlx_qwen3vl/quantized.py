@@ -7,10 +7,9 @@ faster (a chat turn's new tokens, a short prompt), while for one row (a decode s
 kernel is faster and reads 8x fewer bytes, so it keeps that. With the reference BLAS bundled in MLX's
 Linux wheel the dense product is no faster than the kernel, so there the kernel does everything.
 
-The weight is dequantized in blocks of output rows, each evaluated before the next is built (MLX
-allocates a result when its operation is dispatched, so lazily built blocks would all be resident at
-once): a few MiB of dequantized weight at a time instead of the whole matrix. No library offers this;
-on a GPU MLX's own kernel is fast.
+The weight is dequantized in blocks of output rows, each evaluated before the next is built
+(`cpu.concatenate_evaluated`): a few MiB of dequantized weight at a time instead of the whole matrix.
+No library offers this; on a GPU MLX's own kernel is fast.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import _blas
+from .cpu import concatenate_evaluated
 
 # MLX's CPU float32 matmuls go through a fast BLAS: the system OpenBLAS this package bound on import
 # (_blas.py), or Accelerate on macOS.
@@ -40,30 +40,26 @@ class QuantizedLinear(nn.QuantizedLinear):
     (module docstring). The result differs from the quantized kernel's only in summation order."""
 
     def __call__(self, x: mx.array) -> mx.array:
+        # Cheapest test first: a decode step (one row) takes the kernel on every call.
         rows = x.size // x.shape[-1]
-        if not FAST_BLAS or x.dtype != mx.float32 or rows < BLAS_MIN_ROWS or mx.default_device() != mx.cpu:
+        if rows < BLAS_MIN_ROWS or x.dtype != mx.float32 or not FAST_BLAS or mx.default_device() != mx.cpu:
             return super().__call__(x)
-        out_dims = self["weight"].shape[0]
         step = max(1, BLOCK_BYTES // (4 * x.shape[-1]))
+        starts = range(0, self["weight"].shape[0], step)
+        y = concatenate_evaluated((x @ self._dequantized(s, s + step).T for s in starts), axis=-1)
+        return y + self["bias"] if "bias" in self else y
+
+    def _dequantized(self, start: int, end: int) -> mx.array:
+        """Output rows [start, end) of the weight in float32."""
         biases = self.get("biases")
-        blocks = []
-        for start in range(0, out_dims, step):
-            end = min(start + step, out_dims)
-            weight = mx.dequantize(
-                self["weight"][start:end],
-                self["scales"][start:end].astype(mx.float32),
-                None if biases is None else biases[start:end].astype(mx.float32),
-                group_size=self.group_size,
-                bits=self.bits,
-                mode=self.mode,
-            )
-            block = x @ weight.T
-            mx.eval(block)
-            blocks.append(block)
-        y = mx.concatenate(blocks, axis=-1) if len(blocks) > 1 else blocks[0]
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+        return mx.dequantize(
+            self["weight"][start:end],
+            self["scales"][start:end].astype(mx.float32),
+            None if biases is None else biases[start:end].astype(mx.float32),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
 
 
 class Linear(nn.Linear):

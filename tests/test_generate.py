@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from mlx_qwen3vl import ChatSession, Qwen3VLError, generate, stream_generate
-from mlx_qwen3vl.generate import SamplingOptions
+from mlx_qwen3vl.generate import SamplingOptions, prefill
 
 
 def picture(width, height, seed):
@@ -257,3 +257,10 @@ def test_interrupt_while_a_token_is_awaited_leaves_cache_and_record_equal(tiny_f
     assert session.cache.offset == len(session.tokens)
     list(session.ask("Again."))
     assert session.cache.offset == len(session.tokens)
+
+
+def test_prefill_of_an_empty_prompt_is_refused(tiny_f32):
+    model = tiny_f32[0]
+    cache = model.make_cache()
+    with pytest.raises(Qwen3VLError, match="the prompt is empty"):
+        prefill(model, model.prepare(np.zeros((1, 0), np.int32), cache=cache), cache)
