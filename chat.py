@@ -10,27 +10,23 @@ Argument parsing and terminal I/O only: loading, prompts, media and generation l
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import termios
 import time
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mlx_qwen3vl import DEFAULT_MODEL, ChatSession, Qwen3VLError, load
-from mlx_qwen3vl.cli import ArgumentParser, fail
-from mlx_qwen3vl.generate import DEFAULT_MAX_TOKENS
-from mlx_qwen3vl.loading import DTYPES
+# Light imports only: --help and argument errors answer before MLX and transformers are loaded.
+from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
+from mlx_qwen3vl.cli import ArgumentParser, fail, number, quiet_libraries
+from mlx_qwen3vl.options import DEFAULT_MAX_TOKENS, DTYPE_NAMES, MAX_TOKENS, MEDIA, SAMPLING
 
-SAMPLING_OPTIONS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "seed",
-)
-MEDIA_OPTIONS = ("fps", "nframes", "min_pixels", "max_pixels")
+if TYPE_CHECKING:
+    from mlx_qwen3vl import ChatSession
+
 HISTORY_FILE = Path.home() / ".cache" / "mlx-qwen3vl" / "chat_history"
 PROMPT = "> "
 HELP = """\
@@ -40,35 +36,7 @@ HELP = """\
 /system TEXT  set the system prompt and start a new conversation (no TEXT removes it)
 /stats        statistics of the last answer
 /help         this list
-/quit         quit (or Ctrl-D); Ctrl-C stops an answer"""
-
-
-# The ranges the numeric options must be in, by the words the error message uses.
-RANGES = {
-    "": lambda v: True,
-    ">= 0": lambda v: v >= 0,
-    ">= 1": lambda v: v >= 1,
-    ">= 2": lambda v: v >= 2,
-    "> 0": lambda v: v > 0,
-    "in [0, 1]": lambda v: 0 <= v <= 1,
-}
-
-
-def number(kind: type, requirement: str = ""):
-    """An argparse type: an int or float in the range `requirement` names (a key of RANGES)."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
-            ) from None
-        if not RANGES[requirement](value):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {requirement}")
-        return value
-
-    return parse
+/quit         quit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model", default=DEFAULT_MODEL, help="model directory or Hugging Face repo id (%(default)s)"
     )
     p.add_argument(
-        "--dtype", choices=list(DTYPES), help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)"
+        "--dtype", choices=DTYPE_NAMES, help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)"
     )
     p.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="attach to the first question"
@@ -93,26 +61,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", help="answer this question and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument(
-        "--max-tokens", type=number(int, ">= 1"), default=DEFAULT_MAX_TOKENS, help="per answer (%(default)s)"
+        "--max-tokens", type=number(MAX_TOKENS), default=DEFAULT_MAX_TOKENS, help="per answer (%(default)s)"
     )
     sampling = p.add_argument_group("sampling (unset: the model's generation_config.json)")
-    sampling.add_argument("--temperature", type=number(float, ">= 0"), help="0: greedy")
-    sampling.add_argument("--top-p", type=number(float, "in [0, 1]"))
-    sampling.add_argument("--top-k", type=number(int, ">= 0"))
-    sampling.add_argument("--min-p", type=number(float, "in [0, 1]"))
-    sampling.add_argument("--repetition-penalty", type=number(float, "> 0"))
-    sampling.add_argument("--presence-penalty", type=number(float))
-    sampling.add_argument("--seed", type=number(int))
+    for option in SAMPLING.values():
+        sampling.add_argument(f"--{option.name.replace('_', '-')}", type=number(option), help=option.help)
     media = p.add_argument_group("images and videos (unset: the model's preprocessor settings)")
     frames = media.add_mutually_exclusive_group()
-    frames.add_argument("--fps", type=number(float, "> 0"), help="video frames sampled per second")
-    frames.add_argument("--nframes", type=number(int, ">= 2"), help="video frames in all")
-    media.add_argument("--min-pixels", type=number(int, ">= 1"), help="per image or video frame")
-    media.add_argument("--max-pixels", type=number(int, ">= 1"), help="per image or video frame")
+    for option in MEDIA.values():
+        group = frames if option.name in ("fps", "nframes") else media
+        group.add_argument(f"--{option.name.replace('_', '-')}", type=number(option), help=option.help)
     return p.parse_args(argv)
 
 
-def given(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+def given(args: argparse.Namespace, names) -> dict:
     """The options set on the command line; the others keep the package's defaults."""
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
@@ -126,6 +88,8 @@ def check_file(path: str, kind: str) -> None:
 
 
 def load_model(name: str, dtype: str):
+    from mlx_qwen3vl import load
+
     # stderr, so that stdout holds nothing but answers; not one line, because huggingface_hub's
     # download bars would overwrite an unfinished one.
     print(f"Loading {name} ...", file=sys.stderr, flush=True)
@@ -198,10 +162,15 @@ def run_command(line: str, session: ChatSession, pending: dict) -> bool:
 
 
 @contextmanager
-def history():
-    """Line editing with readline, and the history of earlier sessions when the cache is writable."""
+def line_editing():
+    """Line editing with readline: Ctrl-C clears the line (`ctrl_c_as_a_key`), and the history of
+    earlier sessions is kept when the cache is writable."""
     import readline  # imported here: it hooks into input(), which only the interactive mode uses
 
+    if "libedit" in (readline.__doc__ or ""):  # the readline module of some macOS Pythons is libedit
+        readline.parse_and_bind("bind ^C em-kill-line")
+    else:
+        readline.parse_and_bind(r'"\C-c": kill-whole-line')
     readline.set_history_length(1000)
     try:
         HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -218,16 +187,45 @@ def history():
             pass
 
 
+@contextmanager
+def ctrl_c_as_a_key():
+    """While a line is read, Ctrl-C reaches readline as a key (bound to clearing the line) instead of
+    raising SIGINT. CPython's readline loop looks for signals only when its wait for input is interrupted,
+    so a Ctrl-C that lands while the prompt is being drawn would be held until Enter and then discard the
+    line typed. Only the terminal's interrupt character is switched off; Ctrl-Z and Ctrl-\\ keep theirs."""
+    fd = sys.stdin.fileno()
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:  # not a terminal: nothing to switch
+        saved = None
+    if saved is None:
+        yield
+        return
+    changed = [*saved[:6], list(saved[6])]
+    try:
+        changed[6][termios.VINTR] = bytes([os.fpathconf(fd, "PC_VDISABLE")])
+    except (OSError, ValueError):
+        changed[6][termios.VINTR] = b"\x00"  # Linux's _POSIX_VDISABLE
+    try:
+        # A SIGINT from just before the switch is raised as KeyboardInterrupt on return from this call,
+        # inside the try: the terminal is restored either way.
+        termios.tcsetattr(fd, termios.TCSANOW, changed)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def chat(session: ChatSession, pending: dict, options: dict) -> None:
     """The interactive loop, until /quit or Ctrl-D. Errors are reported and the conversation goes on."""
     print("Ask a question; /help lists the commands.")
     while True:
         try:
-            line = input(PROMPT).strip()
+            with ctrl_c_as_a_key():
+                line = input(PROMPT).strip()
         except EOFError:
             print()
             return
-        except KeyboardInterrupt:  # like a shell: drop the line, prompt again
+        except KeyboardInterrupt:  # a Ctrl-C from just before the prompt: prompt again
             print()
             continue
         try:
@@ -252,6 +250,7 @@ def read_question(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         for kind in ("image", "video"):
             for path in getattr(args, kind):
@@ -260,10 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         if question == "" and not (args.image or args.video):
             raise Qwen3VLError("no question: the prompt (--prompt or standard input) is empty")
         model, processor = load_model(args.model, args.dtype)
+        from mlx_qwen3vl import ChatSession
+
         session = ChatSession(
-            model, processor, system=args.system, max_tokens=args.max_tokens, **given(args, SAMPLING_OPTIONS)
+            model, processor, system=args.system, max_tokens=args.max_tokens, **given(args, SAMPLING)
         )
-        media, options = {"images": args.image, "videos": args.video}, given(args, MEDIA_OPTIONS)
+        media, options = {"images": args.image, "videos": args.video}, given(args, MEDIA)
         if question is not None:
             stream_answer(session, question, media, options)
             return 0
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    with history():
+    with line_editing():
         chat(session, media, options)
     return 0
 

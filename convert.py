@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+# Light imports only: --help and argument errors answer before MLX is loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
-from mlx_qwen3vl.cli import ArgumentParser, fail
-from mlx_qwen3vl.convert import BITS, GROUP_SIZES, RECIPES, convert
-from mlx_qwen3vl.loading import DTYPES
+from mlx_qwen3vl.cli import ArgumentParser, fail, quiet_libraries
+from mlx_qwen3vl.options import BITS, DTYPE_NAMES, GROUP_SIZES, RECIPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="quantize the vision tower too (default: it stays in --dtype; implies -q)",
     )
     parser.add_argument(
-        "--dtype", choices=list(DTYPES), default="bfloat16", help="dtype of what is not quantized (bfloat16)"
+        "--dtype", choices=DTYPE_NAMES, default="bfloat16", help="dtype of what is not quantized (bfloat16)"
     )
     parser.add_argument("--force", action="store_true", help="replace the output directory if it exists")
     return parser.parse_args(argv)
@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet_libraries()
+    from mlx_qwen3vl.convert import convert
+
     try:
         convert(
             args.hf_path,
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except Qwen3VLError as e:
         fail(str(e))
-    except OSError as e:  # disk full, permissions: the system's own one-line message says it
+    except OSError as e:  # the source unreadable: the system's own one-line message says it
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted; no output directory was written", code=130)

@@ -1,15 +1,30 @@
-"""Qwen3-VL on Apple Silicon with MLX."""
+"""Qwen3-VL on Apple Silicon with MLX.
+
+The public names are imported when first used (PEP 562): `import mlx_qwen3vl` itself loads neither MLX
+nor transformers, so the command-line tools answer `--help` and argument errors at once.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 # Before anything imports mlx.core: on Linux, route MLX's float32 matmuls to the system OpenBLAS.
 from ._blas import use_system_openblas
+from .errors import Qwen3VLError
+from .options import DEFAULT_MODEL
 
 use_system_openblas()
 
-from .chat_session import ChatSession  # noqa: E402
-from .errors import Qwen3VLError  # noqa: E402
-from .generate import GenerationResponse, generate, stream_generate  # noqa: E402
-from .loading import DEFAULT_MODEL, load  # noqa: E402
-from .model import Model, PromptCache  # noqa: E402
+_LAZY = {
+    "ChatSession": "chat_session",
+    "GenerationResponse": "generation",
+    "generate": "generation",
+    "stream_generate": "generation",
+    "load": "loading",
+    "Model": "model",
+    "PromptCache": "model",
+}
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -22,3 +37,21 @@ __all__ = [
     "load",
     "stream_generate",
 ]
+
+if TYPE_CHECKING:
+    from .chat_session import ChatSession
+    from .generation import GenerationResponse, generate, stream_generate
+    from .loading import load
+    from .model import Model, PromptCache
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,6 +9,7 @@ opt out). Debian/Ubuntu: `apt-get install libopenblas0-pthread`.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 
@@ -27,14 +28,36 @@ def use_system_openblas() -> str | None:
     global loaded
     if loaded or not sys.platform.startswith("linux") or os.environ.get("MLX_QWEN3VL_OPENBLAS") == "0":
         return loaded
-    if "mlx.core" in sys.modules:
-        return None  # too late: MLX has already bound its BLAS
-    for path in _CANDIDATES:
-        if os.path.exists(path):
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-            loaded = path
-            break
+    available = [path for path in _CANDIDATES if os.path.exists(path)]
+    if "mlx.core" in sys.modules:  # too late: MLX has already bound its BLAS
+        mx = sys.modules["mlx.core"]
+        if available and not _mapped(available) and mx.default_device() == mx.cpu:
+            _warn_imported_too_late()
+        return None
+    for path in available:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        loaded = path
+        break
     return loaded
+
+
+def _mapped(paths: list[str]) -> bool:
+    """Whether one of these libraries is already in the process (LD_PRELOAD, or loaded by the user)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            text = maps.read()
+    except OSError:
+        return True  # cannot tell: say nothing
+    return any(os.path.realpath(path) in text or path in text for path in paths)
+
+
+def _warn_imported_too_late() -> None:
+    # logging rather than warnings: Python's fallback handler prints the one line, without a source line.
+    logging.getLogger("mlx_qwen3vl").warning(
+        "mlx_qwen3vl: mlx was imported first, so MLX's CPU matmuls use its slow bundled BLAS instead of "
+        "the system OpenBLAS (several times slower); import mlx_qwen3vl before mlx "
+        "(MLX_QWEN3VL_OPENBLAS=0 silences this)"
+    )

@@ -8,17 +8,10 @@ from collections.abc import Iterator
 import mlx.core as mx
 
 from .errors import Qwen3VLError
-from .generate import (
-    DEFAULT_MAX_TOKENS,
-    PREFILL_STEP_SIZE,
-    GenerationResponse,
-    SamplingOptions,
-    check_context,
-    encode_media,
-    stream_tokens,
-)
+from .generation import PREFILL_STEP_SIZE, GenerationResponse, check_context, encode_media, stream_tokens
 from .model import Model
-from .processor import Processor, collect_media, normalize_messages, stack_media
+from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
+from .processor import Processor, collect_media, media_arguments, normalize_messages, stack_media
 
 TURN_END = "<|im_end|>"
 
@@ -41,7 +34,7 @@ class ChatSession:
     ):
         self.model, self.processor = model, processor
         self.system = system
-        self.max_tokens = max_tokens
+        self.max_tokens = check_max_tokens(max_tokens)
         self.prefill_step_size = prefill_step_size
         self.sampling = SamplingOptions(**sampling)
         self.clear()
@@ -77,14 +70,16 @@ class ChatSession:
     ) -> Iterator[GenerationResponse]:
         """Add a user turn (text or a list of content parts, plus `images` / `videos`) and stream the
         answer. Options: sampling (temperature, top_p, ...) and media (min_pixels, fps, ...) settings."""
-        sampling_names = set(SamplingOptions.__dataclass_fields__)
+        sampling_names = SamplingOptions.names()
         sampling = {k: v for k, v in options.items() if k in sampling_names}
         media_options = {k: v for k, v in options.items() if k not in sampling_names}
         values = {k: getattr(self.sampling, k) for k in sampling_names} | sampling
         sampling_options = SamplingOptions(**values).with_defaults(self.processor.generation_config)
-        max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        max_tokens = self.max_tokens if max_tokens is None else check_max_tokens(max_tokens)
+        stop = check_stop(stop)
 
-        if isinstance(content, list) and all(isinstance(p, dict) and "role" not in p for p in content):
+        images, videos = media_arguments(images, videos)
+        if isinstance(content, list) and all(isinstance(p, str) or "role" not in p for p in content):
             content = [{"role": "user", "content": content}]  # content parts of one user turn
         user = normalize_messages(content, images, videos)[0]
         media = collect_media([user], images, videos)
@@ -123,7 +118,7 @@ class ChatSession:
                 self.cache,
                 max_tokens=max_tokens,
                 sampling=sampling_options,
-                stop=[stop] if isinstance(stop, str) else stop,
+                stop=stop,
                 prefill_step_size=self.prefill_step_size,
                 on_token=fed.append,
             ):

@@ -16,18 +16,16 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.convert import QUANT_RECIPES, mixed_quant_predicate_builder
+from mlx_lm.convert import mixed_quant_predicate_builder
 from tqdm import tqdm
 
 from .errors import Qwen3VLError
 from .loading import (
-    MODEL_FILES,
     check_weights,
     model_directory,
     read_config,
@@ -35,13 +33,9 @@ from .loading import (
     resolve_dtype,
 )
 from .model import Model
+from .options import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
+from .staging import Target, check_replaceable, clean_leftovers, is_model_file, staged
 
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
-# mlx-lm's mixed recipes "mixed_<low>_<high>": v_proj and down_proj of the most sensitive decoder layers
-# (the first and last eighth, and every third between) at <high> bits, the rest at <low>.
-RECIPES = tuple(QUANT_RECIPES)
 MAX_SHARD_SIZE = 5 * 10**9  # bytes: "5 GB" in both the decimal and the binary reading
 
 # Vision layers that stay in float even with quantize_vision: the position table is indexed by row, not
@@ -224,28 +218,13 @@ print(generate(model, processor, "Describe this image.", images=["photo.jpg"]))
 
 
 def copy_model_files(source: Path, target: Path) -> None:
-    """Tokenizer, chat template, generation and preprocessing configs: what the source has of the files
-    a model directory needs (loading.MODEL_FILES), less those the converter writes itself."""
+    """Tokenizer, chat template, generation and preprocessing configs: what the source has of a model
+    directory's files (`staging.MODEL_DIRECTORY_FILES`, so that a later --force recognises the output),
+    less those the converter writes itself."""
     for file in sorted(source.iterdir()):
-        wanted = any(fnmatch.fnmatch(file.name, p) for p in MODEL_FILES)
-        if wanted and not any(fnmatch.fnmatch(file.name, p) for p in REWRITTEN_FILES) and file.is_file():
+        rewritten = any(fnmatch.fnmatch(file.name, p) for p in REWRITTEN_FILES)
+        if is_model_file(file.name) and not rewritten and file.is_file():
             shutil.copyfile(file, target / file.name)
-
-
-def check_target(target: Path, source: Path, force: bool) -> None:
-    if target.resolve() == source.resolve() or target.resolve() in source.resolve().parents:
-        raise Qwen3VLError(f"{target}: the output directory would replace the source model")
-    if not target.exists() and not target.is_symlink():
-        return
-    if not force:
-        raise Qwen3VLError(
-            f"{target} already exists: choose another output path or pass --force to replace it"
-        )
-    # --force replaces an earlier conversion, never an unrelated file or folder.
-    if not target.is_dir() or (any(target.iterdir()) and not (target / "config.json").exists()):
-        raise Qwen3VLError(
-            f"{target} exists and is not a model directory; not replacing it, even with --force"
-        )
 
 
 def convert(
@@ -276,8 +255,8 @@ def convert(
     dtype_name = str(dtype).rpartition(".")[2]  # also accepts mx.bfloat16 ("mlx.core.bfloat16")
     mx_dtype = resolve_dtype(dtype_name)
     source = model_directory(hf_path)
-    target = Path(mlx_path).expanduser()
-    check_target(target, source, force)
+    target = Target.from_user(mlx_path)
+    check_replaceable(target, source, force)
 
     config = read_config(source)
     model = Model(config)  # its parameters stay lazy: only their names and shapes are used
@@ -293,30 +272,23 @@ def convert(
     quantization = quantization_block(settings, plan) if quantize else None
     description = describe(settings, q_recipe, quantize_vision, dtype_name)
     if progress:
-        print(f"Converting {source} to {target}: {description}", file=sys.stderr)
+        print(f"Converting {source} to {target.shown}: {description}", file=sys.stderr)
+        for done in clean_leftovers(target):
+            print(done, file=sys.stderr)
+    else:
+        clean_leftovers(target)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to the target and renamed at the end, so an interrupted conversion leaves no
-    # half-written model directory behind.
-    staging = target.parent / f".{target.name}.converting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged(target, source, force) as staging:
         write_shards(tensors, staging, max_shard_size, progress)
         raw_config = json.loads((source / "config.json").read_text())
         config_text = json.dumps(output_config(raw_config, dtype_name, quantization), indent=2)
         (staging / "config.json").write_text(config_text + "\n")
         copy_model_files(source, staging)
         from_hub = not Path(hf_path).expanduser().exists()
-        write_model_card(staging, target.name, str(hf_path) if from_hub else None, description)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        write_model_card(staging, target.path.name, str(hf_path) if from_hub else None, description)
     if progress:
-        print(f"Wrote {target} ({directory_size(target) / 1e9:.2f} GB)", file=sys.stderr)
-    return target
+        print(f"Wrote {target.shown} ({directory_size(target.path) / 1e9:.2f} GB)", file=sys.stderr)
+    return target.path
 
 
 def directory_size(path: Path) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,10 +64,18 @@ def _open(data: bytes, name: str) -> Image.Image:
     if not data:
         raise Qwen3VLError(f"{name}: empty image")
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with warnings.catch_warnings():
+            # Pillow warns from 89 MP on; large photos are expected here (they are resized to the pixel
+            # budget), and its hard limit (twice that) is reported below as one line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
     except UnidentifiedImageError:
         raise Qwen3VLError(f"{name}: not an image in a supported format") from None
+    except Image.DecompressionBombError as e:
+        pixels = re.findall(r"\d+", str(e))
+        size = f"{int(pixels[0]):,} pixels, over the limit of {int(pixels[1]):,}" if len(pixels) >= 2 else e
+        raise Qwen3VLError(f"{name}: too large to decode safely ({size}); downscale it first") from None
     except (OSError, ValueError) as e:
         raise Qwen3VLError(f"{name}: corrupt or truncated image ({e})") from None
     return image
@@ -91,9 +101,10 @@ def _read_source(source) -> Image.Image:
             if not header.endswith(";base64"):
                 raise Qwen3VLError("data: URL images must be base64-encoded (data:image/...;base64,...)")
             try:
-                return _open(base64.b64decode(payload, validate=True), "data: URL image")
+                data = base64.b64decode(payload, validate=True)
             except ValueError:
                 raise Qwen3VLError("data: URL image: invalid base64") from None
+            return _open(data, "data: URL")
         path = Path(text.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise Qwen3VLError(f"{path}: no such image file")

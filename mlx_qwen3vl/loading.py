@@ -19,10 +19,11 @@ from mlx_lm.utils import infer_quant_config
 from .config import ModelConfig
 from .errors import Qwen3VLError
 from .model import Model
+from .options import DEFAULT_MODEL, DTYPE_NAMES
 from .processor import Processor
 from .vision import WideningLinear
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 
 
 def default_dtype() -> str:
@@ -44,9 +45,12 @@ def resolve_dtype(dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 # What a model directory needs; the hub download skips everything else (other formats, images, ...).
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+
+
+# huggingface_hub's command-line tool (installed with it) that fills the cache load() reads.
+DOWNLOAD_COMMAND = "hf download"
 
 
 def _looks_like_repo_id(text: str) -> bool:
@@ -79,7 +83,7 @@ def download(repo_id: str) -> Path:
     except LocalEntryNotFoundError:
         raise Qwen3VLError(
             f"{repo_id} is not downloaded and the hub cannot be reached (offline?): run "
-            f"'huggingface-cli download {repo_id}' with network access, or pass a local model directory"
+            f"'{DOWNLOAD_COMMAND} {repo_id}' with network access, or pass a local model directory"
         ) from None
     except Exception as e:  # network and HTTP errors come in many types; all mean the same to a user
         raise Qwen3VLError(f"{repo_id}: download failed ({type(e).__name__}: {e})".splitlines()[0]) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, NaiveStreamingDetokenizer, TokenizerWrapper
+from PIL import Image
 from tokenizers.decoders import ByteLevel
 from transformers import AutoTokenizer
 
@@ -27,7 +28,8 @@ VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 _PLACEHOLDERS = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
 
 IMAGE_KEYS = ("image", "image_url")
-VIDEO_OPTION_NAMES = set(VideoOptions.__dataclass_fields__)
+# source_fps: the frame rate of a list of frames (for a file, it overrides the container's).
+VIDEO_OPTION_NAMES = set(VideoOptions.__dataclass_fields__) | {"source_fps"}
 
 
 def load_tokenizer(path: Path, eos_token_ids=None) -> TokenizerWrapper:
@@ -72,9 +74,45 @@ def _source(part: dict, kind: str):
     return value
 
 
-def normalize_messages(messages_or_text, images, videos) -> list[dict]:
-    """Messages as a list of dicts with list content. A plain string becomes one user message holding
-    the given images, then videos, then the text."""
+def media_arguments(images, videos) -> tuple[list, list]:
+    """`images=` and `videos=` as lists: a single image (a path, URL, bytes, PIL image or array) or a single
+    video (a path, a list of frames, or a [T, H, W, 3] array) is a list of one."""
+    return _as_list(images, "images", _is_image), _as_list(videos, "videos", _is_video)
+
+
+def _is_image(value) -> bool:
+    return isinstance(value, (str, Path, bytes, bytearray, Image.Image, np.ndarray))
+
+
+def _is_frame(value) -> bool:
+    return isinstance(value, Image.Image) or (isinstance(value, np.ndarray) and value.ndim == 3)
+
+
+def _is_video(value) -> bool:
+    if isinstance(value, np.ndarray) and value.ndim == 4:
+        return True
+    frames = isinstance(value, (list, tuple)) and len(value) > 0 and all(_is_frame(f) for f in value)
+    return isinstance(value, (str, Path)) or frames
+
+
+def _as_list(value, name: str, is_single) -> list:
+    if value is None:
+        return []
+    if is_single(value):
+        return [list(value) if isinstance(value, np.ndarray) and name == "videos" else value]
+    if not isinstance(value, (list, tuple)):
+        raise Qwen3VLError(f"{name}= must be a list, got {type(value).__name__}")
+    return list(value)
+
+
+ROLES = ("system", "user", "assistant", "tool")
+PART_TYPES = ("text", "image", "image_url", "video")
+
+
+def normalize_messages(messages_or_text, images=(), videos=()) -> list[dict]:
+    """Messages as a list of dicts with list content, every field checked. A plain string becomes one user
+    message holding the given images, then videos, then the text; a bare string in a content list is a
+    text part."""
     if isinstance(messages_or_text, str):
         content = [{"type": "image"} for _ in images or []] + [{"type": "video"} for _ in videos or []]
         return [{"role": "user", "content": content + [{"type": "text", "text": messages_or_text}]}]
@@ -82,15 +120,41 @@ def normalize_messages(messages_or_text, images, videos) -> list[dict]:
         isinstance(m, dict) for m in messages_or_text
     ):
         raise Qwen3VLError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
-    messages = []
-    for message in messages_or_text:
-        if "role" not in message:
-            raise Qwen3VLError(f"message without a role: {message!r:.80}")
-        content = message.get("content")
-        if isinstance(content, str) or content is None:
-            content = [{"type": "text", "text": content or ""}]
-        messages.append({**message, "content": list(content)})
-    return messages
+    return [_checked_message(i, m) for i, m in enumerate(messages_or_text, start=1)]
+
+
+def _checked_message(number: int, message: dict) -> dict:
+    where = f"message {number}"
+    role = message.get("role")
+    if role not in ROLES:
+        problem = "has no role" if role is None else f"has role {role!r:.40}"
+        raise Qwen3VLError(f"{where} {problem}: must be one of {', '.join(ROLES)}")
+    content = message.get("content")
+    if isinstance(content, str) or content is None:
+        content = [{"type": "text", "text": content or ""}]
+    if not isinstance(content, (list, tuple)):
+        raise Qwen3VLError(
+            f"{where}: content must be a string or a list of parts, got {type(content).__name__}"
+        )
+    parts = [_checked_part(f"{where}, part {k}", part) for k, part in enumerate(content, start=1)]
+    return {**message, "content": parts}
+
+
+def _checked_part(where: str, part) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise Qwen3VLError(f"{where}: must be a dict or a string, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind is None and "text" in part:
+        kind = "text"
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise Qwen3VLError(f"{where}: text must be a string, got {type(part.get('text')).__name__}")
+        return part
+    if kind not in PART_TYPES and _media_kind(part) is None:
+        raise Qwen3VLError(f"{where}: unknown type {kind!r:.40} (the types are {', '.join(PART_TYPES)})")
+    return part
 
 
 def collect_media(messages: list[dict], images, videos) -> list[tuple[str, object, dict]]:
@@ -193,7 +257,7 @@ class Processor:
             if unknown:
                 raise Qwen3VLError(f"unknown image option {sorted(unknown)[0]!r} (min_pixels, max_pixels)")
             return self.encode_image(source, options.get("min_pixels"), options.get("max_pixels"))
-        fps = options.pop("source_fps", None) if isinstance(source, (list, tuple)) else None
+        fps = options.pop("source_fps", None)
         unknown = set(options) - VIDEO_OPTION_NAMES
         if unknown:
             raise Qwen3VLError(
@@ -277,6 +341,7 @@ class Processor:
         """input_ids [1, L] and the pixel inputs, under transformers' names, ready for `model(**inputs)`.
         Options apply to every image (min_pixels, max_pixels) and video (fps, nframes, min_pixels,
         max_pixels, total_pixels, video_start, video_end); a media part's own keys take precedence."""
+        images, videos = media_arguments(images, videos)
         messages = normalize_messages(messages_or_text, images, videos)
         encoded = self.encode_all(collect_media(messages, images, videos), options)
         kwargs = {"add_vision_id": add_vision_id} | ({"tools": tools} if tools else {})

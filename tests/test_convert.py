@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_qwen3vl import Qwen3VLError, load
 from mlx_qwen3vl.convert import convert
 from mlx_qwen3vl.loading import read_config, weight_files
+from mlx_qwen3vl.staging import foreign_entries
 
 REPO = Path(__file__).parent.parent
 PROMPTS = ("text", "image")
@@ -287,6 +288,8 @@ def test_mlx_vlm_layout_gives_the_same_logits(
         "vision_tower.patch_embed.proj.weight"
     ]
     assert patch.shape == (128, 2, 16, 16, 3)  # an MLX Conv3d, channels last
+    for name in ("bf16", "q4"):  # another converter's output: --force may replace it
+        assert foreign_entries(mlx_vlm_conversions / name) == []
 
     # Unquantized, the same weights: the same logits. 4-bit, the same round-to-nearest quantization as
     # ours with the same bits and group size: the same logits again.
@@ -474,11 +477,156 @@ def test_force_replaces_a_model_directory_only(converted, tiny_checkpoint, tmp_p
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     assert safetensors_bytes(out) == safetensors_bytes(converted(q_bits=4))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
-
-    unrelated = tmp_path / "notes"
-    unrelated.mkdir()
-    (unrelated / "todo.txt").write_text("keep me")
-    with pytest.raises(Qwen3VLError, match="not a model directory; not replacing it, even with --force"):
-        convert(tiny_checkpoint, unrelated, force=True)
     with pytest.raises(Qwen3VLError, match="would replace the source model"):
         convert(tiny_checkpoint, tiny_checkpoint, force=True)
+
+
+def users_folder(path: Path) -> dict[str, bytes]:
+    """A project folder that happens to hold a config.json: what --force must never delete."""
+    (path / "src").mkdir(parents=True)
+    (path / "src" / "main.py").write_text("print('mine')\n")
+    (path / "config.json").write_text('{"my": "settings"}')
+    (path / "notes.txt").write_text("keep me")
+    return snapshot(path)
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_force_never_replaces_a_folder_of_the_users(tiny_checkpoint, tmp_path):
+    project = tmp_path / "project"
+    before = users_folder(project)
+    with pytest.raises(Qwen3VLError, match=r"holds notes.txt, src/, which a converter did not write"):
+        convert(tiny_checkpoint, project, force=True, progress=False)
+    assert snapshot(project) == before
+    for stray in ("settings.json", "notes.txt"):  # names a model directory never has, even *.json / *.txt
+        model_dir = convert(tiny_checkpoint, tmp_path / f"model-{stray}", progress=False)
+        (model_dir / stray).write_text("mine")
+        with pytest.raises(Qwen3VLError, match=f"holds {stray}, which a converter did not write"):
+            convert(tiny_checkpoint, model_dir, force=True, progress=False)
+        assert (model_dir / stray).read_text() == "mine"
+    lone = tmp_path / "lone"  # model-like names, but no config.json: not recognisably a model directory
+    lone.mkdir()
+    (lone / "README.md").write_text("my readme")
+    with pytest.raises(Qwen3VLError, match="holds README.md"):
+        convert(tiny_checkpoint, lone, force=True, progress=False)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "model-notes.txt")
+    with pytest.raises(Qwen3VLError, match="is a symbolic link"):
+        convert(tiny_checkpoint, link, force=True, progress=False)
+
+
+@pytest.mark.parametrize("output", [".", "..", "", "./", "../../project"])
+def test_the_working_directory_and_its_parents_are_never_the_output(tiny_checkpoint, tmp_path, output):
+    project = tmp_path / "project"
+    before = users_folder(project)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "convert.py"), "--hf-path", str(tiny_checkpoint)]
+        + ["--mlx-path", output, "--force"],
+        cwd=project / "src",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"convert.py: error: {output} is the current directory or contains it; choose another output path\n"
+    )
+    assert snapshot(project) == before
+
+
+def test_the_old_directory_stays_until_the_new_one_is_complete(tiny_checkpoint, tmp_path, monkeypatch):
+    out = convert(tiny_checkpoint, tmp_path / "out", q_bits=8, progress=False)
+    before = snapshot(out)
+    import mlx_qwen3vl.convert as converter
+
+    real = converter.write_shards
+
+    def interrupted(tensors, directory, *args):
+        real(tensors, directory, *args)
+        assert any(directory.glob("*.safetensors"))  # the new weights are written, not yet in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter, "write_shards", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_checkpoint, out, q_bits=4, force=True, progress=False)
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+import mlx_qwen3vl.convert as converter
+from mlx_qwen3vl import staging
+
+real = converter.write_shards
+def killed(tensors, directory, *args):
+    real(tensors, directory, *args)
+    if sys.argv[3] == "during-swap":  # the old directory moved aside, the new one not yet in its place
+        def swap_killed(staging_dir, target):
+            target.path.rename(target.staging("replaced"))
+            os.kill(os.getpid(), signal.SIGKILL)
+        staging.swap_in = swap_killed
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+converter.write_shards = killed
+converter.convert(sys.argv[1], sys.argv[2], q_bits=4, force=True, progress=False)
+"""
+
+
+@pytest.mark.parametrize("when", ["mid-write", "during-swap"])
+def test_a_killed_conversion_leaves_nothing_the_next_run_cannot_clean(tiny_checkpoint, tmp_path, when):
+    out = convert(tiny_checkpoint, tmp_path / "out", q_bits=8, progress=False)
+    before = snapshot(out)
+    result = run_python("-c", KILLED_MID_WRITE, str(tiny_checkpoint), str(out), when, check=False)
+    assert result.returncode == -9
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 2 and any(name.startswith(".out.") for name in left), left
+
+    args = ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out), "--q-bits", "4", "--force")
+    result = run_python("convert.py", *args)
+    if when == "mid-write":
+        assert "removed .out.converting-" in result.stderr
+    else:
+        assert f"restored {out}, which an interrupted conversion had moved aside" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert snapshot(out) != before  # the new conversion (4-bit) is in place
+
+
+def test_write_failures_are_reported_under_the_users_name(tiny_checkpoint, tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(Qwen3VLError, match=r"a-file/out: .*a-file is a file, not a directory"):
+        convert(tiny_checkpoint, tmp_path / "a-file" / "out", progress=False)
+
+    real_mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if ".converting-" in self.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(Qwen3VLError) as error:
+        convert(tiny_checkpoint, tmp_path / "out", progress=False)
+    assert str(error.value) == (
+        f"{tmp_path / 'out'}: cannot write the output directory (Permission denied); nothing was written"
+    )
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+
+    # MLX's safetensors writer on a full disk: "[write] Unable to write N bytes to file."
+    def full_disk(path, tensors, metadata=None):
+        raise RuntimeError("[write] Unable to write 1048576 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    with pytest.raises(Qwen3VLError, match="out: the disk is full; nothing was written"):
+        convert(tiny_checkpoint, tmp_path / "out", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_recipes_are_mlx_lms(tiny_checkpoint):
+    from mlx_lm.convert import QUANT_RECIPES
+
+    from mlx_qwen3vl.options import RECIPES
+
+    assert RECIPES == tuple(QUANT_RECIPES)

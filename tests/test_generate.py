@@ -9,7 +9,7 @@ from PIL import Image
 from transformers import GenerationConfig
 
 from mlx_qwen3vl import ChatSession, Qwen3VLError, generate, stream_generate
-from mlx_qwen3vl.generate import SamplingOptions, prefill
+from mlx_qwen3vl.generation import SamplingOptions, prefill
 
 
 def picture(width, height, seed):
@@ -196,7 +196,15 @@ def test_sampling_options_do_what_they_say(tiny_f32):
         ({"temperature": -1}, "temperature=-1 is out of range"),
         ({"top_p": 1.5}, "top_p=1.5 is out of range"),
         ({"top_k": 2.5}, "top_k=2.5 is out of range"),
+        ({"temperature": float("inf")}, "temperature=inf is out of range: must be a number >= 0"),
+        ({"presence_penalty": float("nan")}, "presence_penalty=nan is out of range: must be a number"),
+        ({"repetition_penalty": "1.1"}, "repetition_penalty='1.1' is out of range: must be a number > 0"),
+        ({"seed": True}, "seed=True is out of range: must be a whole number"),
         ({"max_tokens": 0}, "max_tokens=0 is out of range"),
+        ({"max_tokens": None}, "max_tokens=None is out of range: must be a whole number >= 1"),
+        ({"max_tokens": "8"}, "max_tokens='8' is out of range"),
+        ({"stop": 5}, "stop=5: must be a string or a list of strings"),
+        ({"stop": ["ok", None]}, "must be a string or a list of strings"),
         ({"max_tokens": 300_000}, "exceeds the model's context"),
         ({"fps": 0, "videos": ["x.mp4"]}, "fps"),
     ],
@@ -205,6 +213,12 @@ def test_out_of_range_options_are_refused(tiny_f32, options, message):
     model, processor = tiny_f32
     with pytest.raises(Qwen3VLError, match=message):
         generate(model, processor, "Hi", **options)
+    if options == {"max_tokens": None}:
+        return  # for a chat turn, max_tokens=None means the session's own
+    session = ChatSession(model, processor)
+    with pytest.raises(Qwen3VLError, match=message):
+        list(session.ask("Hi", **options))
+    assert session.cache.offset == 0 and not session.messages  # refused before anything was done
 
 
 def test_unset_sampling_options_come_from_generation_config(tiny_f32):

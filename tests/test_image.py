@@ -4,7 +4,10 @@ import base64
 import http.server
 import io
 import json
+import struct
 import threading
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -156,6 +159,14 @@ def write(path, data: bytes):
         (lambda d: write(d / "cut.png", png_bytes(noise(64, 64))[:200]), "corrupt or truncated image"),
         (lambda d: write(d / "notes.txt", b"hello"), "not an image in a supported format"),
         (lambda d: "data:image/png;base64,@@@", "invalid base64"),
+        (
+            lambda d: "data:image/png;base64," + base64.b64encode(b"plain text").decode(),
+            "data: URL: not an image in a supported format",
+        ),
+        (
+            lambda d: write(d / "bomb.png", png_header(30000, 30000)),
+            r"bomb.png: too large to decode safely \(900,000,000 pixels, over the limit of 178,956,970\)",
+        ),
         (lambda d: 3.14, "unsupported image input of type float"),
         (lambda d: np.zeros((4, 4, 2), np.uint8), "HxW, HxWx3 or HxWx4"),
     ],
@@ -163,6 +174,26 @@ def write(path, data: bytes):
 def test_bad_image_sources_get_a_clear_error(tmp_path, make, message):
     with pytest.raises(Qwen3VLError, match=message):
         load_image(make(tmp_path))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and has no pixel data: what Pillow's size checks see first."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_large_photo_brings_no_library_warning(tmp_path):
+    """Pillow warns about images over 89 MP; they are expected here (resized to the pixel budget), so
+    its warning never reaches the user, only this package's own error for what is wrong with the file."""
+    path = write(tmp_path / "large.png", png_header(10000, 9000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Qwen3VLError, match="large.png: corrupt or truncated image"):
+            load_image(path)
 
 
 def test_unreachable_url_gets_a_clear_error(http_image):

@@ -2,7 +2,11 @@
 each kind of broken model directory."""
 
 import json
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -145,8 +149,13 @@ def test_hub_id_while_offline_and_not_cached_says_how_to_get_it(monkeypatch, tmp
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(Qwen3VLError, match="is not downloaded and the hub cannot be reached"):
+    with pytest.raises(Qwen3VLError, match="is not downloaded and the hub cannot be reached") as error:
         load("Qwen/Qwen3-VL-4B-Instruct")
+    # The command it names is installed with huggingface_hub, next to this Python's own scripts.
+    command = re.search(r"run '(\S+) (\S+) Qwen/Qwen3-VL-4B-Instruct'", str(error.value))
+    assert command, error.value
+    program = Path(sys.executable).parent / command[1]
+    assert subprocess.run([program, command[2], "--help"], capture_output=True).returncode == 0
 
 
 def test_default_compute_dtype_is_chosen_per_backend(tiny_checkpoint):

@@ -205,8 +205,17 @@ def test_processor_output_gives_transformers_logits(
         (lambda p, a: p("Hi", images=[a], temperature=0.5), "unknown option 'temperature'"),
         (lambda p, a: p([{"role": "user", "content": [{"type": "image", "image": a, "fps": 2}]}]),
          "unknown image option 'fps'"),
-        (lambda p, a: p([{"content": "no role"}]), "message without a role"),
+        (lambda p, a: p([{"content": "no role"}]), "message 1 has no role: must be one of system, user"),
+        (lambda p, a: p([{"role": "robot", "content": "x"}]), "message 1 has role 'robot': must be one of"),
+        (lambda p, a: p([{"role": "user", "content": 5}]),
+         "message 1: content must be a string or a list of parts, got int"),
+        (lambda p, a: p([{"role": "user", "content": [5]}]), "message 1, part 1: must be a dict or a string"),
+        (lambda p, a: p([{"role": "user", "content": [{"type": "text", "text": 5}]}]),
+         "message 1, part 1: text must be a string, got int"),
+        (lambda p, a: p([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]),
+         "message 1, part 1: unknown type 'audio' \\(the types are text, image, image_url, video\\)"),
         (lambda p, a: p(42), "messages must be a string or a list"),
+        (lambda p, a: p("Hi", images=7), "images= must be a list, got int"),
         (lambda p, a: p("Hi", images=[a], min_pixels=0), "min_pixels"),
     ],
 )  # fmt: skip
@@ -229,3 +238,30 @@ def test_tokenizer_streams_with_the_byte_level_detokenizer(processor):
     detokenizer.finalize()
     pieces.append(detokenizer.last_segment)
     assert "".join(pieces) == tokenizer.decode(ids) == "naïve café, 北京 🙂 — done"
+
+
+def test_a_single_image_or_video_is_a_list_of_one(processor, tmp_path):
+    """`images="photo.jpg"` is one image, not a list of characters; the same for one video path, a list
+    of frames, a [T, H, W, 3] array."""
+    image = picture(64, 48, 3)
+    path = tmp_path / "photo.png"
+    image.save(path)
+    expected = processor("Hi", images=[str(path)])
+    for single in (str(path), path, image, np.asarray(image), path.read_bytes()):
+        inputs = processor("Hi", images=single)
+        np.testing.assert_array_equal(inputs["input_ids"], expected["input_ids"])
+        np.testing.assert_array_equal(inputs["pixel_values"], expected["pixel_values"])
+    frames = np.stack([np.asarray(picture(64, 64, s)) for s in range(4)])
+    video = processor("Hi", videos=[list(frames)], source_fps=2.0)
+    for single in (list(frames), frames):
+        inputs = processor("Hi", videos=single, source_fps=2.0)
+        np.testing.assert_array_equal(inputs["pixel_values_videos"], video["pixel_values_videos"])
+    with pytest.raises(Qwen3VLError, match="nowhere.mp4: no such video file"):
+        processor("Hi", videos=str(tmp_path / "nowhere.mp4"))
+
+
+def test_a_bare_string_in_a_content_list_is_a_text_part(processor):
+    as_string = processor([{"role": "user", "content": ["Hi", "there"]}])
+    parts = [{"type": "text", "text": t} for t in ("Hi", "there")]
+    as_parts = processor([{"role": "user", "content": parts}])
+    np.testing.assert_array_equal(as_string["input_ids"], as_parts["input_ids"])

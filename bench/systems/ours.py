@@ -10,7 +10,7 @@ from measure import Clock, count_ops, mlx_memory, quantize, weight_bytes_per_tok
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import ChatSession, load, stream_generate
-from mlx_qwen3vl.generate import encode_media, generate_step, generation_stream, prefill
+from mlx_qwen3vl.generation import encode_media, generate_step, generation_stream, prefill
 from mlx_qwen3vl.loading import in_compute_dtype, resolve_dtype
 
 from .base import System as Base

@@ -13,83 +13,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
+from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
 
-DEFAULT_MAX_TOKENS = 512
 PREFILL_STEP_SIZE = 512
 
 # One stream for generation, as mlx-lm does, so evaluation overlaps with the Python loop.
 generation_stream = mx.new_stream(mx.default_device())
-
-
-@dataclass
-class SamplingOptions:
-    """Sampling settings; None takes the model's generation_config.json (then greedy)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self):
-        checks = {
-            "temperature": lambda v: v >= 0,
-            "top_p": lambda v: 0 <= v <= 1,
-            "top_k": lambda v: v >= 0 and float(v).is_integer(),
-            "min_p": lambda v: 0 <= v <= 1,
-            "repetition_penalty": lambda v: v > 0,
-            "presence_penalty": lambda v: True,
-            "seed": lambda v: float(v).is_integer(),
-        }
-        ranges = {
-            "temperature": ">= 0",
-            "top_p": "in [0, 1]",
-            "top_k": "a whole number >= 0",
-            "min_p": "in [0, 1]",
-            "repetition_penalty": "> 0",
-            "presence_penalty": "a number",
-            "seed": "a whole number",
-        }
-        for name, ok in checks.items():
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value)
-            ):
-                raise Qwen3VLError(f"{name}={value!r} is out of range: must be {ranges[name]}")
-
-    def with_defaults(self, defaults: dict) -> SamplingOptions:
-        """Fill unset options from generation_config.json (its sampling applies only when do_sample)."""
-        sampling = defaults.get("do_sample", False)
-        pick = {
-            "temperature": defaults.get("temperature") if sampling else 0.0,
-            "top_p": defaults.get("top_p") if sampling else None,
-            "top_k": defaults.get("top_k") if sampling else None,
-            "repetition_penalty": defaults.get("repetition_penalty"),
-        }
-        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for name, value in pick.items():
-            if values[name] is None:
-                values[name] = value
-        return SamplingOptions(**values)
-
-    def sampler(self):
-        return make_sampler(
-            temp=self.temperature or 0.0,
-            top_p=self.top_p or 0.0,
-            min_p=self.min_p or 0.0,
-            top_k=int(self.top_k or 0),
-        )
-
-    def logits_processors(self):
-        repetition = self.repetition_penalty if self.repetition_penalty not in (None, 1.0) else None
-        presence = self.presence_penalty or None
-        return make_logits_processors(repetition_penalty=repetition, presence_penalty=presence)
 
 
 def prefill(
@@ -197,7 +129,7 @@ def stream_tokens(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     sampling: SamplingOptions | None = None,
-    stop: list[str] | None = None,
+    stop: list[str] | str | None = None,
     stop_token_ids=None,
     prefill_step_size: int = PREFILL_STEP_SIZE,
     progress=None,
@@ -206,12 +138,11 @@ def stream_tokens(
     """Stream an answer for a prepared prompt: text pieces from mlx-lm's streaming detokenizer, stop on
     an end-of-turn token, a stop string (not shown), or max_tokens. `on_token(id)` sees every token fed
     to the cache."""
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise Qwen3VLError(f"max_tokens={max_tokens!r} is out of range: must be a whole number >= 1")
+    max_tokens = check_max_tokens(max_tokens)
+    stops = check_stop(stop)
     sampling = sampling or SamplingOptions()
     if sampling.seed is not None:
-        mx.random.seed(int(sampling.seed))
-    stops = [s for s in (stop or []) if s]
+        mx.random.seed(sampling.seed)
     stop_ids = set(stop_token_ids if stop_token_ids is not None else tokenizer.eos_token_ids)
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
@@ -314,8 +245,10 @@ def stream_generate(
     """Answer `prompt` (chat messages or a string, with `images` / `videos`), streaming text as it is
     generated. Unset sampling options come from the model's generation_config.json; processor options
     (min_pixels, max_pixels, fps, nframes, ...) go to the processor."""
+    # Every option is checked before any media is read or encoded.
     sampling = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, seed)
     sampling = sampling.with_defaults(processor.generation_config)
+    max_tokens, stop = check_max_tokens(max_tokens), check_stop(stop)
     inputs = processor(prompt, images, videos, **processor_options)
     cache = model.make_cache()
     ids = inputs["input_ids"]
@@ -332,7 +265,7 @@ def stream_generate(
         cache,
         max_tokens=max_tokens,
         sampling=sampling,
-        stop=[stop] if isinstance(stop, str) else stop,
+        stop=stop,
         prefill_step_size=prefill_step_size,
         progress=progress,
     )

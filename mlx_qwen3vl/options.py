@@ -1,0 +1,177 @@
+"""The options a user sets, defined once: their names, types, ranges and defaults. The Python API
+(`SamplingOptions`, `generate`, `ChatSession`) checks them here, and chat.py builds its arguments from the
+same definitions, so every entry point accepts and refuses the same values with the same message.
+
+Pure Python (no mlx, no transformers): chat.py and convert.py import it before parsing their arguments,
+so `--help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+from .errors import Qwen3VLError
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+DEFAULT_MAX_TOKENS = 512
+
+# convert.py's quantization: MLX's affine bit widths and group sizes, and mlx-lm's mixed recipes
+# "mixed_<low>_<high>" (v_proj and down_proj of the most sensitive decoder layers, the first and last
+# eighth and every third between, at <high> bits, the rest at <low>), named here so that the converter's
+# --help needs no mlx-lm import; tests/test_convert.py checks them against mlx-lm's list.
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
+RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
+
+# The ranges an option may have, by the words its error message uses.
+_RANGES = {
+    "a number": lambda v: True,
+    "a whole number": lambda v: True,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    ">= 2": lambda v: v >= 2,
+    "> 0": lambda v: v > 0,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+}
+
+
+@dataclass(frozen=True)
+class NumberOption:
+    """A finite number (`kind` float), or a whole number (`kind` int), within `requirement`."""
+
+    name: str
+    kind: type
+    requirement: str
+    help: str | None = None
+
+    @property
+    def rule(self) -> str:
+        if self.requirement in ("a number", "a whole number"):
+            return self.requirement
+        return f"{'a whole number' if self.kind is int else 'a number'} {self.requirement}"
+
+    def check(self, value):
+        """The value as `kind`, or a Qwen3VLError naming the option and its range. Strings, booleans, NaN
+        and infinities are refused: they reach the sampler as garbage (`temperature=inf` samples
+        uniformly) or fail deep inside generation."""
+        ok = (
+            isinstance(value, numbers.Real)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (self.kind is float or float(value).is_integer())
+            and _RANGES[self.requirement](value)
+        )
+        if not ok:
+            raise Qwen3VLError(f"{self.name}={value!r} is out of range: must be {self.rule}")
+        return self.kind(value)
+
+    def parse(self, text: str):
+        """For command-line arguments: the text as a number, checked (ValueError: argparse's own
+        one-line `argument --name: ...` error)."""
+        whole = self.kind is int
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not {'a whole number' if whole else 'a number'}") from None
+        try:
+            return self.check(value)
+        except Qwen3VLError:
+            raise ValueError(f"{text} is out of range: must be {self.rule}") from None
+
+
+def _options(*options: NumberOption) -> dict[str, NumberOption]:
+    return {o.name: o for o in options}
+
+
+SAMPLING = _options(
+    NumberOption("temperature", float, ">= 0", "0: greedy"),
+    NumberOption("top_p", float, "in [0, 1]"),
+    NumberOption("top_k", int, ">= 0"),
+    NumberOption("min_p", float, "in [0, 1]"),
+    NumberOption("repetition_penalty", float, "> 0"),
+    NumberOption("presence_penalty", float, "a number"),
+    NumberOption("seed", int, "a whole number"),
+)
+MAX_TOKENS = NumberOption("max_tokens", int, ">= 1", "per answer")
+# What chat.py offers of the media options; the processor checks every media option where it is defined
+# (image.py, video.py VideoOptions), these only parse the command line.
+MEDIA = _options(
+    NumberOption("fps", float, "> 0", "video frames sampled per second"),
+    NumberOption("nframes", int, ">= 2", "video frames in all"),
+    NumberOption("min_pixels", int, ">= 1", "per image or video frame"),
+    NumberOption("max_pixels", int, ">= 1", "per image or video frame"),
+)
+
+
+def check_max_tokens(value) -> int:
+    return MAX_TOKENS.check(value)
+
+
+def check_stop(stop) -> list[str]:
+    """`stop`: None, a string or a list of strings; as a list without empty strings."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise Qwen3VLError(f"stop={stop!r:.80}: must be a string or a list of strings")
+    return [s for s in stop if s]
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling settings; None takes the model's generation_config.json (then greedy)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                setattr(self, field.name, SAMPLING[field.name].check(value))
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def with_defaults(self, defaults: dict) -> SamplingOptions:
+        """Fill unset options from generation_config.json (its sampling applies only when do_sample)."""
+        sampling = defaults.get("do_sample", False)
+        pick = {
+            "temperature": defaults.get("temperature") if sampling else 0.0,
+            "top_p": defaults.get("top_p") if sampling else None,
+            "top_k": defaults.get("top_k") if sampling else None,
+            "repetition_penalty": defaults.get("repetition_penalty"),
+        }
+        values = {k: getattr(self, k) for k in self.names()}
+        for name, value in pick.items():
+            if values[name] is None:
+                values[name] = value
+        return SamplingOptions(**values)
+
+    def sampler(self):
+        from mlx_lm.sample_utils import make_sampler
+
+        return make_sampler(
+            temp=self.temperature or 0.0,
+            top_p=self.top_p or 0.0,
+            min_p=self.min_p or 0.0,
+            top_k=self.top_k or 0,
+        )
+
+    def logits_processors(self):
+        from mlx_lm.sample_utils import make_logits_processors
+
+        repetition = self.repetition_penalty if self.repetition_penalty not in (None, 1.0) else None
+        presence = self.presence_penalty or None
+        return make_logits_processors(repetition_penalty=repetition, presence_penalty=presence)
