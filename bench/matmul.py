@@ -23,8 +23,12 @@ OURS = "4-bit, mlx_qwen3vl layer"
 
 def measure() -> list[dict]:
     import mlx.core as mx
+    import mlx.nn as nn
 
-    from mlx_qwen3vl.quantized import QuantizedLinear
+    from mlx_qwen3vl import cpu
+
+    # What the CPU backend loads: the BLAS path only where a fast BLAS is bound (cpu.specialize).
+    QuantizedLinear = cpu.BlasQuantizedLinear if cpu.FAST_BLAS else nn.QuantizedLinear
 
     def best(fn, repeats: int) -> float:
         mx.eval(fn())

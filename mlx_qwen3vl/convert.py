@@ -24,13 +24,13 @@ import mlx.core as mx
 from mlx_lm.convert import mixed_quant_predicate_builder
 from tqdm import tqdm
 
+from .backend import resolve_dtype
 from .errors import Qwen3VLError
 from .loading import (
     check_weights,
     model_directory,
     read_config,
     read_weights,
-    resolve_dtype,
 )
 from .model import Model
 from .options import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES

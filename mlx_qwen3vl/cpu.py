@@ -1,28 +1,117 @@
-"""Two things MLX's CPU backend needs done differently, shared by the vision tower, the decoder and the
-quantized layers.
+"""What MLX's CPU backend needs done differently, swapped into a loaded model by `specialize` when the
+backend is the CPU (`backend.py`). The model files (language.py, vision.py) are the plain model that MLX's
+GPU backends run; nothing here is used there. Each replacement computes the same function: the tests
+compare both paths with the reference.
 
-- Exponentials in base 2. On x86, MLX's `mx.exp` (and tanh, sigmoid) is a scalar polynomial (~40M
-  values/s on the 2-core test machine) while `mx.power(2, x)` runs ~2.6x faster at the same accuracy
-  (both ~2e-6 relative to float64), so softmax and sigmoid are written with log2(e) folded into their
-  argument, as flash attention kernels do.
-- Work split into blocks to bound memory is evaluated one block at a time. MLX allocates an operation's
-  output when it dispatches it, ahead of its execution, so blocks built lazily in one graph would all be
-  resident at once (measured: 1.3 GB for the vision attention's 576 MiB case with 128 MiB blocks).
+- Quantized decoder layers send many-row float32 inputs through BLAS (`BlasQuantizedLinear`). MLX's CPU
+  quantized matmul is a scalar kernel that runs at the same rate for any number of rows, while a fast
+  BLAS multiplies a dequantized weight many times faster once there are a few rows (a prompt, a chat
+  turn); for one row (a decode step) the kernel is faster and reads 8x fewer bytes, so it keeps that.
+  With the reference BLAS bundled in MLX's Linux wheel the dense product is no faster, so there nothing
+  is swapped. `bench/matmul.py` measures each path.
+- The vision tower's matrices keep a bfloat16 checkpoint's dtype under float32 compute and are widened
+  per call (`WideningLinear`): exact, half the tower's memory.
+- Exponentials in base 2. On x86, MLX's `mx.exp` (and tanh, sigmoid) is a scalar polynomial while
+  `mx.power(2, x)` is vectorised, at the same accuracy (both ~2e-6 relative to float64): the GELU, the
+  SiLU gate and the softmax of the float32 attention fold log2(e) into their argument, as flash
+  attention kernels do.
+- Attention with float32 accumulation for bfloat16 activations (`float32_attention`): MLX's CPU fallback
+  computes scores and softmax in the activation dtype, which puts ~45% of bfloat16 attention outputs 1
+  ulp or more away from PyTorch's kernel; in float32 the fallback is exact and stays. The vision tower's
+  long segments are attended in query blocks, bounding their scores' memory.
+- Work split into blocks to bound memory is evaluated one block at a time (`concatenate_evaluated`).
+  MLX allocates an operation's output when it dispatches it, ahead of its execution, so blocks built
+  lazily in one graph would all be resident at once.
+
+No library offers these; written by hand for this backend only.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
+from functools import partial
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from . import _blas, vision
+from .language import MLP, Attention
 
 LOG2_E = math.log2(math.e)
+
+# MLX's CPU float32 matmuls go through a fast BLAS: the system OpenBLAS this package bound on import
+# (_blas.py), or Accelerate on macOS.
+FAST_BLAS = _blas.loaded is not None or sys.platform == "darwin"
+# Rows of input (tokens) from which the BLAS path pays: at the 4B widths both paths take the same time
+# for 2 rows, and BLAS wins from 3 (bench/matmul.py).
+BLAS_MIN_ROWS = 3
+# Bytes of dequantized float32 weight per block: the smallest blocks as fast as the whole matrix at once
+# at the 4B widths (smaller ones pay per-block overhead), with a fraction of its memory.
+BLOCK_BYTES = 4 * 2**20
+# The vision tower's attention scores of one segment are computed in query blocks when they would exceed
+# this many bytes (two buffers of this size live at once: the scores and their exponentials), so a large
+# photo costs O(N * block) memory instead of O(N^2); at the 4B widths such blocks are also faster than
+# MLX's fallback in one call, whose scores would not fit in cache.
+ATTENTION_SCORE_BYTES = 32 * 2**20
+
+
+def specialize(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Swap this module's versions into a model built for the GPU backends. Idempotent; call it again
+    after quantizing a loaded model in memory."""
+    for name, module in model.named_modules():
+        in_vision = name.startswith("model.visual.")
+        if type(module) is nn.QuantizedLinear and not in_vision and FAST_BLAS:
+            become(module, BlasQuantizedLinear)
+        elif type(module) is nn.Linear and in_vision and ".patch_embed." not in f".{name}.":
+            become(module, WideningLinear)  # the patch embedding sets the tower's compute dtype: kept
+        elif isinstance(module, MLP):
+            module.activation = silu_gate
+        elif isinstance(module, Attention) and dtype != mx.float32:
+            module.attend = attention
+        elif isinstance(module, vision.VisionMLP) and module.act is vision.gelu_tanh:
+            module.act = gelu_tanh
+        elif isinstance(module, vision.VisionAttention):
+            module.attend = segment_attention_in_blocks
+
+
+def become(module: nn.Module, cls: type) -> None:
+    """Give a loaded module this subclass's behaviour in place. The subclasses here add methods only, no
+    state, so the module's parameters and settings stay as they are."""
+    assert cls.__base__ is type(module), (cls, type(module))
+    module.__class__ = cls
+
+
+# ---- exponentials in base 2 -----------------------------------------------------------------------
 
 
 def times_sigmoid(x: mx.array, z_log2e: mx.array) -> mx.array:
     """x * sigmoid(z), given z * log2(e) (callers fold the constant into their own factors)."""
     return x / (1 + mx.power(2.0, -z_log2e))
+
+
+@partial(mx.compile, shapeless=True)
+def silu_gate(gate: mx.array, up: mx.array) -> mx.array:
+    """`language.silu_gate` with the sigmoid as a power of 2: faster on the CPU, as accurate."""
+    g = gate.astype(mx.float32)
+    return times_sigmoid(g, LOG2_E * g).astype(gate.dtype) * up
+
+
+# gelu_tanh(x) = x * sigmoid(2u), u = sqrt(2 / pi) * (x + 0.044715 x^3): the tanh approximation with the
+# sigmoid as a power of 2: faster on the CPU than `vision.gelu_tanh`'s tanh, as accurate against float64
+# (max abs error 5e-7 vs 4e-7 on N(0, 4)).
+_GELU_TANH_FACTOR = 2 * math.sqrt(2 / math.pi) * LOG2_E
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_tanh(x: mx.array) -> mx.array:
+    y = x.astype(mx.float32)
+    return times_sigmoid(y, _GELU_TANH_FACTOR * (y + 0.044715 * (y * y * y))).astype(x.dtype)
+
+
+# ---- layers ---------------------------------------------------------------------------------------
 
 
 def concatenate_evaluated(blocks: Iterable[mx.array], axis: int) -> mx.array:
@@ -32,3 +121,107 @@ def concatenate_evaluated(blocks: Iterable[mx.array], axis: int) -> mx.array:
         mx.eval(block)
         parts.append(block)
     return mx.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
+
+
+class BlasQuantizedLinear(nn.QuantizedLinear):
+    """MLX's quantized linear layer, with float32 inputs of many rows multiplied through BLAS, the weight
+    dequantized in blocks of output rows of BLOCK_BYTES (module docstring). The result differs from the
+    quantized kernel's only in summation order."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # Cheapest test first: a decode step (one row) takes the kernel on every call.
+        rows = x.size // x.shape[-1]
+        if rows < BLAS_MIN_ROWS or x.dtype != mx.float32:
+            return super().__call__(x)
+        step = max(1, BLOCK_BYTES // (4 * x.shape[-1]))
+        starts = range(0, self["weight"].shape[0], step)
+        y = concatenate_evaluated((x @ self._dequantized(s, s + step).T for s in starts), axis=-1)
+        return y + self["bias"] if "bias" in self else y
+
+    def _dequantized(self, start: int, end: int) -> mx.array:
+        """Output rows [start, end) of the weight in float32."""
+        biases = self.get("biases")
+        return mx.dequantize(
+            self["weight"][start:end],
+            self["scales"][start:end].astype(mx.float32),
+            None if biases is None else biases[start:end].astype(mx.float32),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
+
+class WideningLinear(nn.Linear):
+    """A Linear whose parameters may be narrower than the activations: under float32 compute a bfloat16
+    checkpoint's matrices stay bfloat16 in memory (`keeps_stored_dtype`, read by
+    `loading.in_compute_dtype`) and are widened per call, which is exact. The tower's matrices are read
+    once per encode, so the casts cost little next to the products, and they halve the tower's memory.
+    A decoder matrix is read every token, so the decoder keeps nn.Linear."""
+
+    keeps_stored_dtype = True
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = self.weight.astype(x.dtype)
+        if "bias" in self:
+            return mx.addmm(self.bias.astype(x.dtype), x, weight.T)
+        return x @ weight.T
+
+
+# ---- attention ------------------------------------------------------------------------------------
+
+
+def float32_attention(q, k, v, scale: float, mask=None) -> mx.array:
+    """What PyTorch's CPU flash-attention kernel does: scores, softmax statistics and the P @ V
+    accumulation in float32, with only the unnormalised probabilities rounded to the activation dtype
+    before P @ V; in float32 this is plain exact attention. The softmax in base 2 (log2(e) folded into
+    the scale). q [B, Hq, Lq, d], k/v [B, Hkv, Lk, d] (GQA: Hq a multiple of Hkv); mask None, "causal" or
+    an array (boolean keep-mask or additive) broadcastable to [B, Hq, Lq, Lk]."""
+    B, n_q, L_q, d = q.shape
+    n_kv, L_k = k.shape[1], k.shape[2]
+    dtype, f32 = q.dtype, mx.float32
+    # Group the query heads that share a kv head instead of repeating k and v.
+    q = q.reshape(B, n_kv, n_q // n_kv, L_q, d).astype(f32)
+    k, v = k[:, :, None].astype(f32), v[:, :, None].astype(f32)
+    # Base-2 logits; scaling q (Lq x d) instead of the scores (Lq x Lk) saves a pass over the scores.
+    scores = (q * (scale * LOG2_E)) @ k.swapaxes(-1, -2)
+    if isinstance(mask, str):  # "causal", aligned to the end of the keys (cached prefix first)
+        keep = mx.arange(L_k)[None] <= mx.arange(L_k - L_q, L_k)[:, None]
+        scores = mx.where(keep, scores, -mx.inf)
+    elif mask is not None:
+        if mask.ndim == 4:  # [b, 1 or Hq, Lq, Lk] -> the grouped head layout
+            heads = mask.shape[1]
+            mask = mask.reshape(mask.shape[0], n_kv if heads > 1 else 1, -1, *mask.shape[2:])
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, -mx.inf)
+        else:
+            scores = scores + mask.astype(f32) * LOG2_E
+    probs = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
+    total = probs.sum(axis=-1, keepdims=True)
+    out = (probs.astype(dtype).astype(f32) @ v) / total
+    return out.reshape(B, n_q, L_q, d).astype(dtype)
+
+
+def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
+    """The decoder's attention for activations narrower than float32 (`Attention.attend`). A quantized
+    KV cache keeps mlx-lm's own quantized attention."""
+    if hasattr(cache, "bits"):
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    return float32_attention(q, k, v, scale, mask)
+
+
+def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
+    """`vision.fused_attention` for q, k, v [segments, heads, length, d], with the scores of each
+    segment in query blocks of at most ATTENTION_SCORE_BYTES, each evaluated before the next."""
+    count, heads, length, _ = q.shape
+    row_bytes = heads * length * 4  # float32 scores of one query row
+    if count * length * row_bytes <= ATTENTION_SCORE_BYTES:
+        return float32_attention(q, k, v, scale)
+    block = max(1, ATTENTION_SCORE_BYTES // row_bytes)
+    segments = []
+    for i in range(count):
+        parts = (
+            float32_attention(q[i : i + 1, :, s : s + block], k[i : i + 1], v[i : i + 1], scale)
+            for s in range(0, length, block)
+        )
+        segments.append(concatenate_evaluated(parts, axis=2))
+    return mx.concatenate(segments, axis=0) if count > 1 else segments[0]

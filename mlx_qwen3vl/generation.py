@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx_lm.generate import wired_limit
 
 from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
@@ -61,22 +62,25 @@ def generate_step(
     progress=None,
 ) -> Iterator[int]:
     """Yield token ids. Every token yielded has already been fed to the cache: the next step is
-    evaluated asynchronously while the caller handles the current token."""
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    evaluated asynchronously while the caller handles the current token. No sampler: greedy. The token
+    history grows only when a logits processor reads it."""
     history = prompt_tokens
 
     def sample(logits):
         nonlocal history
         for processor in logits_processors or []:
             logits = processor(history, logits)
-        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        history = mx.concatenate([history, token])
+        if sampler is None:
+            token = mx.argmax(logits, axis=-1)
+        else:
+            token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        if logits_processors:
+            history = mx.concatenate([history, token])
         return token
 
     def step(token: mx.array) -> mx.array:
         with mx.stream(generation_stream):
-            logits = model.decode(model.prepare(token[None], cache=cache), cache)[:, -1]
-            return sample(logits)
+            return sample(model(token[None], cache=cache)[:, -1])
 
     with mx.stream(generation_stream):
         token = sample(prefill(model, prompt, cache, prefill_step_size, progress))
@@ -176,40 +180,48 @@ def stream_tokens(
         progress=progress,
     )
     finish, cut = "length", None
-    for n, token in enumerate(steps, start=1):
-        if n == 1:
-            prompt_tps = prompt.length / (time.perf_counter() - tic)
-            tic = time.perf_counter()
-        if on_token:
-            on_token(token)
-        if token in stop_ids:
-            finish = "stop"
-            break
-        detokenizer.add_token(token)
-        cut = _stop_string_cut(detokenizer.text, stops)
-        if cut is not None:
-            finish = "stop_string"
-            break
-        if n == max_tokens:
-            break
-        # One response per token, like mlx-lm; its text is empty while a character is incomplete or
-        # the tail could still become a stop string. The last token comes with the final response.
-        text = detokenizer.text
-        visible = max(shown, len(text) - _held_back(text, stops))
-        yield response(text[shown:visible])
-        shown = visible
+    # Raised on Metal for the generation (mlx-lm's), so a model that fits is not paged out.
+    with wired_limit(model, [generation_stream]):
+        for n, token in enumerate(steps, start=1):
+            if n == 1:
+                prompt_tps = prompt.length / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            if on_token:
+                on_token(token)
+            if token in stop_ids:
+                finish = "stop"
+                break
+            detokenizer.add_token(token)
+            cut = _stop_string_cut(detokenizer.text, stops)
+            if cut is not None:
+                finish = "stop_string"
+                break
+            if n == max_tokens:
+                break
+            # One response per token, like mlx-lm; its text is empty while a character is incomplete or
+            # the tail could still become a stop string. The last token comes with the final response.
+            text = detokenizer.text
+            visible = max(shown, len(text) - _held_back(text, stops))
+            yield response(text[shown:visible])
+            shown = visible
     if cut is None:
         detokenizer.finalize()
     yield response(detokenizer.text[shown:cut], finish)
 
 
 def encode_media(model: Model, inputs: dict):
-    """Run the vision tower once over all images and once over all videos of processor output."""
+    """Run the vision tower once over all images and once over all videos of processor output. The
+    features are evaluated here and the tower's freed activations returned to the system, so the
+    decoder's prefill does not hold them too."""
     images = videos = None
     if inputs.get("pixel_values") is not None:
         images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
     if inputs.get("pixel_values_videos") is not None:
         videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    encoded = [e for e in (images, videos) if e is not None]
+    if encoded:
+        mx.eval([(e.features, e.deepstack) for e in encoded])
+        mx.clear_cache()
     return images, videos
 
 

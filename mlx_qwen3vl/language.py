@@ -1,20 +1,25 @@
 """The Qwen3 decoder of Qwen3-VL (SPEC §4.2-§4.5): per-head q/k RMSNorm, GQA, interleaved MRoPE and the
-DeepStack injection of visual features after the first decoder layers."""
+DeepStack injection of visual features after the first decoder layers.
+
+This is the model as MLX's GPU backends run it; `cpu.py` swaps in what the CPU backend needs at load.
+"""
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from .attention import attention
 from .config import TextConfig
-from .cpu import LOG2_E, times_sigmoid
-from .quantized import Linear
-from .rope import inv_freq
+from .rope import inv_freq, rope_periods
+
+# Absolute MRoPE positions of a prompt or chunk, [3, B, L] on the host; or, for text that continues
+# from an offset (every axis equal and consecutive), that offset alone: an int, or one per batch row.
+Positions = np.ndarray | int | mx.array
 
 
 def mrope_axes(head_dim: int, mrope_section: list[int]) -> np.ndarray:
@@ -27,17 +32,53 @@ def mrope_axes(head_dim: int, mrope_section: list[int]) -> np.ndarray:
     return axes
 
 
-class MRoPE:
-    """cos/sin tables for position ids [3, B, L]; float32 angles, cast to the activation dtype like the
-    reference, which then rotates in that dtype."""
+def text_offset(positions: np.ndarray) -> int | np.ndarray | None:
+    """The start position when every axis is equal and each row consecutive (text; MRoPE is then plain
+    rope at that position), else None: one int when the rows start alike, else one per row."""
+    t = positions[0]
+    if t.shape[1] == 0:
+        return 0
+    if not ((positions == t).all() and (t == t[:, :1] + np.arange(t.shape[1])).all()):
+        return None
+    starts = t[:, 0]
+    return int(starts[0]) if (starts == starts[0]).all() else starts
+
+
+class Rope:
+    """Rotary embedding of the decoder for any positions. Text (equal axes, consecutive) takes MLX's
+    fused rope, one graph node per tensor; inputs with images or videos take the interleaved MRoPE with
+    cos/sin tables. Both rotate with the reference's float32 frequency table (rope.py): the fused kernel
+    divides 1 by its `freqs`, chosen so that this gives the table exactly."""
 
     def __init__(self, config: TextConfig):
+        self.dims = config.head_dim
+        self.periods = mx.array(rope_periods(config.rope_theta, config.head_dim))
         self.inv_freq = mx.array(inv_freq(config.rope_theta, config.head_dim))
         self.axes = mx.array(mrope_axes(config.head_dim, config.mrope_section))
 
-    def __call__(self, position_ids: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
-        """cos and a signed sin, [B, 1, L, d]: sin's first half is negated so that `apply_rope` rotates
-        with a single roll (exact: negation commutes with the rounding to `dtype`)."""
+    def at(self, positions: Positions, dtype: mx.Dtype):
+        """A function rotating q or k [B, heads, L, head_dim] at these positions."""
+        offset = positions if not isinstance(positions, np.ndarray) else text_offset(positions)
+        if offset is not None:
+            if isinstance(offset, np.ndarray):
+                offset = mx.array(offset.astype(np.int32))
+            return partial(
+                mx.fast.rope,
+                dims=self.dims,
+                traditional=False,
+                base=None,
+                scale=1.0,
+                offset=offset,
+                freqs=self.periods,
+            )
+        cos, signed_sin = self.tables(mx.array(positions), dtype)
+        return partial(apply_rope, cos=cos, signed_sin=signed_sin)
+
+    def tables(self, position_ids: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """cos and a signed sin, [B, 1, L, d], for position ids [3, B, L]: float32 angles, cast to the
+        activation dtype like the reference, which then rotates in that dtype. sin's first half is
+        negated so that `apply_rope` rotates with a single roll (exact: negation commutes with the
+        rounding to `dtype`)."""
         per_freq = position_ids.astype(mx.float32)[self.axes]  # [d/2, B, L]
         angles = per_freq.transpose(1, 2, 0) * self.inv_freq  # [B, L, d/2]
         cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
@@ -46,12 +87,47 @@ class MRoPE:
         return cos[:, None], sin[:, None]
 
 
-@mx.compile  # fuses the multiplies and the add into one kernel: 3 graph nodes per call instead of ~8
+@mx.compile  # fuses the multiplies and the add into one kernel
 def apply_rope(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
     """Rotate-half rope, x * cos + [-x2, x1] * sin, as x * cos + roll(x) * signed_sin.
-    x: [B, heads, L, d]; cos / signed_sin: [B, 1, L, d] from MRoPE. (Not shapeless: the roll's split
-    needs shapes; each new prompt-chunk length traces once.)"""
+    x: [B, heads, L, d]; cos / signed_sin: [B, 1, L, d] from `Rope.tables`. (Not shapeless: the roll's
+    split needs shapes; each new prompt-chunk length traces once.)"""
     return x * cos + mx.roll(x, x.shape[-1] // 2, axis=-1) * signed_sin
+
+
+def split_heads(x: mx.array, head_dim: int) -> mx.array:
+    """[B, L, heads * head_dim] -> [B, heads, L, head_dim]."""
+    B, L, _ = x.shape
+    if L == 1:  # one token: the transpose moves no data, and a reshape alone is one graph node less
+        return x.reshape(B, -1, 1, head_dim)
+    return x.reshape(B, L, -1, head_dim).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """[B, heads, L, head_dim] -> [B, L, heads * head_dim]."""
+    B, _, L, _ = x.shape
+    if L == 1:
+        return x.reshape(B, 1, -1)
+    return x.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+def fused_linear(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer whose output is the given layers' outputs concatenated, or None if they cannot share
+    one matrix. Exact, quantized ones included: MLX quantizes in groups along the input dimension, so
+    the concatenated rows keep their packed values, scales and biases. Layers of different bit widths
+    (mixed quantization recipes) stay apart."""
+    first = layers[0]
+    if any(type(layer) is not type(first) or "bias" in layer for layer in layers):
+        return None
+    if isinstance(first, nn.QuantizedLinear):
+        settings = {(layer.bits, layer.group_size, layer.mode) for layer in layers}
+        if len(settings) > 1:
+            return None
+    fused = copy.copy(first)  # the same class and settings (bits, group size); its arrays replaced:
+    for name, value in first.items():
+        if isinstance(value, mx.array):
+            fused[name] = mx.concatenate([layer[name] for layer in layers], axis=0)
+    return fused
 
 
 class Attention(nn.Module):
@@ -62,43 +138,67 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         hidden = config.hidden_size
-        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.attend = scaled_dot_product_attention
 
-    def __call__(self, x, cos, sin, mask, cache=None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)).transpose(0, 2, 1, 3)
-        k = self.k_norm(self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def fuse(self) -> None:
+        """q, k and v as one matrix (`qkv_proj`): one matmul instead of three per token."""
+        fused = fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self["q_proj"], self["k_proj"], self["v_proj"]
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v as [B, heads, L, head_dim]."""
+        if "qkv_proj" in self:
+            qkv = split_heads(self.qkv_proj(x), self.head_dim)
+            return mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        return tuple(split_heads(p(x), self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+
+    def __call__(self, x, rope, mask, cache=None) -> mx.array:
+        q, k, v = self.project(x)
+        q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, mask, cache)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = self.attend(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(merge_heads(out))
 
 
 @partial(mx.compile, shapeless=True)
 def silu_gate(gate: mx.array, up: mx.array) -> mx.array:
     """SiLU(gate) * up, the SiLU in float32 and rounded once as PyTorch does for bfloat16 (SPEC §6.2).
     One fused kernel, so a prefill chunk holds one intermediate of [tokens, intermediate_size] instead of
-    three; the sigmoid with a power of 2 (`cpu.py`): 2.6x faster on the CPU, as accurate."""
+    three."""
     g = gate.astype(mx.float32)
-    return times_sigmoid(g, LOG2_E * g).astype(gate.dtype) * up
+    return (g * mx.sigmoid(g)).astype(gate.dtype) * up
 
 
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.activation = silu_gate
+
+    def fuse(self) -> None:
+        """gate and up as one matrix (`gate_up_proj`)."""
+        fused = fused_linear([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            del self["gate_proj"], self["up_proj"]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(silu_gate(self.gate_proj(x), self.up_proj(x)))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.activation(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -109,8 +209,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x, cos, sin, mask, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def __call__(self, x, rope, mask, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -121,26 +221,31 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rope = MRoPE(config)
+        self.rope = Rope(config)
+
+    def fuse_projections(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def __call__(
         self,
         inputs_embeds: mx.array,
-        position_ids: mx.array,
+        positions: Positions,
         cache: list | None = None,
         visual_index: mx.array | None = None,
         deepstack: list[mx.array] | None = None,
     ) -> mx.array:
-        """inputs_embeds [B, L, H]; position_ids [3, B, L]. `deepstack[j]` (rows for the flat positions
+        """inputs_embeds [B, L, H] at `positions`. `deepstack[j]` (rows for the flat positions
         `visual_index` of [B * L]) is added to the output of decoder layer j (SPEC §4.5)."""
         h = inputs_embeds
         B, L, H = h.shape
-        cos, sin = self.rope(position_ids, h.dtype)
+        rope = self.rope.at(positions, h.dtype)
         cache = cache if cache is not None else [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         deepstack = deepstack or []
         for j, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
-            h = layer(h, cos, sin, mask, layer_cache)
+            h = layer(h, rope, mask, layer_cache)
             if j < len(deepstack):
                 h = h.reshape(B * L, H).at[visual_index].add(deepstack[j].astype(h.dtype)).reshape(B, L, H)
         return self.norm(h)

@@ -16,34 +16,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import infer_quant_config
 
+from .backend import Backend
 from .config import ModelConfig
 from .errors import Qwen3VLError
 from .model import Model
-from .options import DEFAULT_MODEL, DTYPE_NAMES
+from .options import DEFAULT_MODEL
 from .processor import Processor
-from .vision import WideningLinear
-
-DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
-
-
-def default_dtype() -> str:
-    """The compute dtype where none is asked for. On a GPU, bfloat16: the checkpoints' own precision and
-    half the memory. On the CPU, float32: MLX's float32 matmuls go through BLAS (with OpenBLAS ~20x
-    faster than its bfloat16 kernels on a 2-core x86 machine), 4-bit matmuls with float32 activations ran
-    8.6x faster than with bfloat16 ones there, and float32 matches the reference to ~1e-6. It doubles
-    the memory of unquantized weights: pass dtype="bfloat16" to trade speed for memory."""
-    return "bfloat16" if mx.default_device() == mx.gpu else "float32"
-
-
-def resolve_dtype(dtype) -> mx.Dtype:
-    if dtype is None:
-        dtype = default_dtype()
-    if isinstance(dtype, mx.Dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise Qwen3VLError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 # What a model directory needs; the hub download skips everything else (other formats, images, ...).
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
@@ -169,15 +147,23 @@ def quantize_as_stored(model: Model, weights: dict[str, mx.array]) -> None:
 
 
 def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Floating-point tensors in the compute dtype, except where a narrower stored dtype serves exactly:
+    """Floating-point tensors in the compute dtype, except where another dtype serves exactly:
     - the scales and biases of quantized linear layers keep the checkpoint's dtype. A quantized matmul
       takes float32 activations with bfloat16 scales at the same speed and gives the same numbers
       (bfloat16 widens exactly), so float32 compute on the CPU costs no extra memory or load time there.
       A quantized embedding's do take the compute dtype: it dequantizes in its scales' dtype, and its
       output is the activations' start.
-    - the vision tower's `WideningLinear` layers keep a narrower stored dtype and widen per call."""
-    kept = {name for name, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
-    widening = {name for name, m in model.named_modules() if isinstance(m, WideningLinear)}
+    - modules that say `keeps_stored_dtype` (cpu.WideningLinear) keep a narrower stored dtype and widen
+      per call; modules that say `float32_parameters` (the vision LayerNorm, which computes in float32)
+      get float32."""
+    kept, widening, wide = set(), set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            kept.add(name)
+        if getattr(module, "keeps_stored_dtype", False):
+            widening.add(name)
+        if getattr(module, "float32_parameters", False):
+            wide.add(name)
 
     def cast(key: str, value: mx.array) -> mx.array:
         module, _, name = key.rpartition(".")
@@ -185,32 +171,49 @@ def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype
             return value
         if module in widening and value.dtype.size < dtype.size:
             return value
-        return value.astype(dtype)
+        return value.astype(mx.float32 if module in wide else dtype)
 
     return {k: cast(k, v) for k, v in weights.items()}
 
 
-def load_model(path: Path, dtype=None, lazy: bool = False) -> Model:
-    dtype = resolve_dtype(dtype)
+def load_model(path: Path, dtype=None, lazy: bool = False, backend: str | None = None) -> Model:
+    backend = Backend.choose(backend, dtype)
     config = read_config(path)
     model = Model(config)
     weights = model.sanitize(read_weights(path))
     quantize_as_stored(model, weights)
+    backend.specialize(model)  # before the weights are cast: some modules keep their stored dtype
     check_weights(model, weights)
-    model.update(tree_unflatten(list(in_compute_dtype(model, weights, dtype).items())))
+    model.update(tree_unflatten(list(in_compute_dtype(model, weights, backend.dtype).items())))
+    del weights  # the fused matrices below are then the only holders of their parts
+    model.fuse_projections()
+    model.backend = backend
     if not lazy:
-        mx.eval(model.parameters())
+        evaluate(model)
     model.eval()
     return model
 
 
-def load(path_or_repo=DEFAULT_MODEL, dtype=None, lazy: bool = False) -> tuple[Model, Processor]:
+def evaluate(model: Model) -> None:
+    """Materialise the parameters a decoder layer at a time: each layer's fused matrices are built from
+    its stored parts, which are freed before the next layer's are read (peak: the model plus one layer)."""
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
+def load(
+    path_or_repo=DEFAULT_MODEL, dtype=None, lazy: bool = False, backend: str | None = None
+) -> tuple[Model, Processor]:
     """Load Qwen3-VL as `(model, processor)` from a model directory or a Hugging Face repo id (downloaded
     once into the hub cache): transformers' published layout, a directory written by `convert.py`
-    (quantized or not), or one converted by mlx-vlm / published by the MLX community. dtype: the compute
-    dtype, "bfloat16", "float32" or "float16"; None picks per backend (`default_dtype`: bfloat16 on a GPU,
-    float32 on the CPU). Quantized layers keep their packed weights and, except the embedding's, their
-    stored scales (`in_compute_dtype`)."""
+    (quantized or not), or one converted by mlx-vlm / published by the MLX community.
+
+    dtype: the compute dtype, "bfloat16", "float32" or "float16". backend: "gpu" (the plain model, as MLX
+    runs it on a Mac's GPU) or "cpu" (with the CPU specialisations); None follows MLX's default device,
+    and a None dtype then the backend's default (bfloat16 on the GPU, float32 on the CPU; `backend.py`).
+    Quantized layers keep their packed weights and, except the embedding's, their stored scales
+    (`in_compute_dtype`)."""
     path = model_directory(path_or_repo)
-    model = load_model(path, dtype, lazy)
+    model = load_model(path, dtype, lazy, backend)
     return model, Processor.from_pretrained(path, model.config)

@@ -16,9 +16,8 @@ from mlx_lm.models.cache import KVCache
 
 from .config import ModelConfig
 from .errors import Qwen3VLError
-from .language import TextModel
+from .language import Positions, TextModel
 from .positions import batch_rope_index
-from .quantized import Linear
 from .vision import VisionModel
 
 
@@ -41,10 +40,12 @@ class PromptCache(list):
 @dataclass
 class PreparedInput:
     """A prompt ready for the decoder: embeddings with the vision features in place, absolute 3-D
-    positions, and the DeepStack features with the flat positions (in [B * L]) they are added at."""
+    positions, the DeepStack features with the flat positions (in [B * L]) they are added at, and the rope
+    delta the cache has once this input is in it."""
 
     embeddings: mx.array  # [B, L, H]
-    position_ids: mx.array  # [3, B, L]
+    positions: Positions  # [3, B, L] on the host, or the offset of text (language.Positions)
+    rope_delta: np.ndarray  # [B]
     visual_index: np.ndarray | None = None
     deepstack: list[mx.array] | None = None
 
@@ -54,19 +55,17 @@ class PreparedInput:
 
     def chunk(self, start: int, end: int) -> PreparedInput:
         """Positions [start, end) of a single sequence, for prefilling a long prompt piece by piece."""
+        positions = self.positions
+        positions = positions[:, :, start:end] if isinstance(positions, np.ndarray) else positions + start
+        embeddings = self.embeddings[:, start:end]
         if self.visual_index is None:
-            return PreparedInput(self.embeddings[:, start:end], self.position_ids[:, :, start:end])
+            return PreparedInput(embeddings, positions, self.rope_delta)
         rows = np.flatnonzero((self.visual_index >= start) & (self.visual_index < end))
-        index = self.visual_index[rows] - start
         if len(rows) == 0:
-            return PreparedInput(self.embeddings[:, start:end], self.position_ids[:, :, start:end])
+            return PreparedInput(embeddings, positions, self.rope_delta)
         take = mx.array(rows.astype(np.int32))
-        return PreparedInput(
-            self.embeddings[:, start:end],
-            self.position_ids[:, :, start:end],
-            index,
-            [level[take] for level in self.deepstack],
-        )
+        visual_index, deepstack = self.visual_index[rows] - start, [level[take] for level in self.deepstack]
+        return PreparedInput(embeddings, positions, self.rope_delta, visual_index, deepstack)
 
 
 @dataclass
@@ -93,7 +92,8 @@ class Model(nn.Module):
         self.config = config
         self.model = Qwen3VLModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+            text = config.text_config
+            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
 
     @property
     def layers(self):
@@ -117,7 +117,7 @@ class Model(nn.Module):
         cache: PromptCache | None = None,
     ) -> mx.array:
         """Logits [B, L, vocab] for input_ids [B, L] (or [L]). With a cache, the call continues the
-        cached sequence: pass the next token(s) and the same cache."""
+        cached sequence: pass the next token(s) and the same cache (one call per decode step)."""
         images = self.encode_vision(pixel_values, image_grid_thw) if pixel_values is not None else None
         videos = None
         if pixel_values_videos is not None:
@@ -135,18 +135,21 @@ class Model(nn.Module):
         cache: PromptCache | None = None,
     ) -> PreparedInput:
         """Embed a prompt (vision features already encoded) and give it absolute 3-D positions after
-        what the cache holds. With vision input, the cache's rope delta is advanced to cover the whole
-        prompt, which must then be fed to `decode` (at once or in consecutive chunks)."""
-        input_ids = mx.array(input_ids)
+        what the cache holds. Reads the cache, never changes it: `decode` feeds the prompt (at once or in
+        consecutive chunks) and with it sets the cache's rope delta."""
+        if not isinstance(input_ids, mx.array):
+            input_ids = mx.array(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         h = self.model.language_model.embed_tokens(input_ids)
         B, L, _ = h.shape
         offset = cache.offset if cache is not None else 0
-        rope_delta = getattr(cache, "rope_delta", np.zeros(1, dtype=np.int64))
+        rope_delta = getattr(cache, "rope_delta", np.zeros(B, dtype=np.int64))
         if images is None and videos is None:
-            positions = mx.arange(offset, offset + L)[None] + mx.array(rope_delta)[:, None]
-            return PreparedInput(h, mx.broadcast_to(positions[None], (3, B, L)))
+            # Text: every axis at the same position, consecutive from where the cache ends.
+            starts = offset + rope_delta
+            start = int(starts[0]) if (starts == starts[0]).all() else mx.array(starts.astype(np.int32))
+            return PreparedInput(h, start, rope_delta)
         if cache is not None and not isinstance(cache, PromptCache):
             raise Qwen3VLError("a prompt with images or videos needs a cache made by model.make_cache()")
         ids = np.array(input_ids)
@@ -159,23 +162,28 @@ class Model(nn.Module):
             video_token_id=self.config.video_token_id,
             spatial_merge_size=self.config.vision_config.spatial_merge_size,
         )
-        if cache is not None:
-            cache.rope_delta = rope_delta + prompt_delta
-        position_ids = mx.array(positions + offset + rope_delta[None, :, None])
-        return PreparedInput(h, position_ids, visual_index, deepstack)
+        positions = positions + offset + rope_delta[None, :, None]
+        return PreparedInput(h, positions, rope_delta + prompt_delta, visual_index, deepstack)
 
     def decode(self, prepared: PreparedInput, cache: PromptCache | None = None, last_only: bool = False):
-        """Run the decoder over a prepared prompt (or chunk); logits for every position, or for the
-        last one only (what generation needs: the vocabulary projection is the largest matmul)."""
+        """Run the decoder over a prepared prompt (or chunk), feeding it to the cache; logits for every
+        position, or for the last one only (what generation needs: the vocabulary projection is the
+        largest matmul)."""
         visual_index = None if prepared.visual_index is None else mx.array(prepared.visual_index)
         h = self.model.language_model(
-            prepared.embeddings, prepared.position_ids, cache, visual_index, prepared.deepstack
+            prepared.embeddings, prepared.positions, cache, visual_index, prepared.deepstack
         )
+        if isinstance(cache, PromptCache):
+            cache.rope_delta = prepared.rope_delta
         if last_only:
             h = h[:, -1:]
         if self.config.tie_word_embeddings:
             return self.model.language_model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up of every decoder layer as one matrix each, where the checkpoint allows."""
+        self.model.language_model.fuse_projections()
 
     def _place_vision(self, h, ids: np.ndarray, images, videos):
         """Write vision features over their placeholder embeddings; return the flat placeholder positions

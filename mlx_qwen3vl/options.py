@@ -160,8 +160,11 @@ class SamplingOptions:
         return SamplingOptions(**values)
 
     def sampler(self):
+        """mlx-lm's sampler for these settings; None for greedy decoding (an argmax of the logits)."""
         from mlx_lm.sample_utils import make_sampler
 
+        if not self.temperature:
+            return None
         return make_sampler(
             temp=self.temperature or 0.0,
             top_p=self.top_p or 0.0,

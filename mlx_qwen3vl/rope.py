@@ -46,3 +46,17 @@ def inv_freq(theta: float, dim: int) -> np.ndarray:
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     powers = np.power(np.float64(theta), exponents.astype(np.float64)).astype(np.float32)
     return (np.float32(1.0) / powers).astype(np.float32)
+
+
+def rope_periods(theta: float, dim: int) -> np.ndarray:
+    """What MLX's fused rope takes as `freqs`: it rotates by position / freqs, computing 1 / freqs in
+    float32. For each entry of `inv_freq` this is the float32 whose reciprocal is that entry exactly, so
+    the fused kernel turns with the reference's table."""
+    table = inv_freq(theta, dim)
+    periods = (np.float64(1) / table.astype(np.float64)).astype(np.float32)
+    for i, target in enumerate(table):
+        candidates = [periods[i], np.nextafter(periods[i], np.float32(0)), np.nextafter(periods[i], np.inf)]
+        exact = [p for p in candidates if np.float32(1) / p == target]
+        if exact:
+            periods[i] = exact[0]
+    return periods

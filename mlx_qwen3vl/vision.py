@@ -2,33 +2,25 @@
 ViT blocks with attention confined to each image / video frame pair, the merger and the DeepStack mergers.
 
 Everything that depends only on the grids (interpolation taps, rope positions, attention segments) is
-computed on the host with numpy by `VisionLayout`, once per call, and shared by all blocks.
+computed on the host with numpy by `VisionLayout`, once per call, and shared by all blocks. This is the
+tower as MLX's GPU backends run it; `cpu.py` swaps in what the CPU backend needs at load.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .attention import attention, float32_attention
 from .config import VISION_ACTIVATIONS, VisionConfig
-from .cpu import LOG2_E, concatenate_evaluated, times_sigmoid
+from .language import apply_rope
 from .rope import inv_freq
 
 LAYER_NORM_EPS = 1e-6  # hard-coded in the reference, not a config key
-
-# Attention scores of one segment are computed in query blocks when they would exceed this many bytes,
-# so a large photo costs O(N * block) memory instead of O(N^2) (two buffers of this size live at once:
-# the scores and their exponentials). Fused GPU kernels never materialise the scores, so there the whole
-# segment goes in one call. Measured on the CPU for a 3072-patch image at the 4B widths (576 MiB of
-# scores per block): 76 MiB peak and 2.6 s per attention with 32 MiB blocks; 636 MiB and 3.6 s for MLX's
-# fused fallback in one call.
-CPU_ATTENTION_SCORE_BYTES = 32 * 2**20
-_FUSED_SDPA_HEAD_DIMS = (64, 80, 128)
 
 
 def merge_block_order(g_h: int, g_w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,21 +72,28 @@ class VisionLayout:
     def num_patches(self) -> int:
         return sum(t * h * w for t, h, w in self.grids)
 
+    def run_grids(self) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+        """`segment_runs` with the grids each run covers: (length, count, grids)."""
+        runs: list[tuple[int, int, list]] = []
+        for t, h, w in self.grids:
+            if runs and runs[-1][0] == h * w:
+                runs[-1] = (h * w, runs[-1][1] + t, runs[-1][2] + [(t, h, w)])
+            else:
+                runs.append((h * w, t, [(t, h, w)]))
+        return runs
+
     def segment_runs(self) -> list[tuple[int, int]]:
         """Attention segments as (length, count) runs: every image and every frame pair of a video attends
         only within itself (SPEC §3.5); consecutive equal segments are batched into one call."""
-        runs: list[tuple[int, int]] = []
-        for t, h, w in self.grids:
-            if runs and runs[-1][0] == h * w:
-                runs[-1] = (h * w, runs[-1][1] + t)
-            else:
-                runs.append((h * w, t))
-        return runs
+        return [(length, count) for length, count, _ in self.run_grids()]
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and rounded once, as PyTorch does for bfloat16 (SPEC §6.2);
-    MLX's fused kernel rounds the normalised value before the affine step."""
+    """LayerNorm computed in float32 and rounded once, as PyTorch does for bfloat16 (SPEC §6.2); MLX's
+    fused kernel rounds the normalised value before the affine step. Its parameters are kept in float32
+    at load (`float32_parameters`: an exact widening), so a call casts only its input and its output."""
+
+    float32_parameters = True
 
     def __call__(self, x: mx.array) -> mx.array:
         f32 = mx.float32
@@ -102,35 +101,21 @@ class LayerNorm(nn.LayerNorm):
         return y.astype(x.dtype)
 
 
-# gelu_tanh(x) = x * sigmoid(2u), u = sqrt(2 / pi) * (x + 0.044715 x^3): the tanh approximation, with the
-# sigmoid as a power of 2 (`cpu.py`): 4x faster on the CPU than `nn.gelu_approx`, as accurate against
-# float64 (max abs error 5e-7 vs 4e-7 on N(0, 4)).
-_GELU_TANH_FACTOR = 2 * math.sqrt(2 / math.pi) * LOG2_E
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 
-@mx.compile
+@partial(mx.compile, shapeless=True)
 def gelu_tanh(x: mx.array) -> mx.array:
-    return times_sigmoid(x, _GELU_TANH_FACTOR * (x + 0.044715 * (x * x * x)))
+    """PyTorch's gelu(approximate="tanh") in float32, rounded once (SPEC §6.2): one kernel."""
+    y = x.astype(mx.float32)
+    return (0.5 * y * (1 + mx.tanh(_SQRT_2_OVER_PI * (y + 0.044715 * (y * y * y))))).astype(x.dtype)
 
 
-class WideningLinear(nn.Linear):
-    """A Linear whose parameters may be narrower than the activations: under float32 compute a bfloat16
-    checkpoint's matrices stay bfloat16 in memory (`loading.in_compute_dtype`) and are widened per call,
-    which is exact, so the outputs equal those of widened-at-load weights. The tower's matrices are read
-    once per encode, so the casts cost little (measured on the CPU at the 4B widths, 2 blocks and the 4
-    mergers: 448x448 1.12 vs 0.93 s, 1024x768 6.55 vs 6.34 s) and halve the tower's memory (0.8 GB less
-    for the 4B). A decoder matrix is read every token, so the decoder keeps nn.Linear."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        weight = self.weight.astype(x.dtype)
-        if "bias" in self:
-            return mx.addmm(self.bias.astype(x.dtype), x, weight.T)
-        return x @ weight.T
-
-
-def _in_float32(fn):
-    """Apply an elementwise activation in float32 and round once (PyTorch's opmath, SPEC §6.2)."""
-    return lambda x: fn(x.astype(mx.float32)).astype(x.dtype)
+@partial(mx.compile, shapeless=True)
+def gelu_erf(x: mx.array) -> mx.array:
+    """The exact (erf) GELU of the mergers, in float32, rounded once."""
+    y = x.astype(mx.float32)
+    return (0.5 * y * (1 + mx.erf(y * (1 / math.sqrt(2))))).astype(x.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -146,56 +131,17 @@ class PatchEmbed(nn.Module):
         return self.proj(pixel_values.astype(self.proj.weight.dtype))
 
 
-def apply_vision_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate-half rope over the full head dim, in float32 (SPEC §3.4). x: [N, heads, d]; cos/sin: [N, d]."""
-    x32 = x.astype(mx.float32)
-    half = x.shape[-1] // 2
-    rotated = mx.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+@mx.compile
+def apply_vision_rope(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
+    """Rotate-half rope over the full head dim in float32, rounded once (SPEC §3.4); cos / signed_sin
+    as `VisionModel.rope_tables` gives them."""
+    return apply_rope(x.astype(mx.float32), cos, signed_sin).astype(x.dtype)
 
 
-def _score_budget(head_dim: int) -> int | None:
-    if mx.default_device() == mx.gpu and head_dim in _FUSED_SDPA_HEAD_DIMS:
-        return None
-    return CPU_ATTENTION_SCORE_BYTES
-
-
-def _in_query_blocks(attend, q, k, v, scale: float, block: int) -> mx.array:
-    """One segment's attention, `block` query rows at a time, each evaluated before the next is built
-    (`cpu.concatenate_evaluated`). q, k, v: [heads, L, d] -> [1, heads, L, d]."""
-    block = max(1, block)
-    parts = (attend(q[None, :, s : s + block], k[None], v[None], scale) for s in range(0, q.shape[1], block))
-    return concatenate_evaluated(parts, axis=2)
-
-
-def segment_attention(q, k, v, runs, scale: float, max_score_bytes: int | None) -> mx.array:
-    """Non-causal attention within each segment. q, k, v: [N, heads, d] -> [N, heads * d]."""
-    n_heads, head_dim = q.shape[1:]
-    # Where the scores are materialised, the base-2 version (much faster exponentials on the CPU).
-    attend = attention if max_score_bytes is None else float32_attention
-    outputs, start = [], 0
-    for length, count in runs:
-        end = start + length * count
-
-        def batched(t, start=start, end=end, count=count, length=length):
-            return t[start:end].reshape(count, length, n_heads, head_dim).transpose(0, 2, 1, 3)
-
-        qs, ks, vs = batched(q), batched(k), batched(v)
-        # Bytes of float32 scores for one query row of one segment.
-        row_bytes = n_heads * length * 4
-        if max_score_bytes is None or count * length * row_bytes <= max_score_bytes:
-            out = attend(qs, ks, vs, scale)
-        else:
-            out = mx.concatenate(
-                [
-                    _in_query_blocks(attend, qs[i], ks[i], vs[i], scale, max_score_bytes // row_bytes)
-                    for i in range(count)
-                ],
-                axis=0,
-            )
-        outputs.append(out.transpose(0, 2, 1, 3).reshape(end - start, n_heads * head_dim))
-        start = end
-    return mx.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+def fused_attention(q, k, v, scale: float) -> mx.array:
+    """q, k, v [segments, heads, length, head_dim]: MLX's fused kernel, which never materialises the
+    scores."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 class VisionAttention(nn.Module):
@@ -204,23 +150,38 @@ class VisionAttention(nn.Module):
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv = WideningLinear(config.hidden_size, 3 * config.hidden_size, bias=True)
-        self.proj = WideningLinear(config.hidden_size, config.hidden_size, bias=True)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.attend = fused_attention
 
-    def __call__(self, x, cos, sin, runs, max_score_bytes) -> mx.array:
-        qkv = self.qkv(x).reshape(x.shape[0], 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        q, k = apply_vision_rope(q, cos, sin), apply_vision_rope(k, cos, sin)
-        return self.proj(segment_attention(q, k, v, runs, self.scale, max_score_bytes))
+    def __call__(self, x, rope_tables, runs) -> mx.array:
+        """Non-causal attention within each segment; `runs` and `rope_tables` from `VisionLayout`: each
+        run of equal segments is one batched call (segments never attend to each other, so no mask)."""
+        qkv = self.qkv(x)
+        heads, head_dim = self.num_heads, self.head_dim
+        outputs, start = [], 0
+        for (length, count), (cos, signed_sin) in zip(runs, rope_tables, strict=True):
+            end = start + length * count
+            part = qkv if len(runs) == 1 else qkv[start:end]
+            # [count * length, 3 * heads * d] -> [3, count, heads, length, d]: q and k rotated together,
+            # then each [count, heads, length, d] (splits and reshapes, no gathers)
+            part = part.reshape(count, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+            qk, v = mx.split(part, [2])
+            qk = apply_vision_rope(qk, cos, signed_sin).reshape(2 * count, heads, length, head_dim)
+            q, k = mx.split(qk, 2)
+            out = self.attend(q, k, v.reshape(count, heads, length, head_dim), self.scale)
+            outputs.append(out.transpose(0, 2, 1, 3).reshape(end - start, -1))
+            start = end
+        out = mx.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
+        return self.proj(out)
 
 
 class VisionMLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.linear_fc1 = WideningLinear(config.hidden_size, config.intermediate_size, bias=True)
-        self.linear_fc2 = WideningLinear(config.intermediate_size, config.hidden_size, bias=True)
-        approximate = VISION_ACTIVATIONS[config.hidden_act]
-        self.act = _in_float32(gelu_tanh if approximate else nn.gelu)
+        self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
+        self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
+        self.act = gelu_tanh if VISION_ACTIVATIONS[config.hidden_act] else gelu_erf
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.linear_fc2(self.act(self.linear_fc1(x)))
@@ -234,8 +195,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def __call__(self, x, cos, sin, runs, max_score_bytes) -> mx.array:
-        x = x + self.attn(self.norm1(x), cos, sin, runs, max_score_bytes)
+    def __call__(self, x, rope_tables, runs) -> mx.array:
+        x = x + self.attn(self.norm1(x), rope_tables, runs)
         return x + self.mlp(self.norm2(x))
 
 
@@ -248,9 +209,9 @@ class PatchMerger(nn.Module):
         self.grouped_size = config.hidden_size * config.spatial_merge_size**2
         self.postshuffle = postshuffle
         self.norm = LayerNorm(self.grouped_size if postshuffle else config.hidden_size, eps=LAYER_NORM_EPS)
-        self.linear_fc1 = WideningLinear(self.grouped_size, self.grouped_size, bias=True)
-        self.linear_fc2 = WideningLinear(self.grouped_size, config.out_hidden_size, bias=True)
-        self.act = _in_float32(nn.gelu)  # exact (erf) GELU, unlike the blocks
+        self.linear_fc1 = nn.Linear(self.grouped_size, self.grouped_size, bias=True)
+        self.linear_fc2 = nn.Linear(self.grouped_size, config.out_hidden_size, bias=True)
+        self.act = gelu_erf  # exact (erf) GELU, unlike the blocks
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.postshuffle:
@@ -285,18 +246,20 @@ class VisionModel(nn.Module):
             per_item.append(mx.tile(frame.astype(dtype), (t, 1)))
         return mx.concatenate(per_item, axis=0)
 
-    def rope_cos_sin(self, layout: VisionLayout) -> tuple[mx.array, mx.array]:
-        """float32 cos/sin [N, head_dim]: rows (h) on the first quarter of each half, columns (w) on the
-        second (SPEC §3.4)."""
-        per_item = []
-        for t, h, w in layout.grids:
-            rows, cols = merge_block_order(h, w, self.config.spatial_merge_size)
-            positions = mx.array(np.tile(np.stack([rows, cols], axis=1), (t, 1)).astype(np.float32))
-            per_item.append(positions)
-        positions = mx.concatenate(per_item, axis=0)
-        angles = (positions[:, :, None] * self._rope_inv_freq).reshape(positions.shape[0], -1)
-        emb = mx.concatenate([angles, angles], axis=-1)
-        return mx.cos(emb), mx.sin(emb)
+    def rope_tables(self, layout: VisionLayout) -> list[tuple[mx.array, mx.array]]:
+        """float32 cos and signed sin (`apply_rope`) per run of equal segments, [count, 1, length,
+        head_dim]: rows (h) on the first quarter of each half, columns (w) on the second (SPEC §3.4)."""
+        merge = self.config.spatial_merge_size
+        tables = []
+        for length, count, grids in layout.run_grids():
+            positions = np.concatenate(
+                [np.tile(np.stack(merge_block_order(h, w, merge), axis=1), (t, 1)) for t, h, w in grids]
+            )
+            angles = mx.array(positions.astype(np.float32))[:, :, None] * self._rope_inv_freq
+            angles = angles.reshape(count, 1, length, -1)
+            cos, sin = mx.cos(angles), mx.sin(angles)
+            tables.append((mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)))
+        return tables
 
     def __call__(self, pixel_values: mx.array, grid_thw) -> tuple[mx.array, list[mx.array]]:
         """pixel_values [N, 1536] for all items in order; grid_thw [n_items, 3].
@@ -304,13 +267,11 @@ class VisionModel(nn.Module):
         layout = VisionLayout.from_grid_thw(grid_thw)
         x = self.patch_embed(pixel_values)
         x = x + self.position_embedding(layout, x.dtype)
-        cos, sin = self.rope_cos_sin(layout)
-        runs = layout.segment_runs()
-        budget = _score_budget(self.config.head_dim)
+        rope_tables, runs = self.rope_tables(layout), layout.segment_runs()
         deepstack = []
         taps = {block: j for j, block in enumerate(self.config.deepstack_visual_indexes)}
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, runs, budget)
+            x = block(x, rope_tables, runs)
             if i in taps:
                 deepstack.append(self.deepstack_merger_list[taps[i]](x))
         return self.merger(x), deepstack

@@ -44,6 +44,15 @@ def tiny_f32(tiny_checkpoint):
 
 
 @pytest.fixture(scope="session")
+def tiny_gpu_path(tiny_checkpoint):
+    """The model as MLX's GPU backends run it (no CPU specialisations: fused projections, fused rope,
+    MLX's fused attention), here on the CPU, in float32."""
+    from mlx_qwen3vl import load
+
+    return load(tiny_checkpoint, dtype="float32", backend="gpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_reference(tiny_checkpoint):
     return reference_model(tiny_checkpoint, torch.float32)
 

@@ -630,3 +630,28 @@ def test_recipes_are_mlx_lms(tiny_checkpoint):
     from mlx_qwen3vl.options import RECIPES
 
     assert RECIPES == tuple(QUANT_RECIPES)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_fused_projections_give_the_separate_layers_numbers(converted, prompts, backend, monkeypatch):
+    """q/k/v and gate/up of each decoder layer are fused at load into one matrix each, quantized ones too
+    (concatenated rows keep their packed values, scales and biases): the logits equal those of the layers
+    kept apart. Layers whose parts differ in bit width (mixed recipes: v_proj at the high bits in some
+    layers) stay apart."""
+    from mlx_qwen3vl.model import Model
+
+    path = converted(q_bits=4)
+    fused, _ = load(path, dtype="float32", backend=backend)
+    assert all("qkv_proj" in layer.self_attn and "gate_up_proj" in layer.mlp for layer in fused.layers)
+    monkeypatch.setattr(Model, "fuse_projections", lambda self: None)
+    apart, _ = load(path, dtype="float32", backend=backend)
+    assert "q_proj" in apart.layers[0].self_attn
+    for name in PROMPTS:
+        ours, theirs = logits(fused, prompts[name]), logits(apart, prompts[name])
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max())
+    monkeypatch.undo()
+
+    mixed, _ = load(converted(q_recipe="mixed_3_6"), dtype="float32", backend=backend, lazy=True)
+    attention = [("qkv_proj" in layer.self_attn) for layer in mixed.layers]
+    assert attention == [True, True, False, False]  # layers 2 and 3 keep v_proj at 6 bits
+    assert all("gate_up_proj" in layer.mlp for layer in mixed.layers)

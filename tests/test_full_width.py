@@ -14,10 +14,15 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def full_width(checkpoint_root):
-    path = build_checkpoint(checkpoint_root / "full_width_4b", FULL_WIDTH_4B)
-    model, processor = load(path, dtype="float32")
-    return model, processor, reference_model(path, torch.float32)
+def full_width_checkpoint(checkpoint_root):
+    return build_checkpoint(checkpoint_root / "full_width_4b", FULL_WIDTH_4B)
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def full_width(request, full_width_checkpoint):
+    """Both backends: the CPU's, and the GPU path run on the CPU."""
+    model, processor = load(full_width_checkpoint, dtype="float32", backend=request.param)
+    return model, processor, reference_model(full_width_checkpoint, torch.float32)
 
 
 @pytest.mark.parametrize("case", ["image_and_video"])

@@ -14,8 +14,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import Qwen3VLError, load
+from mlx_qwen3vl.cpu import WideningLinear
 from mlx_qwen3vl.loading import weight_files
-from mlx_qwen3vl.vision import WideningLinear
 
 
 @pytest.fixture
@@ -193,3 +193,23 @@ def test_vision_matrices_stay_bfloat16_under_float32_compute_and_widen_exactly(
         pairs = zip((ours.features, *ours.deepstack), (reference.features, *reference.deepstack), strict=True)
         for a, b in pairs:
             assert a.dtype == mx.float32 and mx.array_equal(a, b).item()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_loading_holds_each_parameter_once(tiny_checkpoint, backend):
+    """After load, the model's parameters are all that was added (the parts of the fused q/k/v and
+    gate/up matrices are not kept beside them), and the peak while loading stays within the model plus
+    one decoder layer's parts: the fused matrices are built layer by layer."""
+    import gc
+
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model, _ = load(tiny_checkpoint, dtype="bfloat16", backend=backend)
+    params = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    layer = sum(v.nbytes for _, v in tree_flatten(model.layers[0].parameters()))
+    assert "qkv_proj" in model.layers[0].self_attn
+    assert mx.get_active_memory() - before <= params * 1.01
+    assert mx.get_peak_memory() - before <= params + 2 * layer

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import reference_model
-from compare import relative_max_diff
+from compare import relative_max_diff, teacher_forced
 from prompts import IMAGE_A, IMAGE_B, Prompt, chat, image_block, pixel_rows
 from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
-import mlx_qwen3vl.attention
-import mlx_qwen3vl.vision
+import mlx_qwen3vl.cpu
 from mlx_qwen3vl import load
+from mlx_qwen3vl.language import silu_gate
 
 PROMPTS = ["text", "image", "two_images", "video", "image_and_video"]
 
@@ -19,10 +19,20 @@ PROMPTS = ["text", "image", "two_images", "video", "image_and_video"]
 TOLERANCE = 1e-4
 
 
+@pytest.fixture(scope="module")
+def backends(tiny_f32, tiny_gpu_path):
+    """float32 models of both backends: the CPU's, and the GPU path (fused projections, fused rope for
+    text positions, MLX's fused attention) run here on the CPU."""
+    return {"cpu": tiny_f32[0], "gpu": tiny_gpu_path[0]}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("case", PROMPTS)
-def test_float32_logits_match_transformers_at_every_position(case, tiny_f32, prompts, reference_logits):
+def test_float32_logits_match_transformers_at_every_position(
+    case, backend, backends, prompts, reference_logits
+):
     prompt = prompts[case]
-    logits = tiny_f32[0](prompt.input_ids, **prompt.mlx_inputs())
+    logits = backends[backend](prompt.input_ids, **prompt.mlx_inputs())
     assert logits.shape == (1, prompt.input_ids.shape[1], 151936)
     assert relative_max_diff(logits, reference_logits[case]) < TOLERANCE
 
@@ -53,18 +63,24 @@ def reference_greedy(reference, prompt: Prompt, steps: int):
     return tokens, np.stack([step[0].numpy() for step in out.logits])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("case", ["image", "video", "image_and_video"])
-def test_cached_greedy_decoding_matches_transformers_generate(case, tiny_f32, tiny_reference, prompts):
-    tokens, logits = greedy_decode(tiny_f32[0], prompts[case], steps=8)
+def test_cached_greedy_decoding_matches_transformers_generate(
+    case, backend, backends, tiny_reference, prompts
+):
+    """Decode steps after a prompt with images or videos (a non-zero rope delta): on the GPU path these
+    are fused-rope steps at offset + delta."""
+    tokens, logits = greedy_decode(backends[backend], prompts[case], steps=8)
     ref_tokens, ref_logits = reference_greedy(tiny_reference, prompts[case], steps=8)
     assert tokens == ref_tokens
     assert relative_max_diff(logits, ref_logits) < TOLERANCE
 
 
-def test_prompt_fed_in_pieces_through_the_cache_equals_one_pass(tiny_f32, tokenizer_ids):
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_prompt_fed_in_pieces_through_the_cache_equals_one_pass(backend, backends, tokenizer_ids):
     """Two turns, each with its own image, prefilled one after the other through the cache: the second
     piece's positions continue from the first's rope delta (a follow-up turn with a new image)."""
-    model = tiny_f32[0]
+    model = backends[backend]
     first = chat(tokenizer_ids, image_block(IMAGE_A), "What is this?")
     second = chat(tokenizer_ids, image_block(IMAGE_B), "And this?")
     pixels_a, pixels_b = pixel_rows([IMAGE_A], seed=11), pixel_rows([IMAGE_B], seed=12)
@@ -105,15 +121,33 @@ BF16_MAX, BF16_MEAN = 2.5e-2, 2.5e-3
 
 
 @pytest.fixture(scope="module")
-def bf16_logits(tiny_checkpoint, prompts):
-    model, _ = load(tiny_checkpoint, dtype="bfloat16")
-    ours, reference = {}, reference_model(tiny_checkpoint, torch.bfloat16)
+def bf16_reference(tiny_checkpoint, prompts):
+    reference = reference_model(tiny_checkpoint, torch.bfloat16)
     with torch.no_grad():
-        ref = {c: reference(**prompts[c].torch_inputs()).logits.float().numpy() for c in PROMPTS}
+        return {c: reference(**prompts[c].torch_inputs()).logits.float().numpy() for c in PROMPTS}
+
+
+def load_bf16(checkpoint, backend: str):
+    """The model in bfloat16. The GPU path's attention is MLX's fused kernel, which accumulates in
+    float32 on a GPU; its CPU fallback computes scores and softmax in bfloat16 (~1% further from the
+    reference here), so on the CPU the GPU path is tested with the float32-accumulating attention."""
+    model, _ = load(checkpoint, dtype="bfloat16", backend=backend)
+    if backend == "gpu" and mx.default_device() == mx.cpu:
+        for layer in model.layers:
+            layer.self_attn.attend = mlx_qwen3vl.cpu.attention
+        for block in model.model.visual.blocks:
+            block.attn.attend = mlx_qwen3vl.cpu.segment_attention_in_blocks
+    return model
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def bf16_logits(request, tiny_checkpoint, prompts, bf16_reference):
+    model = load_bf16(tiny_checkpoint, request.param)
+    ours = {}
     for case in PROMPTS:
         p = prompts[case]
         ours[case] = np.array(model(p.input_ids, **p.mlx_inputs()).astype(mx.float32))
-    return ours, ref
+    return ours, bf16_reference
 
 
 def relative_mean_diff(a, b, scale):
@@ -130,6 +164,21 @@ def test_bfloat16_logits_close_to_transformers_bfloat16(case, bf16_logits, refer
     assert relative_mean_diff(ours, f32, f32) < 1.15 * relative_mean_diff(ref, f32, f32)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("case", ["image", "video"])
+def test_bfloat16_decode_steps_after_media_stay_within_the_bounds(case, backend, tiny_checkpoint, prompts):
+    """Decode steps in bfloat16 after an image or a video (non-zero rope delta: fused-rope steps on the
+    GPU path), fed transformers' own bf16 greedy tokens: within the bf16 bounds of transformers' bf16
+    step logits, and as close to float32 as they are."""
+    prompt = prompts[case]
+    ref_tokens, ref_logits = reference_greedy(reference_model(tiny_checkpoint, torch.bfloat16), prompt, 8)
+    ours = teacher_forced(load_bf16(tiny_checkpoint, backend), prompt, ref_tokens)
+    f32 = teacher_forced(load(tiny_checkpoint, dtype="float32", backend=backend)[0], prompt, ref_tokens)
+    assert relative_max_diff(ours, ref_logits) < BF16_MAX
+    assert relative_mean_diff(ours, ref_logits, f32) < BF16_MEAN
+    assert relative_mean_diff(ours, f32, f32) < 1.15 * relative_mean_diff(ref_logits, f32, f32)
+
+
 def eager_attention(q, k, v, scale, mask=None):
     """transformers' eager_attention_forward, op by op: bf16 q k^T, scaled in float32 and rounded,
     float32 softmax rounded to bf16, bf16 P v."""
@@ -143,9 +192,9 @@ def eager_attention(q, k, v, scale, mask=None):
 
 
 def use_eager_attention(monkeypatch):
-    for module in (mlx_qwen3vl.attention, mlx_qwen3vl.vision):
-        monkeypatch.setattr(module, "float32_attention", eager_attention)
-    monkeypatch.setattr(mlx_qwen3vl.attention, "_use_fused_kernel", lambda *args: False)
+    """On the CPU backend in bfloat16, the decoder and the vision tower attend through
+    cpu.float32_attention: replaced by transformers' eager rounding."""
+    monkeypatch.setattr(mlx_qwen3vl.cpu, "float32_attention", eager_attention)
 
 
 def test_bfloat16_rounds_like_the_reference(tiny_checkpoint, prompts, reference_logits, monkeypatch):
@@ -186,11 +235,11 @@ def test_bfloat16_vision_rounds_like_the_reference(tiny_checkpoint, monkeypatch)
     assert (rounded != theirs).mean() > 4 * (ours != theirs).mean()
 
 
-def test_silu_gate_equals_pytorch():
-    """The decoder's fused SiLU(gate) * up (sigmoid as a power of 2) against PyTorch's silu, in float32
-    over the range activations take and at the extremes (no nan), and rounded once in bfloat16."""
-    from mlx_qwen3vl.language import silu_gate
-
+@pytest.mark.parametrize("silu_gate", [silu_gate, mlx_qwen3vl.cpu.silu_gate], ids=["gpu", "cpu"])
+def test_silu_gate_equals_pytorch(silu_gate):
+    """The decoder's fused SiLU(gate) * up (on the CPU, the sigmoid as a power of 2) against PyTorch's
+    silu, in float32 over the range activations take and at the extremes (no nan), and rounded once in
+    bfloat16."""
     x = np.concatenate([np.linspace(-100, 100, 400001), [-1e30, -1e4, -88.0, 0.0, 88.0, 1e4, 1e30]])
     x = x.astype(np.float32)
     up = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)

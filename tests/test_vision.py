@@ -8,8 +8,8 @@ from compare import relative_max_diff
 from prompts import IMAGE_A, IMAGE_B, VIDEO, pixel_rows
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-from mlx_qwen3vl import vision
-from mlx_qwen3vl.vision import VisionLayout, position_embedding_taps, segment_attention
+from mlx_qwen3vl import cpu
+from mlx_qwen3vl.vision import VisionLayout, fused_attention, position_embedding_taps
 
 # float32 on both sides; the remaining difference is summation order in matmuls and attention.
 TOLERANCE = 1e-4
@@ -28,11 +28,13 @@ def reference_vision(reference, pixels, grids):
     return out.pooler_output.numpy(), [f.numpy() for f in out.deepstack_features]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("case", CASES)
-def test_vision_tower_matches_transformers(case, tiny_f32, tiny_reference):
+def test_vision_tower_matches_transformers(case, backend, tiny_f32, tiny_gpu_path, tiny_reference):
+    model = tiny_f32[0] if backend == "cpu" else tiny_gpu_path[0]
     grids = np.array(CASES[case])
     pixels = pixel_rows(grids, seed=7)
-    features, deepstack = tiny_f32[0].model.visual(mx.array(pixels), grids)
+    features, deepstack = model.model.visual(mx.array(pixels), grids)
     ref_features, ref_deepstack = reference_vision(tiny_reference, pixels, grids)
 
     assert features.shape == (int(grids.prod(axis=1).sum()) // 4, 128)
@@ -53,65 +55,29 @@ def test_position_embedding_taps_equal_transformers(grid):
     np.testing.assert_array_equal(np.tile(weight, (t, 1)), ref_weight.numpy())
 
 
-def naive_segment_attention(q, k, v, lengths, scale):
-    out, start = [], 0
-    for n in lengths:
-        qs, ks, vs = (x[start : start + n].transpose(1, 0, 2).astype(np.float64) for x in (q, k, v))
-        scores = qs @ ks.transpose(0, 2, 1) * scale
-        p = np.exp(scores - scores.max(-1, keepdims=True))
-        out.append(((p / p.sum(-1, keepdims=True)) @ vs).transpose(1, 0, 2).reshape(n, -1))
-        start += n
-    return np.concatenate(out)
+def test_segments_are_grouped_into_runs_of_equal_length():
+    layout = VisionLayout.from_grid_thw([(2, 6, 4), (1, 4, 10), (1, 6, 4), (3, 6, 4)])
+    assert layout.segment_runs() == [(24, 2), (40, 1), (24, 4)]
+    grids = [grids for _, _, grids in layout.run_grids()]
+    assert grids == [[(2, 6, 4)], [(1, 4, 10)], [(1, 6, 4), (3, 6, 4)]]
 
 
-@pytest.mark.parametrize("budget", [None, 10_000, 200])
-def test_attention_is_confined_to_segments_and_exact_in_query_blocks(budget):
-    grids = [(2, 6, 4), (1, 4, 10), (1, 6, 4)]
-    layout = VisionLayout.from_grid_thw(grids)
-    assert layout.segment_runs() == [(24, 2), (40, 1), (24, 1)]
+@pytest.mark.parametrize("budget", [10**9, 10_000, 200])
+def test_query_blocks_are_exact(budget, monkeypatch):
+    """The CPU's attention in query blocks of any size equals the fused kernel's on whole segments."""
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget)
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((layout.num_patches, 2, 8)).astype(np.float32) for _ in range(3))
-    ours = segment_attention(mx.array(q), mx.array(k), mx.array(v), layout.segment_runs(), 0.35, budget)
-    expected = naive_segment_attention(q, k, v, [24, 24, 40, 24], 0.35)
-    np.testing.assert_allclose(np.array(ours), expected, atol=1e-5)
+    q, k, v = (mx.array(rng.standard_normal((3, 2, 40, 8)).astype(np.float32)) for _ in range(3))
+    ours = cpu.segment_attention_in_blocks(q, k, v, 0.35)
+    np.testing.assert_allclose(np.array(ours), np.array(fused_attention(q, k, v, 0.35)), atol=1e-5)
 
 
 def test_large_image_in_query_blocks_matches_transformers(tiny_f32, tiny_reference, monkeypatch):
     """A budget small enough that every block of the tower splits its queries into 8-row blocks."""
     grids = np.array([(1, 16, 20)])
     pixels = pixel_rows(grids, seed=8)
-    monkeypatch.setattr(vision, "CPU_ATTENTION_SCORE_BYTES", 2 * 320 * 4 * 8)
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 2 * 320 * 4 * 8)
     features, deepstack = tiny_f32[0].model.visual(mx.array(pixels), grids)
     ref_features, ref_deepstack = reference_vision(tiny_reference, pixels, grids)
     assert relative_max_diff(features, ref_features) < TOLERANCE
     assert relative_max_diff(deepstack[-1], ref_deepstack[-1]) < TOLERANCE
-
-
-def test_gelu_tanh_equals_pytorch_tanh_approximation():
-    """The power-of-2 form of the vision blocks' activation against PyTorch's gelu(approximate="tanh"),
-    in float32 over the range activations take, and at the extremes (no overflow to nan)."""
-    x = np.concatenate([np.linspace(-12, 12, 200001), [-1e30, -1e4, -88.0, 0.0, 88.0, 1e4, 1e30]])
-    x = x.astype(np.float32)
-    ours = np.array(vision.gelu_tanh(mx.array(x)))
-    reference = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
-    np.testing.assert_allclose(ours, reference, rtol=2e-6, atol=1e-6)
-
-
-def test_query_blocks_bound_the_memory_of_a_large_segment():
-    """A 2048-patch segment with 64 MiB of scores in 2 MiB query blocks: the attention's peak memory
-    stays within a few blocks (not the whole matrix, nor all blocks at once)."""
-    n, heads, head_dim, budget = 2048, 4, 32, 2 * 2**20
-    rng = np.random.default_rng(1)
-    q, k, v = (mx.array(rng.standard_normal((n, heads, head_dim)).astype(np.float32)) for _ in range(3))
-    mx.eval(q, k, v)
-    out_bytes = n * heads * head_dim * 4
-
-    def peak(max_score_bytes):
-        mx.synchronize()
-        mx.reset_peak_memory()
-        base = mx.get_active_memory()
-        mx.eval(segment_attention(q, k, v, [(n, 1)], 0.2, max_score_bytes))
-        return mx.get_peak_memory() - base
-
-    assert peak(None) > heads * n * n * 4  # the whole score matrix at once
-    assert peak(budget) < 3 * budget + 4 * out_bytes

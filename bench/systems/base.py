@@ -64,8 +64,9 @@ class System:
         """Peak memory (GB) of one generation: the text prompt (image None) or the image prompt."""
         raise Unsupported
 
-    def decode_ops(self) -> tuple[int, dict]:
-        """MLX primitives in the graph of one decode step's logits (after a text prefill)."""
+    def decode_ops(self) -> dict:
+        """MLX primitives in the graph of one decode step's logits (after a text prefill), as
+        `measure.decode_step_ops` counts them: {"gpu_path": (count, histogram), "native": ...}."""
         raise Unsupported
 
     def bytes_per_token(self) -> int:
@@ -191,12 +192,14 @@ def run(system: System, spec: dict) -> dict:
     if "ops" in groups:
 
         def ops():
-            count, histogram = system.decode_ops()
-            figures["decode_ops"] = count
-            system.info["decode_ops_histogram"] = histogram
+            counts = system.decode_ops()
+            figures["decode_ops"], system.info["decode_ops_histogram"] = counts["gpu_path"]
+            figures["decode_ops_native"], system.info["decode_ops_native_histogram"] = counts["native"]
 
         attempt("ops", ops)
     attempt("info", lambda: system.info.__setitem__("bytes_per_token", system.bytes_per_token()))
+    # What of the peak memory is the weights themselves (the rest: activations, KV cache, buffers).
+    attempt("info", lambda: system.info.__setitem__("parameter_gb", parameter_bytes(system.model) / 1e9))
     system.info["max_rss_gb"] = max_rss_gb()
     return {"system": system.name, "figures": figures, "info": system.info, "errors": errors}
 
@@ -208,3 +211,11 @@ def _drained(system: System, value: float) -> float:
 
 def question_for(media: str) -> str:
     return IMAGE_QUESTION if media in IMAGES else VIDEO_QUESTION
+
+
+def parameter_bytes(model) -> int:
+    if hasattr(model, "state_dict"):  # transformers' PyTorch model
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))

@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from measure import Clock, count_ops, mlx_memory, quantize, weight_bytes_per_token
+from graph import qwen3_args
+from measure import Clock, decode_step_ops, fresh_caches, mlx_memory, quantize, weight_bytes_per_token
 from mlx.utils import tree_unflatten
 from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models import cache as lm_cache
-from mlx_lm.models.qwen3 import Model, ModelArgs
+from mlx_lm.models.qwen3 import Model
 
 from .base import System as Base
 
@@ -28,22 +29,7 @@ class System(Base):
     def load(self) -> None:
         path = Path(self.spec["checkpoint"])
         config = json.loads((path / "config.json").read_text())
-        text = config["text_config"]
-        rope = text.get("rope_parameters") or {}
-        args = ModelArgs(
-            model_type="qwen3",
-            hidden_size=text["hidden_size"],
-            num_hidden_layers=text["num_hidden_layers"],
-            intermediate_size=text["intermediate_size"],
-            num_attention_heads=text["num_attention_heads"],
-            rms_norm_eps=text["rms_norm_eps"],
-            vocab_size=text["vocab_size"],
-            num_key_value_heads=text["num_key_value_heads"],
-            max_position_embeddings=text["max_position_embeddings"],
-            head_dim=text["head_dim"],
-            tie_word_embeddings=config.get("tie_word_embeddings", True),
-            rope_theta=text.get("rope_theta", rope.get("rope_theta")),
-        )
+        args = qwen3_args(config)
         self.model = None
         model = Model(args)
         weights = {}
@@ -88,7 +74,8 @@ class System(Base):
         cache = lm_cache.make_prompt_cache(self.model)
         _, _, tokens = self.text_generation(1, cache=cache)
         self.drain()
-        return count_ops(self.model(mx.array([[tokens[-1]]]), cache=cache)[:, -1, :])
+        token = mx.array([[tokens[-1]]])
+        return decode_step_ops(lambda: self.model(token, cache=fresh_caches(cache))[:, -1, :])
 
     def bytes_per_token(self) -> int:
         tied = self.model.args.tie_word_embeddings

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 from inputs import FOLLOW_UP, IMAGE_QUESTION, VIDEO_FRAMES, VIDEO_QUESTION
-from measure import Clock, count_ops, mlx_memory, quantize, weight_bytes_per_token
+from measure import Clock, decode_step_ops, fresh_caches, mlx_memory, quantize, weight_bytes_per_token
 from mlx_vlm import load, prepare_inputs, stream_generate
 from mlx_vlm.generate import generate_step
 from mlx_vlm.generate.common import PromptCacheState, generation_stream
@@ -174,8 +174,13 @@ class System(Base):
         tokens = [int(t) for t, _ in self._steps(ids, None, None, 1, cache=cache)]
         self.drain()
         # generate_step ran one more step after the yielded token; continue from there as it would.
-        outputs = self.model.language_model(mx.array([[tokens[-1]]]), cache=cache, logits_to_keep=1)
-        return count_ops(outputs.logits[:, -1, :])
+        token = mx.array([[tokens[-1]]])
+
+        def step():
+            fresh = fresh_caches(cache)
+            return self.model.language_model(token, cache=fresh, logits_to_keep=1).logits[:, -1, :]
+
+        return decode_step_ops(step)
 
     def bytes_per_token(self) -> int:
         tied = self.model.config.text_config.tie_word_embeddings

@@ -3,15 +3,19 @@ figures without preprocessing, the same steps `stream_generate` takes after its 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import graph
 import mlx.core as mx
 import numpy as np
 from inputs import FOLLOW_UP, IMAGE_QUESTION, VIDEO_FRAMES
-from measure import Clock, count_ops, mlx_memory, quantize, weight_bytes_per_token
+from measure import Clock, decode_step_ops, fresh_caches, mlx_memory, quantize, weight_bytes_per_token
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_qwen3vl import ChatSession, load, stream_generate
+from mlx_qwen3vl import ChatSession, PromptCache, load, stream_generate
 from mlx_qwen3vl.generation import encode_media, generate_step, generation_stream, prefill
-from mlx_qwen3vl.loading import in_compute_dtype, resolve_dtype
+from mlx_qwen3vl.loading import in_compute_dtype
 
 from .base import System as Base
 from .base import question_for, seconds_to_first
@@ -29,8 +33,11 @@ class System(Base):
         # peers' quantization, bit for bit), scales kept in bfloat16, everything else in our dtype.
         self.model, self.processor = load(self.spec["checkpoint"], dtype="bfloat16", lazy=True)
         self.info["quantized_layers"] = quantize(self.model, self.bits, skip=("model.visual",))
+        backend = type(self.model.backend).choose(self.model.backend.name, self.dtype)
+        backend.specialize(self.model)  # the quantized layers' CPU versions, as load() swaps them in
+        self.model.backend = backend
         params = dict(tree_flatten(self.model.parameters()))
-        weights = in_compute_dtype(self.model, params, resolve_dtype(self.dtype))
+        weights = in_compute_dtype(self.model, params, backend.dtype)
         self.model.update(tree_unflatten(list(weights.items())))
         mx.eval(self.model.parameters())
 
@@ -129,9 +136,16 @@ class System(Base):
         prepared = model.prepare(self.inputs.prompt[None], cache=cache)
         token = mx.argmax(prefill(model, prepared, cache), axis=-1)
         mx.eval(token, [c.state for c in cache])
-        # The step generate_step takes for each token: prepare (embed + positions), decoder, last logits.
-        logits = model.decode(model.prepare(token[None], cache=cache), cache)[:, -1]
-        return count_ops(logits)
+
+        def step(model=model, cache=cache):  # what generate_step runs for each token
+            fresh = PromptCache(fresh_caches(cache), cache.rope_delta)
+            return model(token[None], cache=fresh)[:, -1]
+
+        counts = decode_step_ops(step)
+        if model.backend.name != "gpu":  # the GPU path's own graph, from a model of no memory
+            config = json.loads((Path(self.spec["checkpoint"]) / "config.json").read_text())
+            counts["gpu_path"] = graph.ours_decode_step(graph.ours(config, self.bits, self.dtype))
+        return counts
 
     def bytes_per_token(self) -> int:
         tied = self.model.config.tie_word_embeddings

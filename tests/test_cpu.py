@@ -1,0 +1,134 @@
+"""The CPU specialisations (mlx_qwen3vl/cpu.py), each against what it replaces: the BLAS path of the
+quantized layer gives the kernel's numbers in blocks that bound the memory and leaves one-row (decode)
+calls to the kernel; the base-2 activations equal PyTorch's; the vision tower's query blocks bound the
+attention's memory; and `specialize` swaps exactly these in. (Their parity with transformers in a whole
+model is in test_model.py, test_vision.py and test_full_width.py, for both backends.)"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+from mlx_qwen3vl import cpu, language, vision
+from mlx_qwen3vl.cpu import BLAS_MIN_ROWS, BlasQuantizedLinear
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(monkeypatch):
+    """These paths are the CPU's, and their numbers and memory do not depend on the BLAS being fast:
+    test them on the CPU device, with the BLAS path enabled, on any machine."""
+    monkeypatch.setattr(cpu, "FAST_BLAS", True)
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
+
+def quantized_layer(in_dims: int, out_dims: int, bias: bool, bits: int = 4, seed: int = 0):
+    mx.random.seed(seed)
+    layer = nn.Linear(in_dims, out_dims, bias=bias)
+    layer.weight = layer.weight.astype(mx.bfloat16)
+    q = layer.to_quantized(group_size=64, bits=bits)
+    cpu.become(q, BlasQuantizedLinear)
+    mx.eval(q.parameters())
+    return q
+
+
+def kernel(layer, x: mx.array) -> mx.array:
+    return nn.QuantizedLinear.__call__(layer, x)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_many_rows_give_the_quantized_kernels_numbers(bits, bias, monkeypatch):
+    # Small blocks, so the product is assembled from several, the last one ragged.
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", 40 * 256 * 4)
+    layer = quantized_layer(256, 300, bias, bits)
+    x = mx.random.normal((2, BLAS_MIN_ROWS, 256), key=mx.random.key(1))
+    ours, reference = layer(x), kernel(layer, x)
+    assert ours.shape == reference.shape == (2, BLAS_MIN_ROWS, 300) and ours.dtype == mx.float32
+    scale = np.abs(np.array(reference)).max()
+    np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=2e-6 * scale)
+
+
+def test_one_row_and_non_float32_inputs_use_the_kernel_itself():
+    layer = quantized_layer(256, 128, bias=False)
+    for x in (
+        mx.random.normal((1, 1, 256)),  # a decode step
+        mx.random.normal((1, BLAS_MIN_ROWS - 1, 256)),
+        mx.random.normal((1, 64, 256)).astype(mx.bfloat16),
+    ):
+        assert mx.array_equal(layer(x), kernel(layer, x)).item()
+
+
+def test_blocks_bound_the_extra_memory(monkeypatch):
+    """A weight that dequantizes to 16 MiB, in 1 MiB blocks: the call's peak stays within a few blocks
+    and its output, not the whole dequantized matrix."""
+    block = 2**20
+    monkeypatch.setattr(cpu, "BLOCK_BYTES", block)
+    layer = quantized_layer(1024, 4096, bias=False)
+    x = mx.random.normal((64, 1024))
+    mx.eval(x)
+    mx.synchronize()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(layer(x))
+    output = 64 * 4096 * 4
+    assert mx.get_peak_memory() - base < 3 * block + 2 * output < 1024 * 4096 * 4
+
+
+def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
+    """What the CPU backend changes in a loaded model, and that the GPU backend changes nothing."""
+    from mlx_qwen3vl import load
+
+    gpu, _ = load(tiny_checkpoint, dtype="bfloat16", backend="gpu", lazy=True)
+    on_cpu, _ = load(tiny_checkpoint, dtype="bfloat16", backend="cpu", lazy=True)
+    kinds = {type(m) for _, m in gpu.named_modules()}
+    assert not kinds & {cpu.WideningLinear, BlasQuantizedLinear}
+    layer, block = on_cpu.layers[0], on_cpu.model.visual.blocks[0]
+    assert layer.mlp.activation is cpu.silu_gate and gpu.layers[0].mlp.activation is language.silu_gate
+    assert layer.self_attn.attend is cpu.attention  # bfloat16 on the CPU: float32 accumulation
+    assert block.mlp.act is cpu.gelu_tanh and gpu.model.visual.blocks[0].mlp.act is vision.gelu_tanh
+    assert block.attn.attend is cpu.segment_attention_in_blocks
+    assert type(block.attn.qkv) is cpu.WideningLinear
+    assert type(on_cpu.model.visual.patch_embed.proj) is nn.Linear  # sets the tower's compute dtype
+    in_float32, _ = load(tiny_checkpoint, dtype="float32", backend="cpu", lazy=True)
+    assert in_float32.layers[0].self_attn.attend is gpu.layers[0].self_attn.attend  # exact there already
+
+    in_decoder = lambda path, m: path.startswith("model.language") and isinstance(m, nn.Linear)  # noqa: E731
+    nn.quantize(on_cpu, group_size=64, bits=4, class_predicate=in_decoder)
+    cpu.specialize(on_cpu, mx.bfloat16)  # again, after quantizing in memory
+    assert type(on_cpu.layers[0].mlp.down_proj) is BlasQuantizedLinear
+
+
+def test_gelu_tanh_equals_pytorch_tanh_approximation():
+    """Both forms of the vision blocks' activation (the CPU's with a power of 2) against PyTorch's
+    gelu(approximate="tanh"), in float32 over the range activations take, and at the extremes (no
+    overflow to nan)."""
+    x = np.concatenate([np.linspace(-12, 12, 200001), [-1e30, -1e4, -88.0, 0.0, 88.0, 1e4, 1e30]])
+    x = x.astype(np.float32)
+    reference = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
+    for gelu in (vision.gelu_tanh, cpu.gelu_tanh):
+        np.testing.assert_allclose(np.array(gelu(mx.array(x))), reference, rtol=2e-6, atol=1e-6)
+
+
+def test_query_blocks_bound_the_memory_of_a_large_segment(monkeypatch):
+    """A 2048-patch segment with 64 MiB of scores in 2 MiB query blocks: the attention's peak memory
+    stays within a few blocks (not the whole matrix, nor all blocks at once)."""
+    n, heads, head_dim, budget = 2048, 4, 32, 2 * 2**20
+    rng = np.random.default_rng(1)
+    q, k, v = (mx.array(rng.standard_normal((1, heads, n, head_dim)).astype(np.float32)) for _ in range(3))
+    mx.eval(q, k, v)
+    out_bytes = n * heads * head_dim * 4
+
+    def peak(attend):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(attend(q, k, v, 0.2))
+        return mx.get_peak_memory() - base
+
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget)
+    assert peak(cpu.float32_attention) > heads * n * n * 4  # the whole score matrix at once
+    assert peak(cpu.segment_attention_in_blocks) < 3 * budget + 4 * out_bytes
