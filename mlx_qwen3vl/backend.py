@@ -25,6 +25,10 @@ from .options import DTYPE_NAMES
 BACKENDS = ("gpu", "cpu")
 DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 DEFAULT_DTYPES = {"gpu": mx.bfloat16, "cpu": mx.float32}
+# Prompt tokens fed to the decoder at once. On a GPU, mlx-lm's default: large matmuls, a prompt with an
+# image in one chunk. On the CPU the float32 attention fallback materialises each chunk's scores
+# (heads x chunk x context, 4 bytes each), so chunks stay smaller there.
+PREFILL_STEP_SIZES = {"gpu": 2048, "cpu": 512}
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class Backend:
         if backend not in BACKENDS:
             raise Qwen3VLError(f"backend {backend!r} is not supported; choose one of {', '.join(BACKENDS)}")
         return cls(backend, DEFAULT_DTYPES[backend] if dtype is None else resolve_dtype(dtype))
+
+    @property
+    def prefill_step_size(self) -> int:
+        return PREFILL_STEP_SIZES[self.name]
 
     def specialize(self, model: nn.Module) -> None:
         """Swap in this backend's versions of the model's parts (the GPU path has none). Idempotent."""

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import mlx.core as mx
 
 from .errors import Qwen3VLError
-from .generation import PREFILL_STEP_SIZE, GenerationResponse, check_context, encode_media, stream_tokens
+from .generation import GenerationResponse, check_context, encode_media, stream_tokens
 from .model import Model
 from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
 from .processor import Processor, collect_media, media_arguments, normalize_messages, stack_media
@@ -29,7 +29,7 @@ class ChatSession:
         processor: Processor,
         system: str | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
-        prefill_step_size: int = PREFILL_STEP_SIZE,
+        prefill_step_size: int | None = None,
         **sampling,
     ):
         self.model, self.processor = model, processor

@@ -19,7 +19,7 @@ from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
 
-PREFILL_STEP_SIZE = 512
+PREFILL_STEP_SIZE = 512  # for a model built without load() (which chooses per backend, backend.py)
 
 # One stream for generation, as mlx-lm does, so evaluation overlaps with the Python loop.
 generation_stream = mx.new_stream(mx.default_device())
@@ -29,7 +29,7 @@ def prefill(
     model: Model,
     prompt: PreparedInput,
     cache: PromptCache,
-    step_size: int = PREFILL_STEP_SIZE,
+    step_size: int | None = None,
     progress=None,
 ) -> mx.array:
     """Feed a prepared prompt through the cache in chunks of `step_size` tokens (memory stays bounded
@@ -37,6 +37,7 @@ def prefill(
     (not in a separate one-token step, which on the CPU would cost a whole decode step more: a few new
     tokens of a chat turn take about as long as one through the quantized BLAS path)."""
     total = prompt.length
+    step_size = step_size or default_prefill_step(model)
     for start in range(0, total, step_size):
         end = min(start + step_size, total)
         with mx.stream(generation_stream):
@@ -49,6 +50,11 @@ def prefill(
     raise Qwen3VLError("the prompt is empty")
 
 
+def default_prefill_step(model: Model) -> int:
+    backend = getattr(model, "backend", None)
+    return backend.prefill_step_size if backend is not None else PREFILL_STEP_SIZE
+
+
 def generate_step(
     model: Model,
     prompt: PreparedInput,
@@ -58,7 +64,7 @@ def generate_step(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     sampler=None,
     logits_processors=None,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = None,
     progress=None,
 ) -> Iterator[int]:
     """Yield token ids. Every token yielded has already been fed to the cache: the next step is
@@ -135,7 +141,7 @@ def stream_tokens(
     sampling: SamplingOptions | None = None,
     stop: list[str] | str | None = None,
     stop_token_ids=None,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = None,
     progress=None,
     on_token=None,
 ) -> Iterator[GenerationResponse]:
@@ -250,7 +256,7 @@ def stream_generate(
     presence_penalty: float | None = None,
     seed: int | None = None,
     stop: list[str] | str | None = None,
-    prefill_step_size: int = PREFILL_STEP_SIZE,
+    prefill_step_size: int | None = None,
     progress=None,
     **processor_options,
 ) -> Iterator[GenerationResponse]:

@@ -56,8 +56,8 @@ class Rope:
         self.inv_freq = mx.array(inv_freq(config.rope_theta, config.head_dim))
         self.axes = mx.array(mrope_axes(config.head_dim, config.mrope_section))
 
-    def at(self, positions: Positions, dtype: mx.Dtype):
-        """A function rotating q or k [B, heads, L, head_dim] at these positions."""
+    def at(self, positions: Positions, length: int, dtype: mx.Dtype):
+        """A function rotating q or k [B, heads, length, head_dim] at these positions."""
         offset = positions if not isinstance(positions, np.ndarray) else text_offset(positions)
         if offset is not None:
             if isinstance(offset, np.ndarray):
@@ -155,10 +155,16 @@ class Attention(nn.Module):
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q, k, v as [B, heads, L, head_dim]."""
-        if "qkv_proj" in self:
-            qkv = split_heads(self.qkv_proj(x), self.head_dim)
-            return mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
-        return tuple(split_heads(p(x), self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if "qkv_proj" not in self:
+            return tuple(split_heads(p(x), self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        qkv = split_heads(self.qkv_proj(x), self.head_dim)
+        q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
+        if x.shape[1] > 1:
+            # Written into the cache as a view, v kept each layer's whole q/k/v product alive until the
+            # prompt chunk was evaluated (a chunk x (q + 2 kv) width buffer per layer); its own copy
+            # frees that product with the layer. A decode step's product is one row: no copy.
+            v = mx.contiguous(v)
+        return q, k, v
 
     def __call__(self, x, rope, mask, cache=None) -> mx.array:
         q, k, v = self.project(x)
@@ -240,7 +246,7 @@ class TextModel(nn.Module):
         `visual_index` of [B * L]) is added to the output of decoder layer j (SPEC §4.5)."""
         h = inputs_embeds
         B, L, H = h.shape
-        rope = self.rope.at(positions, h.dtype)
+        rope = self.rope.at(positions, L, h.dtype)
         cache = cache if cache is not None else [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         deepstack = deepstack or []

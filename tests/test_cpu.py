@@ -93,6 +93,8 @@ def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
     assert block.attn.attend is cpu.segment_attention_in_blocks
     assert type(block.attn.qkv) is cpu.WideningLinear
     assert type(on_cpu.model.visual.patch_embed.proj) is nn.Linear  # sets the tower's compute dtype
+    assert type(on_cpu.model.language_model.rope) is cpu.TableRope
+    assert type(gpu.model.language_model.rope) is language.Rope
     in_float32, _ = load(tiny_checkpoint, dtype="float32", backend="cpu", lazy=True)
     assert in_float32.layers[0].self_attn.attend is gpu.layers[0].self_attn.attend  # exact there already
 

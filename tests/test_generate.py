@@ -70,6 +70,27 @@ def test_chunked_prefill_splitting_an_image_gives_the_same_answer(tiny_f32):
     assert chunked == whole
 
 
+@pytest.mark.parametrize("backend, chunks", [("gpu", 1), ("cpu", 2)])
+def test_prompts_are_fed_in_the_backends_chunks(tiny_checkpoint, backend, chunks, monkeypatch):
+    """A 600-token prompt: one chunk on the GPU path (2048 tokens, large matmuls), two on the CPU (512,
+    bounding the attention fallback's scores); the model's own choice, not the caller's."""
+    from mlx_qwen3vl import load
+    from mlx_qwen3vl.model import Model
+
+    model, processor = load(tiny_checkpoint, dtype="float32", backend=backend)
+    lengths = []
+    decode = Model.decode
+
+    def counted(self, prepared, *args, **kwargs):
+        lengths.append(prepared.length)
+        return decode(self, prepared, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "decode", counted)
+    generate(model, processor, "sea " * 600, max_tokens=1, temperature=0)
+    prompt_chunks = [n for n in lengths if n > 1]
+    assert sum(prompt_chunks) > 600 and len(prompt_chunks) == chunks
+
+
 def test_second_turn_reuses_the_cache_and_matches_one_pass(tiny_f32, monkeypatch):
     model, processor = tiny_f32
     session = ChatSession(model, processor, max_tokens=6, temperature=0)
