@@ -99,13 +99,51 @@ def load_model(name: str, dtype: str):
     return model, processor
 
 
+class ProgressLine:
+    """Long steps on stderr: what each image or video became (always), and, on a terminal, one line
+    updated while the vision tower or the prompt's chunks take more than a moment, cleared before the
+    answer prints."""
+
+    LABELS = {
+        "vision": "encoding images and videos: block {done}/{total}",
+        "prefill": "reading the prompt: {done:,}/{total:,} tokens",
+    }
+    DELAY = 0.5  # seconds before a progress line is worth showing
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.live = stream.isatty()
+        self.start = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, progress) -> None:
+        if progress.stage == "media":
+            print(progress.detail, file=self.stream, flush=True)
+        elif self.live and time.perf_counter() - self.start >= self.DELAY:
+            label = self.LABELS[progress.stage].format(done=progress.done, total=progress.total)
+            self.stream.write(f"\r\033[K{label}")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
 def stream_answer(session: ChatSession, question: str, media: dict, options: dict) -> None:
     """Print the answer as it arrives."""
+    progress = ProgressLine()
     # closing(): a Ctrl-C between two pieces closes the generator at once, so the session keeps the
     # answer so far and stays consistent.
-    with closing(session.ask(question, **media, **options)) as answer:
-        for response in answer:
-            print(response.text, end="", flush=True)
+    try:
+        with closing(session.ask(question, **media, **options, progress=progress)) as answer:
+            for response in answer:
+                progress.clear()
+                print(response.text, end="", flush=True)
+    finally:
+        progress.clear()
     print()
 
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import mlx.core as mx
 
 from .errors import Qwen3VLError
-from .generation import GenerationResponse, check_context, encode_media, stream_tokens
+from .generation import GenerationResponse, check_context, describe, encode_media, stream_tokens
 from .model import Model
 from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
-from .processor import Processor, collect_media, media_arguments, normalize_messages, stack_media
+from .processor import Processor, collect_media, media_arguments, media_kind, normalize_messages, stack_media
 
 TURN_END = "<|im_end|>"
 
@@ -66,10 +66,19 @@ class ChatSession:
         return closing + full[len(previous) :]
 
     def ask(
-        self, content, images=None, videos=None, max_tokens: int | None = None, stop=None, **options
+        self,
+        content,
+        images=None,
+        videos=None,
+        max_tokens: int | None = None,
+        stop=None,
+        progress=None,
+        **options,
     ) -> Iterator[GenerationResponse]:
         """Add a user turn (text or a list of content parts, plus `images` / `videos`) and stream the
-        answer. Options: sampling (temperature, top_p, ...) and media (min_pixels, fps, ...) settings."""
+        answer. Options: sampling (temperature, top_p, ...) and media (min_pixels, fps, ...) settings.
+        `progress(generation.Progress)`: what each image or video became, then the vision tower's blocks
+        and the prompt's chunks as they are done."""
         sampling_names = SamplingOptions.names()
         sampling = {k: v for k, v in options.items() if k in sampling_names}
         media_options = {k: v for k, v in options.items() if k not in sampling_names}
@@ -83,10 +92,9 @@ class ChatSession:
             content = [{"role": "user", "content": content}]  # content parts of one user turn
         user = normalize_messages(content, images, videos)[0]
         media = collect_media([user], images, videos)
+        # The record keeps the text and each medium's kind; the pixels live in the cache.
         user["content"] = [
-            {"type": "text", "text": p["text"]}
-            if p.get("type") == "text"
-            else {"type": p.get("type", "image")}
+            {"type": kind} if (kind := media_kind(p)) else {"type": "text", "text": p["text"]}
             for p in user["content"]
         ]
         messages = self.messages + [user]
@@ -95,7 +103,8 @@ class ChatSession:
         check_context(self.model, self.cache, len(ids), max_tokens)
 
         inputs = stack_media(encoded)
-        images_f, videos_f = encode_media(self.model, inputs)
+        describe(encoded, progress)
+        images_f, videos_f = encode_media(self.model, inputs, progress)
         start, delta = self.cache.offset, self.cache.rope_delta.copy()
         prepared = self.model.prepare(
             mx.array([ids]),
@@ -120,6 +129,7 @@ class ChatSession:
                 sampling=sampling_options,
                 stop=stop,
                 prefill_step_size=self.prefill_step_size,
+                progress=progress,
                 on_token=fed.append,
             ):
                 answer.append(response.text)

@@ -228,6 +228,8 @@ def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
 def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
     """`vision.fused_attention` for q, k, v [segments, heads, length, d], with the scores of each
     segment in query blocks of at most ATTENTION_SCORE_BYTES, each evaluated before the next."""
+    if q.dtype == mx.float32:
+        return numpy_attention(q, k, v, scale)
     count, heads, length, _ = q.shape
     row_bytes = heads * length * 4  # float32 scores of one query row
     if count * length * row_bytes <= ATTENTION_SCORE_BYTES:
@@ -241,3 +243,26 @@ def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
         )
         segments.append(concatenate_evaluated(parts, axis=2))
     return mx.concatenate(segments, axis=0) if count > 1 else segments[0]
+
+
+def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """Float32 non-causal attention of q, k, v [segments, heads, length, d] with numpy, in query blocks of
+    at most ATTENTION_SCORE_BYTES of scores. The vision tower's long segments spend their time in the
+    softmax's exponentials (N^2 per head), which numpy computes with the CPU's vector units and MLX's CPU
+    backend one value at a time: several times faster, so the tower runs at the pace of its matrix
+    products. The products themselves go through numpy's BLAS; MLX's buffers are read in place."""
+    mx.eval(q, k, v)
+    qn, kn, vn = np.asarray(q), np.asarray(k), np.asarray(v)
+    count, heads, length, d = qn.shape
+    out = np.empty((count, heads, length, vn.shape[-1]), np.float32)
+    block = max(1, ATTENTION_SCORE_BYTES // (heads * length * 4))
+    for c in range(count):
+        keys = kn[c].transpose(0, 2, 1)
+        for start in range(0, length, block):
+            end = min(start + block, length)
+            scores = (qn[c, :, start:end] * np.float32(scale)) @ keys  # [heads, block, length]
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            total = scores.sum(axis=-1, keepdims=True)
+            out[c, :, start:end] = (scores @ vn[c]) / total
+    return mx.array(out)

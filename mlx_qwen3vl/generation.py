@@ -25,6 +25,18 @@ PREFILL_STEP_SIZE = 512  # for a model built without load() (which chooses per b
 generation_stream = mx.new_stream(mx.default_device())
 
 
+@dataclass
+class Progress:
+    """What a long step is doing, for a front end to show. `stage`: "media" (an image or video was read
+    and sized: `detail` says what it became), "vision" (blocks of the vision tower done, of `total`),
+    "prefill" (prompt tokens fed, of `total`)."""
+
+    stage: str
+    done: int
+    total: int
+    detail: str = ""
+
+
 def prefill(
     model: Model,
     prompt: PreparedInput,
@@ -46,7 +58,7 @@ def prefill(
             return logits
         mx.eval([c.state for c in cache])  # only the cache: earlier chunks' logits are never computed
         if progress:
-            progress(end, total)
+            progress(Progress("prefill", end, total))
     raise Qwen3VLError("the prompt is empty")
 
 
@@ -215,20 +227,34 @@ def stream_tokens(
     yield response(detokenizer.text[shown:cut], finish)
 
 
-def encode_media(model: Model, inputs: dict):
+def encode_media(model: Model, inputs: dict, progress=None):
     """Run the vision tower once over all images and once over all videos of processor output. The
     features are evaluated here and the tower's freed activations returned to the system, so the
-    decoder's prefill does not hold them too."""
-    images = videos = None
-    if inputs.get("pixel_values") is not None:
-        images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
-    if inputs.get("pixel_values_videos") is not None:
-        videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-    encoded = [e for e in (images, videos) if e is not None]
-    if encoded:
-        mx.eval([(e.features, e.deepstack) for e in encoded])
+    decoder's prefill does not hold them too. `progress(Progress)` sees each block."""
+    present = [
+        (values, grids)
+        for values, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
+        if inputs.get(values) is not None
+    ]
+    blocks = len(model.model.visual.blocks)
+    features = {}
+    for n, (values, grids) in enumerate(present):
+
+        def report(done: int, _, before=n * blocks):
+            progress(Progress("vision", before + done, len(present) * blocks))
+
+        features[values] = model.encode_vision(inputs[values], inputs[grids], report if progress else None)
+    if features:
+        mx.eval([(e.features, e.deepstack) for e in features.values()])
         mx.clear_cache()
-    return images, videos
+    return features.get("pixel_values"), features.get("pixel_values_videos")
+
+
+def describe(encoded: list, progress) -> None:
+    """Say what each image and video became (`Progress` "media"), before the vision tower runs."""
+    if progress:
+        for i, (_, media) in enumerate(encoded, start=1):
+            progress(Progress("media", i, len(encoded), media.description))
 
 
 def check_context(model: Model, cache: PromptCache, new_tokens: int, max_tokens: int) -> None:
@@ -267,11 +293,12 @@ def stream_generate(
     sampling = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, seed)
     sampling = sampling.with_defaults(processor.generation_config)
     max_tokens, stop = check_max_tokens(max_tokens), check_stop(stop)
-    inputs = processor(prompt, images, videos, **processor_options)
+    inputs, encoded = processor.prepare(prompt, images, videos, **processor_options)
     cache = model.make_cache()
     ids = inputs["input_ids"]
     check_context(model, cache, ids.shape[1], max_tokens)
-    media, media_videos = encode_media(model, inputs)
+    describe(encoded, progress)
+    media, media_videos = encode_media(model, inputs, progress)
     prepared = model.prepare(
         ids, media, inputs["image_grid_thw"], media_videos, inputs["video_grid_thw"], cache
     )

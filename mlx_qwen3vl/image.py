@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import Qwen3VLError
+from .options import MEDIA
 
 MAX_ASPECT_RATIO = 200
 URL_TIMEOUT_SECONDS = 30
@@ -100,11 +101,7 @@ def _read_source(source) -> Image.Image:
             header, _, payload = text.partition(",")
             if not header.endswith(";base64"):
                 raise Qwen3VLError("data: URL images must be base64-encoded (data:image/...;base64,...)")
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except ValueError:
-                raise Qwen3VLError("data: URL image: invalid base64") from None
-            return _open(data, "data: URL")
+            return _open(_decoded(payload, "data: URL image"), "data: URL")
         path = Path(text.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise Qwen3VLError(f"{path}: no such image file")
@@ -116,14 +113,30 @@ def _read_source(source) -> Image.Image:
     raise Qwen3VLError(f"unsupported image input of type {type(source).__name__}")
 
 
+def _decoded(payload: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise Qwen3VLError(f"{name}: invalid base64") from None
+
+
+def image_from_base64(payload: str) -> Image.Image:
+    """An image given as base64 text (transformers' "base64" content key): the encoded file itself."""
+    return _open(_decoded(payload.strip(), "base64 image"), "base64 image")
+
+
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise Qwen3VLError(f"image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
     if array.dtype != np.uint8:
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise Qwen3VLError("image array has NaN or infinite values")
         if np.issubdtype(array.dtype, np.floating) and array.size and 0 <= array.min() and array.max() <= 1:
             array = np.round(array * 255)  # floats in [0, 1]
+        elif array.dtype == np.uint16:
+            array = np.round(array / 257)  # 16 bits over their range, as `_to_8_bit`
         array = np.clip(array, 0, 255).astype(np.uint8)
     return Image.fromarray(array)
 
@@ -132,6 +145,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """EXIF orientation applied; grayscale and palette converted; transparency composited on white
     (SPEC §7)."""
     image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8_bit(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
@@ -139,6 +154,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer, or float) grayscale image as 8 bits over its depth's range: Pillow's
+    conversion clips at 255, which turns almost every pixel of a 16-bit image white (transformers does
+    the same: a documented deviation, README). Integers that fit 16 bits map 0..65535 to 0..255, floats
+    in [0, 1] map to 0..255, other values by their own minimum and maximum."""
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise Qwen3VLError("image has NaN or infinite values")
+    low, high = (values.min(), values.max()) if values.size else (0.0, 0.0)
+    if image.mode != "F" and low >= 0 and high <= 65535:
+        scaled = values / 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    else:
+        scaled = (values - low) / ((high - low) or 1) * 255
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
 
 
 def load_image(source) -> Image.Image:
@@ -233,12 +266,9 @@ def image_patches(
     max_pixels: int | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One RGB image -> pixel rows and grid (1, h, w); per-call pixel limits override the model's."""
-    min_pixels = settings.min_pixels if min_pixels is None else min_pixels
-    max_pixels = settings.max_pixels if max_pixels is None else max_pixels
-    if not 0 < min_pixels <= max_pixels:
-        raise Qwen3VLError(
-            f"min_pixels {min_pixels} and max_pixels {max_pixels}: need 0 < min_pixels <= max_pixels"
-        )
+    # A max_pixels below min_pixels is taken as transformers takes it: the image scaled to fit max_pixels.
+    min_pixels = settings.min_pixels if min_pixels is None else MEDIA["min_pixels"].check(min_pixels)
+    max_pixels = settings.max_pixels if max_pixels is None else MEDIA["max_pixels"].check(max_pixels)
     width, height = image.size
     if min(width, height) < settings.patch_size:
         raise Qwen3VLError(

@@ -102,9 +102,9 @@ class Model(nn.Module):
     def make_cache(self) -> PromptCache:
         return PromptCache([KVCache() for _ in self.layers])
 
-    def encode_vision(self, pixel_values, grid_thw) -> VisionFeatures:
-        """Run the vision tower on images (or videos) and their grids."""
-        features, deepstack = self.model.visual(mx.array(pixel_values), grid_thw)
+    def encode_vision(self, pixel_values, grid_thw, progress=None) -> VisionFeatures:
+        """Run the vision tower on images (or videos) and their grids (`progress`: VisionModel's)."""
+        features, deepstack = self.model.visual(mx.array(pixel_values), grid_thw, progress)
         return VisionFeatures(features, deepstack)
 
     def __call__(

@@ -20,14 +20,21 @@ from transformers import AutoTokenizer
 
 from .config import ModelConfig
 from .errors import Qwen3VLError
-from .image import PatchSettings, image_patches, load_image, patchify
+from .image import PatchSettings, image_from_base64, image_patches, load_image, patchify
 from .video import VideoOptions, load_video
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 _PLACEHOLDERS = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_PLACEHOLDER))
 
-IMAGE_KEYS = ("image", "image_url")
+# Where a content part gives its image or video: transformers' processor keys ("image" / "video", "url",
+# "path", and "base64" for images), then OpenAI's ("image_url", and "video_url" as vLLM and mlx-vlm take
+# it), in the order transformers looks them up.
+SOURCE_KEYS = {
+    "image": ("image", "url", "path", "base64", "image_url"),
+    "video": ("video", "url", "path", "video_url"),
+}
+MEDIA_TYPES = {"image": "image", "image_url": "image", "video": "video", "video_url": "video"}
 # source_fps: the frame rate of a list of frames (for a file, it overrides the container's).
 VIDEO_OPTION_NAMES = set(VideoOptions.__dataclass_fields__) | {"source_fps"}
 
@@ -52,26 +59,36 @@ class EncodedMedia:
     pixel_values: np.ndarray
     grid_thw: tuple[int, int, int]
     timestamps: list[float] | None = None
+    description: str = ""  # what the input became, for a front end: "image 4032x3024 -> ..."
 
     def tokens_per_group(self, merge_size: int) -> int:
         return self.grid_thw[1] * self.grid_thw[2] // merge_size**2
 
 
-def _media_kind(part) -> str | None:
+def media_kind(part) -> str | None:
     if not isinstance(part, dict):
         return None
-    if part.get("type") in ("image", "image_url") or any(k in part for k in IMAGE_KEYS):
-        return "image"
-    if part.get("type") == "video" or "video" in part:
-        return "video"
+    if part.get("type") in MEDIA_TYPES:
+        return MEDIA_TYPES[part["type"]]
+    if part.get("type") is None:  # typeless parts named by their source key
+        for kind in ("image", "video"):
+            if kind in part or f"{kind}_url" in part:
+                return kind
     return None
 
 
 def _source(part: dict, kind: str):
-    value = part.get(kind) if kind == "video" else part.get("image", part.get("image_url"))
-    if isinstance(value, dict):  # OpenAI style {"image_url": {"url": ...}}
-        value = value.get("url")
-    return value
+    """The part's own image or video, or None (then it takes the next of `images=` / `videos=`)."""
+    for key in SOURCE_KEYS[kind]:
+        value = part.get(key)
+        if value is None:
+            continue
+        if isinstance(value, dict):  # OpenAI style {"image_url": {"url": ...}}
+            value = value.get("url")
+        if key == "base64" and isinstance(value, str):  # transformers: the encoded file, no data: prefix
+            return image_from_base64(value)
+        return value
+    return None
 
 
 def media_arguments(images, videos) -> tuple[list, list]:
@@ -106,7 +123,7 @@ def _as_list(value, name: str, is_single) -> list:
 
 
 ROLES = ("system", "user", "assistant", "tool")
-PART_TYPES = ("text", "image", "image_url", "video")
+PART_TYPES = ("text", *MEDIA_TYPES)
 
 
 def normalize_messages(messages_or_text, images=(), videos=()) -> list[dict]:
@@ -152,7 +169,7 @@ def _checked_part(where: str, part) -> dict:
         if not isinstance(part.get("text"), str):
             raise Qwen3VLError(f"{where}: text must be a string, got {type(part.get('text')).__name__}")
         return part
-    if kind not in PART_TYPES and _media_kind(part) is None:
+    if kind not in PART_TYPES and media_kind(part) is None:
         raise Qwen3VLError(f"{where}: unknown type {kind!r:.40} (the types are {', '.join(PART_TYPES)})")
     return part
 
@@ -165,7 +182,7 @@ def collect_media(messages: list[dict], images, videos) -> list[tuple[str, objec
     media = []
     for message in messages:
         for part in message["content"]:
-            kind = _media_kind(part)
+            kind = media_kind(part)
             if kind is None:
                 continue
             source = _source(part, kind)
@@ -174,9 +191,7 @@ def collect_media(messages: list[dict], images, videos) -> list[tuple[str, objec
                     raise Qwen3VLError(f"more {kind} placeholders in the messages than {kind}s given")
                 source = supplied[kind][counts[kind]]
                 counts[kind] += 1
-            options = {
-                k: v for k, v in part.items() if k not in ("type", "text", "image", "image_url", "video")
-            }
+            options = {k: v for k, v in part.items() if k not in ("type", "text", *SOURCE_KEYS[kind])}
             media.append((kind, source, options))
     for kind, given in supplied.items():
         if counts[kind] < len(given):
@@ -193,7 +208,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            content = [{"type": kind} if (kind := _media_kind(p)) else p for p in content]
+            content = [{"type": kind} if (kind := media_kind(p)) else p for p in content]
         out.append({**message, "content": content})
     return out
 
@@ -240,8 +255,11 @@ class Processor:
     def encode_image(
         self, source, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> EncodedMedia:
-        pixels, grid = image_patches(load_image(source), self.image_settings, min_pixels, max_pixels)
-        return EncodedMedia(pixels, grid)
+        image = load_image(source)
+        pixels, grid = image_patches(image, self.image_settings, min_pixels, max_pixels)
+        encoded = EncodedMedia(pixels, grid)
+        encoded.description = f"image {image.width}x{image.height} -> {self._sized(encoded)}"
+        return encoded
 
     def encode_video(
         self, source, options: VideoOptions | None = None, fps: float | None = None
@@ -249,7 +267,17 @@ class Processor:
         video = load_video(source, options, fps=fps)
         settings = self.video_settings
         pixels, grid = patchify(video.frames, settings)
-        return EncodedMedia(pixels, grid, video.group_timestamps(settings.temporal_patch_size))
+        encoded = EncodedMedia(pixels, grid, video.group_timestamps(settings.temporal_patch_size))
+        width, height = video.source_size
+        frames = f"{len(video.frames)} frames of {width}x{height}"
+        encoded.description = f"video, {frames} -> {grid[0]} x {self._sized(encoded)}"
+        return encoded
+
+    def _sized(self, media: EncodedMedia) -> str:
+        t, h, w = media.grid_thw
+        patch = self.image_settings.patch_size
+        tokens = t * media.tokens_per_group(self.image_settings.merge_size)
+        return f"{w * patch}x{h * patch} pixels, {tokens:,} tokens"
 
     def encode_media(self, kind: str, source, options: dict) -> EncodedMedia:
         if kind == "image":
@@ -296,36 +324,44 @@ class Processor:
         except Exception as e:  # jinja raises many types, all meaning the messages do not fit the template
             raise Qwen3VLError(f"the chat template could not render these messages: {e}") from None
 
-    def media_tokens(self, kind: str, media: EncodedMedia) -> list[int]:
-        """The token ids that replace one placeholder (SPEC §5.2-§5.3 and §7: a video is one
-        `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>` block per temporal group)."""
-        c = self.config
-        n = media.tokens_per_group(self.image_settings.merge_size)
+    def media_text(self, kind: str, media: EncodedMedia) -> str:
+        """What replaces one placeholder in the prompt text, with a single pad token per block (SPEC
+        §5.2-§5.3 and §7: a video is one `<t seconds><|vision_start|><|video_pad|><|vision_end|>` block per
+        temporal group, no outer wrapper)."""
         if kind == "image":
-            return [c.vision_start_token_id] + [c.image_token_id] * n + [c.vision_end_token_id]
-        ids = []
-        for seconds in media.timestamps:
-            ids += self.tokenizer.encode(f"<{seconds:.1f} seconds>", add_special_tokens=False)
-            ids += [c.vision_start_token_id] + [c.video_token_id] * n + [c.vision_end_token_id]
-        return ids
+            return IMAGE_PLACEHOLDER
+        return "".join(f"<{seconds:.1f} seconds>{VIDEO_PLACEHOLDER}" for seconds in media.timestamps)
 
     def tokenize(self, text: str, media: list[tuple[str, EncodedMedia]]) -> list[int]:
-        """Token ids of rendered text with each placeholder expanded. Placeholders are delimited by
-        special tokens, which the tokenizer always splits on, so tokenizing the pieces between them
-        separately gives the ids of the expanded string."""
+        """Token ids of rendered text with each placeholder expanded, as the reference makes them: the
+        whole expanded text tokenized at once, so that text before a video merges with its first
+        timestamp as it does there (`"this: "` + `"<0.5 seconds>"` gives `' <'` as one token). Each
+        block's pad is written once and repeated after tokenizing: pads are special tokens, which the
+        tokenizer always splits on, so the text around them tokenizes the same."""
         pieces = _PLACEHOLDERS.split(text)
         found = _PLACEHOLDERS.findall(text)
         if len(found) != len(media):
             raise Qwen3VLError(
                 f"the prompt has {len(found)} image/video placeholders for {len(media)} images/videos"
             )
-        ids = self.tokenizer.encode(pieces[0], add_special_tokens=False)
+        expanded, counts = [pieces[0]], []
         for placeholder, (kind, encoded), piece in zip(found, media, pieces[1:], strict=True):
             if (placeholder == IMAGE_PLACEHOLDER) != (kind == "image"):
                 raise Qwen3VLError("the order of images and videos does not match their placeholders")
-            ids += self.media_tokens(kind, encoded)
-            ids += self.tokenizer.encode(piece, add_special_tokens=False)
-        return ids
+            expanded += [self.media_text(kind, encoded), piece]
+            blocks = 1 if kind == "image" else encoded.grid_thw[0]
+            counts += [encoded.tokens_per_group(self.image_settings.merge_size)] * blocks
+        ids = self.tokenizer.encode("".join(expanded), add_special_tokens=False)
+        pads = (self.config.image_token_id, self.config.video_token_id)
+        if sum(i in pads for i in ids) != len(counts):
+            raise Qwen3VLError(
+                "the text holds image or video pad tokens of its own (<|image_pad|>, <|video_pad|>)"
+            )
+        out: list[int] = []
+        blocks = iter(counts)
+        for i in ids:
+            out += [i] * next(blocks) if i in pads else [i]
+        return out
 
     def __call__(
         self,
@@ -341,13 +377,35 @@ class Processor:
         """input_ids [1, L] and the pixel inputs, under transformers' names, ready for `model(**inputs)`.
         Options apply to every image (min_pixels, max_pixels) and video (fps, nframes, min_pixels,
         max_pixels, total_pixels, video_start, video_end); a media part's own keys take precedence."""
+        return self.prepare(
+            messages_or_text,
+            images,
+            videos,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            add_vision_id=add_vision_id,
+            **options,
+        )[0]
+
+    def prepare(
+        self,
+        messages_or_text,
+        images=None,
+        videos=None,
+        *,
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        add_vision_id: bool = False,
+        **options,
+    ) -> tuple[dict, list[tuple[str, EncodedMedia]]]:
+        """`__call__`'s inputs, and each image and video as encoded (with what it became)."""
         images, videos = media_arguments(images, videos)
         messages = normalize_messages(messages_or_text, images, videos)
         encoded = self.encode_all(collect_media(messages, images, videos), options)
         kwargs = {"add_vision_id": add_vision_id} | ({"tools": tools} if tools else {})
         text = self.render(messages, add_generation_prompt, **kwargs)
         ids = self.tokenize(text, encoded)
-        return {"input_ids": np.array([ids], dtype=np.int32), **stack_media(encoded)}
+        return {"input_ids": np.array([ids], dtype=np.int32), **stack_media(encoded)}, encoded
 
 
 def stack_media(encoded: list[tuple[str, EncodedMedia]]) -> dict:

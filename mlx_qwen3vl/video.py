@@ -29,6 +29,7 @@ from .image import resize_rgb, smart_resize, to_rgb
 FACTOR = 32
 FRAME_FACTOR = 2  # frames per temporal patch: counts are kept even
 DEFAULT_FPS = 2.0
+LIST_FPS = 2.0  # the frame rate of a list of frames when none is given (qwen-vl-utils' sample_fps)
 FRAME_MIN_PIXELS = 128 * FACTOR * FACTOR
 FRAME_MAX_PIXELS = 768 * FACTOR * FACTOR
 TOTAL_PIXELS = 128000 * FACTOR * FACTOR * 0.9  # its MODEL_SEQ_LEN default, 90% of it for the video
@@ -85,9 +86,8 @@ class VideoOptions:
         for name in ("min_pixels", "max_pixels", "total_pixels"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 _bad_option(name, getattr(self, name), "must be > 0")
-        # qwen-vl-utils asserts this inside smart_resize; say it where the option is given.
-        if self.max_pixels is not None and self.max_pixels < self.frame_min_pixels:
-            _bad_option("max_pixels", self.max_pixels, f"must be >= min_pixels ({self.frame_min_pixels})")
+        # A max_pixels below min_pixels is not refused (qwen-vl-utils asserts, transformers does not): the
+        # frames are scaled to fit max_pixels, as transformers does.
 
     @property
     def frame_min_pixels(self) -> int:
@@ -192,6 +192,7 @@ class Video:
     frames: np.ndarray  # [T, H, W, 3] uint8 RGB, T even
     timestamps: list[float]  # seconds: source frame index / source fps
     source_fps: float
+    source_size: tuple[int, int] = (0, 0)  # width, height of the source frames
 
     def group_timestamps(self, temporal_patch_size: int = 2) -> list[float]:
         """One time per temporal patch, the mean of its first and last frame's time, as transformers'
@@ -205,9 +206,11 @@ class Video:
 
 
 def load_video(source, options: VideoOptions | None = None, *, fps: float | None = None) -> Video:
-    """A video file (path; decoded with OpenCV) or a list of frames (PIL images or HxWx3 uint8 arrays)
-    sampled and resized per `options`. `fps` is the source frame rate: required for a frame list (which is
-    taken as the whole video at that rate); for a file it overrides the container's."""
+    """A video file (path; decoded with OpenCV), sampled and resized per `options`, or a list of frames (PIL
+    images or HxWx3 uint8 arrays). `fps` is the source frame rate: for a file it overrides the
+    container's; a frame list is shown at that rate (default LIST_FPS). A list is taken as already
+    sampled, as qwen-vl-utils takes it: every frame kept, an odd count padded with the last frame, unless
+    `options` ask for sampling (fps, nframes, video_start, video_end)."""
     options = options or VideoOptions()
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not fps > 0):
         raise Qwen3VLError(f"source fps={fps!r}: must be a number > 0")
@@ -247,7 +250,9 @@ def _load_file(source: str | Path, options: VideoOptions, fps: float | None) -> 
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         plan = _plan(str(path), total_frames, source_fps, height, width, options)
-        return _collect(str(path), _decode(capture, plan.indices), plan, source_fps)
+        video = _collect(str(path), _decode(capture, plan.indices), plan, source_fps)
+        video.source_size = (width, height)
+        return video
     finally:
         capture.release()
 
@@ -301,14 +306,30 @@ def _decode(capture: cv2.VideoCapture, indices: Sequence[int]) -> Iterator[tuple
 
 def _load_frame_list(frames: Sequence, options: VideoOptions, fps: float | None) -> Video:
     name = f"list of {len(frames)} frames"
-    if fps is None:
-        raise Qwen3VLError(f"{name}: pass fps=<source frame rate> with a list of frames")
+    fps = LIST_FPS if fps is None else fps
+    if not frames:
+        raise Qwen3VLError("an empty list of frames is not a video")
     sizes = {_list_frame_size(name, k, frame) for k, frame in enumerate(frames)}
     if len(sizes) > 1:
         raise Qwen3VLError(f"{name}: frames of different sizes {sorted(sizes)} (height, width)")
-    height, width = sizes.pop() if sizes else (0, 0)
-    plan = _plan(name, len(frames), fps, height, width, options)
-    return _collect(name, ((i, _rgb_array(frames[i])) for i in plan.indices), plan, fps)
+    height, width = sizes.pop()
+    sampling = (options.fps, options.nframes, options.video_start, options.video_end)
+    if any(option is not None for option in sampling):
+        plan = _plan(name, len(frames), fps, height, width, options)
+        video = _collect(name, ((i, _rgb_array(frames[i])) for i in plan.indices), plan, fps)
+    else:
+        # Already sampled: every frame, sized for the padded (even) count; the padding frame is shown
+        # next, one frame period later (qwen-vl-utils numbers the padded list 0..n).
+        count = len(frames) + len(frames) % FRAME_FACTOR
+        try:
+            size = _frame_size(height, width, count, options)
+        except Qwen3VLError as e:
+            raise Qwen3VLError(f"{name}: {e}") from None
+        plan = FramePlan(list(range(len(frames))), *size)
+        decoded = ((i, _rgb_array(frame)) for i, frame in enumerate(frames))
+        video = _collect(name, decoded, plan, fps, pad_next=True)
+    video.source_size = (width, height)
+    return video
 
 
 def _list_frame_size(name: str, k: int, frame) -> tuple[int, int]:
@@ -338,21 +359,27 @@ def _plan(
 
 
 def _collect(
-    name: str, decoded: Iterable[tuple[int, np.ndarray]], plan: FramePlan, source_fps: float
+    name: str,
+    decoded: Iterable[tuple[int, np.ndarray]],
+    plan: FramePlan,
+    source_fps: float,
+    pad_next: bool = False,
 ) -> Video:
     """Resize each kept frame into the output as it arrives: only kept frames are ever held, once. A stream
-    that ends early keeps what it gave; an odd count repeats the last frame, as the processor would."""
-    frames = np.empty((len(plan.indices), plan.height, plan.width, 3), np.uint8)
+    that ends early keeps what it gave (at least 2 frames of a file); an odd count repeats the last
+    frame, as the processor would, at the last frame's time (transformers' timestamps) or, `pad_next`,
+    one frame later (a list of frames numbered 0..n, as qwen-vl-utils pads it)."""
+    frames = np.empty((len(plan.indices) + 1, plan.height, plan.width, 3), np.uint8)
     indices = []
     for index, rgb in decoded:
         frames[len(indices)] = resize_rgb(rgb, plan.height, plan.width)
         indices.append(index)
-    if len(indices) < 2:
+    if len(indices) < (1 if pad_next else 2):
         what = "no readable video frames" if not indices else "only 1 readable frame"
         raise Qwen3VLError(
             f"{name}: {what} (needed frame {plan.indices[len(indices)]}); at least 2 are needed"
         )
-    if len(indices) % FRAME_FACTOR:  # room left: the plan's count is even
+    if len(indices) % FRAME_FACTOR:
         frames[len(indices)] = frames[len(indices) - 1]
-        indices.append(indices[-1])
+        indices.append(indices[-1] + 1 if pad_next else indices[-1])
     return Video(frames[: len(indices)], [i / source_fps for i in indices], source_fps)

@@ -261,9 +261,10 @@ class VisionModel(nn.Module):
             tables.append((mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)))
         return tables
 
-    def __call__(self, pixel_values: mx.array, grid_thw) -> tuple[mx.array, list[mx.array]]:
+    def __call__(self, pixel_values: mx.array, grid_thw, progress=None) -> tuple[mx.array, list[mx.array]]:
         """pixel_values [N, 1536] for all items in order; grid_thw [n_items, 3].
-        Returns the merged features [N/4, out_hidden] and one DeepStack feature per tap, same shape."""
+        Returns the merged features [N/4, out_hidden] and one DeepStack feature per tap, same shape.
+        With `progress(done, total)`, each block is evaluated before the next and reported."""
         layout = VisionLayout.from_grid_thw(grid_thw)
         x = self.patch_embed(pixel_values)
         x = x + self.position_embedding(layout, x.dtype)
@@ -274,6 +275,9 @@ class VisionModel(nn.Module):
             x = block(x, rope_tables, runs)
             if i in taps:
                 deepstack.append(self.deepstack_merger_list[taps[i]](x))
+            if progress:
+                mx.eval(x, deepstack)
+                progress(i + 1, len(self.blocks))
         return self.merger(x), deepstack
 
     @staticmethod

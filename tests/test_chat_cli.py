@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from PIL import Image
 from test_image import png_header
@@ -111,13 +112,16 @@ def bad_argument(name: str, problem: str) -> str:
         (["--top-k", "2.5"], bad_argument("top-k", "'2.5' is not a whole number")),
         (["--image", "{tmp}/large.png"],
          "{tmp}/large.png: corrupt or truncated image (cannot load this image)"),
+        (["--image", "{tmp}/bomb.png"], "{tmp}/bomb.png: too large to decode safely "
+         "(900,000,000 pixels, over the limit of 178,956,970); downscale it first"),
     ],
     ids=["missing model", "missing image", "max tokens 0", "temperature inf", "presence nan", "top-k 2.5",
-         "large image"],
+         "large image", "decompression bomb"],
 )  # fmt: skip
 def test_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, args, problem):
     # A 90-megapixel PNG without pixel data: Pillow warns about its size, then cannot decode it.
     (tmp_path / "large.png").write_bytes(png_header(10000, 9000))
+    (tmp_path / "bomb.png").write_bytes(png_header(30000, 30000))
     args = [a.format(tmp=tmp_path) for a in args]
     result = run_chat(tmp_path, "--model", str(tiny_checkpoint), *args, "--prompt", "Hi")
     assert result.returncode == 2
@@ -290,4 +294,30 @@ def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(terminal, tiny_chec
     chat.send(b"\x03")
     chat.expect(PROMPT)
     chat.send(b"\x04")  # Ctrl-D at an empty prompt
+    assert chat.exit_code() == 0
+
+
+def test_a_large_photo_is_described_and_ctrl_c_stops_its_encoding(terminal, tiny_checkpoint, tmp_path):
+    """A 12-megapixel photo: chat.py says what it becomes before encoding it (the pixel budget keeps
+    it whole here: 12,288 patches, seconds of vision tower on the test model), Ctrl-C stops the encoding
+    within a second or two, and the conversation is as it was."""
+    photo = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (3024, 4032, 3), dtype=np.uint8)).save(photo, quality=80)
+    chat = terminal("--model", str(tiny_checkpoint), *GREEDY)
+    chat.expect(PROMPT, timeout=LOAD_TIMEOUT)
+    chat.send(f"/image {photo}\r".encode())
+    chat.expect(PROMPT)
+    chat.send(b"Describe it.\r")
+    chat.expect(r"image 4032x3024 -> \d+x\d+ pixels, [\d,]+ tokens\n")
+    time.sleep(0.5)  # into the vision tower
+    interrupted = time.monotonic()
+    chat.send(b"\x03")
+    chat.expect(PROMPT, timeout=10)
+    assert time.monotonic() - interrupted < 3
+    chat.send(b"/stats\r")
+    assert "no complete answer yet; conversation: 0 tokens" in chat.expect(PROMPT)
+    chat.send(b"Hi\r")
+    chat.expect(r"(?s)Hi\n+\S.*\n> \Z")  # the conversation goes on: an answer, then the prompt
+    chat.send(b"\x04")
     assert chat.exit_code() == 0

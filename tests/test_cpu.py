@@ -117,20 +117,45 @@ def test_gelu_tanh_equals_pytorch_tanh_approximation():
 
 def test_query_blocks_bound_the_memory_of_a_large_segment(monkeypatch):
     """A 2048-patch segment with 64 MiB of scores in 2 MiB query blocks: the attention's peak memory
-    stays within a few blocks (not the whole matrix, nor all blocks at once)."""
+    stays within a few blocks (not the whole matrix, nor all blocks at once), in float32 (numpy: traced
+    by tracemalloc) and in bfloat16 (MLX: its own peak)."""
+    import tracemalloc
+
     n, heads, head_dim, budget = 2048, 4, 32, 2 * 2**20
     rng = np.random.default_rng(1)
     q, k, v = (mx.array(rng.standard_normal((1, heads, n, head_dim)).astype(np.float32)) for _ in range(3))
     mx.eval(q, k, v)
     out_bytes = n * heads * head_dim * 4
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget)
 
-    def peak(attend):
+    def mlx_peak(attend, *arrays):
         mx.synchronize()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        mx.eval(attend(q, k, v, 0.2))
+        mx.eval(attend(*arrays, 0.2))
         return mx.get_peak_memory() - base
 
-    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget)
-    assert peak(cpu.float32_attention) > heads * n * n * 4  # the whole score matrix at once
-    assert peak(cpu.segment_attention_in_blocks) < 3 * budget + 4 * out_bytes
+    assert mlx_peak(cpu.float32_attention, q, k, v) > heads * n * n * 4  # the whole score matrix at once
+    bf16 = [t.astype(mx.bfloat16) for t in (q, k, v)]
+    mx.eval(bf16)
+    assert mlx_peak(cpu.segment_attention_in_blocks, *bf16) < 3 * budget + 4 * out_bytes
+    tracemalloc.start()
+    try:
+        mx.eval(cpu.segment_attention_in_blocks(q, k, v, 0.2))
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert heads * n * n * 4 > 3 * budget + 2 * out_bytes > numpy_peak
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_blocked_attention_equals_float32_attention(dtype, monkeypatch):
+    """The vision tower's attention on the CPU (numpy in float32, MLX in query blocks otherwise) against
+    the exact float32 attention, over segments of several blocks, the last one ragged."""
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 3 * 100 * 4 * 7)
+    rng = np.random.default_rng(2)
+    q, k, v = (mx.array(rng.standard_normal((2, 3, 100, 16)).astype(np.float32)).astype(dtype) for _ in "qkv")
+    ours = cpu.segment_attention_in_blocks(q, k, v, 0.25).astype(mx.float32)
+    reference = cpu.float32_attention(q, k, v, 0.25).astype(mx.float32)
+    tolerance = 1e-6 if dtype == mx.float32 else 0
+    np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=tolerance)

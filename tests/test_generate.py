@@ -299,3 +299,32 @@ def test_prefill_of_an_empty_prompt_is_refused(tiny_f32):
     cache = model.make_cache()
     with pytest.raises(Qwen3VLError, match="the prompt is empty"):
         prefill(model, model.prepare(np.zeros((1, 0), np.int32), cache=cache), cache)
+
+
+def test_progress_says_what_each_medium_became_then_counts_the_work(tiny_f32):
+    """What a front end shows for a long input: each image or video as sized, before the vision tower
+    runs; then the tower's blocks; then the prompt's chunks. The answer is the same as without."""
+    from mlx_qwen3vl.generation import Progress
+
+    model, processor = tiny_f32
+    events: list[Progress] = []
+    options = {"images": [picture(300, 200, 7)], "max_tokens": 4, "temperature": 0, "prefill_step_size": 32}
+    with_progress = generate(model, processor, "Describe.", progress=events.append, **options)
+    assert with_progress == generate(model, processor, "Describe.", **options)
+    assert [e.stage for e in events][0] == "media"
+    assert events[0].detail == "image 300x200 -> 320x224 pixels, 70 tokens"
+    blocks = len(model.model.visual.blocks)
+    assert [(e.done, e.total) for e in events if e.stage == "vision"] == [
+        (i, blocks) for i in range(1, blocks + 1)
+    ]
+    chunks = [(e.done, e.total) for e in events if e.stage == "prefill"]
+    assert chunks and all(done < total for done, total in chunks) and chunks == sorted(chunks)
+
+    session = ChatSession(model, processor, max_tokens=3, temperature=0)
+    seen: list[Progress] = []
+    list(session.ask("And this?", videos=[write_video_frames()], progress=seen.append))
+    assert seen[0].stage == "media" and seen[0].detail.startswith("video, 4 frames of 64x48 -> 2 x ")
+
+
+def write_video_frames():
+    return [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(4)]

@@ -206,7 +206,8 @@ def test_unreachable_url_gets_a_clear_error(http_image):
     [
         ((10, 10), {}, "smaller than one 16-pixel patch"),
         ((4020, 16), {}, "aspect ratio over 200"),
-        ((64, 64), {"min_pixels": 1000, "max_pixels": 10}, "need 0 < min_pixels <= max_pixels"),
+        ((64, 64), {"min_pixels": 0}, r"min_pixels=0 is out of range: must be a whole number >= 1"),
+        ((64, 64), {"max_pixels": float("nan")}, r"max_pixels=nan is out of range"),
     ],
 )
 def test_images_that_cannot_be_used_are_refused(size, options, message):
@@ -252,3 +253,35 @@ def test_normalisation_of_every_byte_value_equals_the_reference_arithmetic():
     for c in range(3):
         np.testing.assert_array_equal(values[c, 0], expected[:, c])
         np.testing.assert_array_equal(values[c, 1], expected[:, c])
+
+
+@pytest.mark.parametrize("size, max_pixels", [((1024, 768), 50176), ((64, 64), 10), ((300, 200), 20000)])
+def test_max_pixels_below_min_pixels_scales_to_fit_as_transformers_does(size, max_pixels):
+    """transformers takes a max_pixels below min_pixels (qwen-vl-utils asserts): the image is scaled to fit
+    max_pixels. A 1024x768 image with max_pixels=50176 gives the grid [1, 12, 16]."""
+    image = noise(*size)
+    ours, grid = image_patches(image, SETTINGS, max_pixels=max_pixels)
+    reference = reference_processor(max_pixels=max_pixels)(image, return_tensors="np")
+    assert list(grid) == reference["image_grid_thw"][0].tolist()
+    np.testing.assert_array_equal(ours, reference["pixel_values"])
+    if size == (1024, 768):
+        assert list(grid) == [1, 12, 16]
+
+
+def test_16_bit_images_keep_their_range(tmp_path):
+    """A full-range 16-bit grayscale PNG maps to 8 bits over its range (Pillow's conversion, and
+    transformers with it, saturates 99.6% of it at 255: a documented deviation); so do uint16 arrays."""
+    values = (np.arange(256 * 64).reshape(64, 256) * 4).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    for source in (tmp_path / "deep.png", values):
+        pixels = np.asarray(load_image(source))
+        assert (pixels == 255).mean() < 0.01
+        np.testing.assert_array_equal(pixels[..., 0], np.round(values / 257).astype(np.uint8))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_image_arrays_that_are_not_finite_are_refused(value):
+    array = np.zeros((32, 32, 3), np.float32)
+    array[3, 4, 1] = value
+    with pytest.raises(Qwen3VLError, match="image array has NaN or infinite values"):
+        load_image(array)

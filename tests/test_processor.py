@@ -142,22 +142,9 @@ def write_video(path, frames: int, fps: float, size=(128, 96)):
     return path
 
 
-def test_video_prompt_ids_follow_the_4_57_layout(processor, hf_tokenizer, tmp_path):
-    """Per temporal group `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, no outer wrapper
-    (SPEC §7): transformers' own replace_video_token and timestamps, put in place of the whole
-    placeholder as 4.57 did, on the frame indices our sampler picked from a real file."""
-    path = write_video(tmp_path / "clip.avi", frames=45, fps=15)
-    video = load_video(path)
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "video", "video": str(path)}, {"type": "text", "text": "What?"}],
-        }
-    ]
-    ours = processor(messages)
-    grid = ours["video_grid_thw"]
-    assert grid[0][0] == len(video.frames) // 2
-
+def reference_video_expansion(grid, timestamps, source_fps: float) -> str:
+    """transformers' own replace_video_token and timestamps for one video (from the frame indices our
+    sampler picked), to put in place of the whole placeholder as 4.57 did (SPEC §7)."""
     stand_in = type("VideoProcessor", (), {"merge_size": 2, "temporal_patch_size": 2})()
     hf = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
     hf.video_processor, hf.vision_start_token, hf.vision_end_token = (
@@ -166,15 +153,66 @@ def test_video_prompt_ids_follow_the_4_57_layout(processor, hf_tokenizer, tmp_pa
         "<|vision_end|>",
     )
     hf.video_token = "<|video_pad|>"
-    indices = [round(t * 15) for t in video.timestamps]
-    metadata = type("Metadata", (), {"fps": 15.0, "frames_indices": indices})()
-    expansion = hf.replace_video_token(
-        {"video_grid_thw": torch.tensor(grid), "video_metadata": [metadata]}, 0
+    indices = [round(t * source_fps) for t in timestamps]
+    metadata = type("Metadata", (), {"fps": source_fps, "frames_indices": indices})()
+    return hf.replace_video_token({"video_grid_thw": torch.tensor([grid]), "video_metadata": [metadata]}, 0)
+
+
+# Text right before a video merges with its first timestamp in the reference's tokenization ("this " +
+# "<0.5 seconds>" gives " <" as one token): every layout must give the ids of the whole expanded text.
+VIDEO_LAYOUTS = {
+    "text ending in a space": ["Watch this ", "V", " What happens?"],
+    "colon": ["Watch this:", "V", "What happens?"],
+    "period": ["One clip.", "V"],
+    "newline": ["Clip below\n", "V", "\nDescribe."],
+    "video first": ["V", "Describe."],
+    "two videos": ["First: ", "V", " then: ", "V", " differ?"],
+    "image then video": ["Picture: ", "I", " and clip: ", "V"],
+}
+
+
+@pytest.mark.parametrize("add_vision_id", [False, True])
+@pytest.mark.parametrize("layout", VIDEO_LAYOUTS)
+def test_video_prompt_ids_equal_the_whole_expanded_text(
+    layout, add_vision_id, processor, hf_tokenizer, hf_image_processor, tmp_path
+):
+    """Per temporal group `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, no outer wrapper
+    (SPEC §7), on real files; the ids equal the tokenization of the whole expanded text."""
+    clips = [write_video(tmp_path / "a.avi", frames=45, fps=15), write_video(tmp_path / "b.avi", 20, 8)]
+    image = picture(128, 96, 5)
+    content, videos = [], iter(clips)
+    for item in VIDEO_LAYOUTS[layout]:
+        if item == "V":
+            content.append({"type": "video", "video": str(next(videos))})
+        elif item == "I":
+            content.append(image_part(image))
+        else:
+            content.append({"type": "text", "text": item})
+    messages = [{"role": "user", "content": content}]
+    ours = processor(messages, add_vision_id=add_vision_id)
+
+    text = hf_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, add_vision_id=add_vision_id
     )
-    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert text.count(VIDEO_TRIPLE) == 1
-    expected = hf_tokenizer.encode(text.replace(VIDEO_TRIPLE, expansion))
-    np.testing.assert_array_equal(ours["input_ids"][0], expected)
+    grids = ours["video_grid_thw"] if ours["video_grid_thw"] is not None else []
+    for path, grid in zip(clips, grids, strict=False):  # the layout's videos, in order
+        video = load_video(path)
+        expansion = reference_video_expansion(grid.tolist(), video.timestamps, video.source_fps)
+        text = text.replace(VIDEO_TRIPLE, expansion, 1)
+    assert VIDEO_TRIPLE not in text
+    if ours["image_grid_thw"] is not None:
+        pixels = hf_image_processor([image], return_tensors="np")
+        text = text.replace(IMAGE_PAD, IMAGE_PAD * (int(pixels["image_grid_thw"][0].prod()) // 4))
+    np.testing.assert_array_equal(ours["input_ids"][0], hf_tokenizer.encode(text))
+
+
+def test_text_before_a_video_merges_with_its_timestamp(processor, tmp_path):
+    """The case that splitting at the placeholders got wrong: ' <' is one token of the reference."""
+    clip = write_video(tmp_path / "a.avi", frames=45, fps=15)
+    content = [{"type": "text", "text": "Watch this "}, {"type": "video", "video": str(clip)}]
+    ids = processor([{"role": "user", "content": content}])["input_ids"][0].tolist()
+    tokens = processor.tokenizer.convert_ids_to_tokens(ids)
+    assert "Ġ<" in tokens
 
 
 def test_processor_output_gives_transformers_logits(
@@ -213,7 +251,8 @@ def test_processor_output_gives_transformers_logits(
         (lambda p, a: p([{"role": "user", "content": [{"type": "text", "text": 5}]}]),
          "message 1, part 1: text must be a string, got int"),
         (lambda p, a: p([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]),
-         "message 1, part 1: unknown type 'audio' \\(the types are text, image, image_url, video\\)"),
+         "message 1, part 1: unknown type 'audio' \\(the types are text, image, image_url, video, "
+         "video_url\\)"),
         (lambda p, a: p(42), "messages must be a string or a list"),
         (lambda p, a: p("Hi", images=7), "images= must be a list, got int"),
         (lambda p, a: p("Hi", images=[a], min_pixels=0), "min_pixels"),
@@ -265,3 +304,44 @@ def test_a_bare_string_in_a_content_list_is_a_text_part(processor):
     parts = [{"type": "text", "text": t} for t in ("Hi", "there")]
     as_parts = processor([{"role": "user", "content": parts}])
     np.testing.assert_array_equal(as_string["input_ids"], as_parts["input_ids"])
+
+
+def test_every_message_form_of_an_image_or_video_gives_the_same_input(processor, tmp_path):
+    """transformers' content keys ("url", "path", "base64" beside "image"; "url", "path" beside "video"),
+    OpenAI's image_url (a string or {"url": ...}) and video_url, typeless parts: the same as the plain
+    form, pixels and ids."""
+    import base64
+
+    image = picture(96, 64, 6)
+    path = tmp_path / "photo.png"
+    image.save(path)
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    clip = str(write_video(tmp_path / "clip.avi", frames=20, fps=8))
+
+    def inputs(part):
+        return processor([{"role": "user", "content": [part, {"type": "text", "text": "What?"}]}])
+
+    expected = inputs({"type": "image", "image": str(path)})
+    for part in (
+        {"type": "image", "url": str(path)},
+        {"type": "image", "path": str(path)},
+        {"type": "image", "base64": encoded},
+        {"type": "image_url", "image_url": f"data:image/png;base64,{encoded}"},
+        {"type": "image_url", "image_url": {"url": str(path)}},
+        {"image": str(path)},
+    ):
+        ours = inputs(part)
+        np.testing.assert_array_equal(ours["input_ids"], expected["input_ids"], err_msg=str(part)[:60])
+        np.testing.assert_array_equal(ours["pixel_values"], expected["pixel_values"])
+    expected = inputs({"type": "video", "video": clip})
+    for part in (
+        {"type": "video", "url": clip},
+        {"type": "video", "path": clip},
+        {"type": "video_url", "video_url": {"url": clip}},
+        {"video": clip},
+    ):
+        ours = inputs(part)
+        np.testing.assert_array_equal(ours["input_ids"], expected["input_ids"], err_msg=str(part))
+        np.testing.assert_array_equal(ours["pixel_values_videos"], expected["pixel_values_videos"])
+    with pytest.raises(Qwen3VLError, match="base64 image: invalid base64"):
+        inputs({"type": "image", "base64": "@@@"})
