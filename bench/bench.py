@@ -29,7 +29,7 @@ import inputs as bench_inputs  # noqa: E402
 import presets  # noqa: E402
 import report  # noqa: E402
 from measure import machine, memory_bandwidth_gbs  # noqa: E402
-from systems.base import GROUPS, MEDIA  # noqa: E402
+from systems.base import DEFAULT_MEDIA, GROUPS, MEDIA  # noqa: E402
 
 PEERS = ("mlx-vlm", "mlx-lm", "transformers")
 
@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--figures", default=",".join(GROUPS), help=f"groups: {', '.join(GROUPS)}")
     p.add_argument(
         "--media",
-        default=",".join(MEDIA),
+        default=",".join(DEFAULT_MEDIA),
         help=f"inputs of the preprocess, vision and TTFT figures: {', '.join(MEDIA)}",
     )
     p.add_argument("--json", type=Path, help="write the full results here")

@@ -1,7 +1,8 @@
 """The synthetic inputs every system gets, written once per run into a folder the workers read:
 
-- `image448.png`, `image1024x768.png`: uniform-noise RGB images (PNG, so every reader gets the same
-  pixels; the workers decode them before timing starts);
+- `image448.png`, `image1024x768.png`, `image2048x1536.png`: uniform-noise RGB images (PNG, so every
+  reader gets the same pixels; the workers decode them before timing starts); the last, a large photo
+  of 12,288 patches, only when asked for (`--media`): its attention is quadratic;
 - `video16.mp4`: 16 noise frames at 2 fps (every system samples all 16);
 - `prompt.npy`: the token ids of the text prompt (exactly `prompt_tokens` ids of English text);
 - `vision.npz`: pixel rows and grids of both images and the video, from this package's processor, so
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGES = {"image448": (448, 448), "image1024x768": (1024, 768)}  # name -> (width, height)
+# name -> (width, height)
+IMAGES = {"image448": (448, 448), "image1024x768": (1024, 768), "image2048x1536": (2048, 1536)}
 VIDEO_FRAMES = 16
 VIDEO_FPS = 2.0
 # 448x320 frames: sides are multiples of 32 (no resize) and 143,360 pixels is above the per-frame
@@ -66,7 +68,7 @@ def prepare(folder: Path, checkpoint: Path, prompt_tokens: int) -> Path:
     """Write the inputs (once per folder); returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
     marker = folder / "inputs.json"
-    wanted = {"checkpoint": str(checkpoint), "prompt_tokens": prompt_tokens}
+    wanted = {"checkpoint": str(checkpoint), "prompt_tokens": prompt_tokens, "images": list(IMAGES)}
     if marker.exists() and json.loads(marker.read_text()) == wanted:
         return folder
     from mlx_qwen3vl.loading import read_config
