@@ -84,7 +84,9 @@ def _source(part: dict, kind: str):
         if value is None:
             continue
         if isinstance(value, dict):  # OpenAI style {"image_url": {"url": ...}}
-            value = value.get("url")
+            if value.get("url") is None:
+                raise Qwen3VLError(f"an {key} part without a url: {value!r:.60}")
+            value = value["url"]
         if key == "base64" and isinstance(value, str):  # transformers: the encoded file, no data: prefix
             return image_from_base64(value)
         return value
