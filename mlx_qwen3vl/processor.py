@@ -85,7 +85,7 @@ def _source(part: dict, kind: str):
             continue
         if isinstance(value, dict):  # OpenAI style {"image_url": {"url": ...}}
             if value.get("url") is None:
-                raise Qwen3VLError(f"an {key} part without a url: {value!r:.60}")
+                raise Qwen3VLError(f"{key} part without a url: {value!r:.60}")
             value = value["url"]
         if key == "base64" and isinstance(value, str):  # transformers: the encoded file, no data: prefix
             return image_from_base64(value)

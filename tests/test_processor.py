@@ -345,5 +345,5 @@ def test_every_message_form_of_an_image_or_video_gives_the_same_input(processor,
         np.testing.assert_array_equal(ours["pixel_values_videos"], expected["pixel_values_videos"])
     with pytest.raises(Qwen3VLError, match="base64 image: invalid base64"):
         inputs({"type": "image", "base64": "@@@"})
-    with pytest.raises(Qwen3VLError, match="an image_url part without a url"):
+    with pytest.raises(Qwen3VLError, match="image_url part without a url"):
         inputs({"type": "image_url", "image_url": {}})
