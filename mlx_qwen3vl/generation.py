@@ -18,11 +18,13 @@ from mlx_lm.generate import wired_limit
 from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
+from .structured import JsonConstraint, check_schema
 
 PREFILL_STEP_SIZE = 512  # for a model built without load() (which chooses per backend, backend.py)
 
-# One stream for generation, as mlx-lm does, so evaluation overlaps with the Python loop.
-generation_stream = mx.new_stream(mx.default_device())
+# One stream for generation, as mlx-lm does, so evaluation overlaps with the Python loop; thread-local,
+# so that any thread can generate (the server's engine runs in its own).
+generation_stream = mx.new_thread_local_stream(mx.default_device())
 
 
 @dataclass
@@ -156,10 +158,11 @@ def stream_tokens(
     prefill_step_size: int | None = None,
     progress=None,
     on_token=None,
+    constraint=None,
 ) -> Iterator[GenerationResponse]:
     """Stream an answer for a prepared prompt: text pieces from mlx-lm's streaming detokenizer, stop on
     an end-of-turn token, a stop string (not shown), or max_tokens. `on_token(id)` sees every token fed
-    to the cache."""
+    to the cache. `constraint`: one more logits processor (structured.JsonConstraint)."""
     max_tokens = check_max_tokens(max_tokens)
     stops = check_stop(stop)
     sampling = sampling or SamplingOptions()
@@ -193,7 +196,7 @@ def stream_tokens(
         cache,
         max_tokens=max_tokens,
         sampler=sampling.sampler(),
-        logits_processors=sampling.logits_processors(),
+        logits_processors=sampling.logits_processors() + ([constraint] if constraint else []),
         prefill_step_size=prefill_step_size,
         progress=progress,
     )
@@ -280,19 +283,35 @@ def stream_generate(
     min_p: float | None = None,
     repetition_penalty: float | None = None,
     presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
     seed: int | None = None,
     stop: list[str] | str | None = None,
+    json_schema=None,
     prefill_step_size: int | None = None,
     progress=None,
     **processor_options,
 ) -> Iterator[GenerationResponse]:
     """Answer `prompt` (chat messages or a string, with `images` / `videos`), streaming text as it is
     generated. Unset sampling options come from the model's generation_config.json; processor options
-    (min_pixels, max_pixels, fps, nframes, ...) go to the processor."""
+    (min_pixels, max_pixels, fps, nframes, ...) go to the processor. `json_schema` (a dict or its JSON
+    text; `structured.ANY_OBJECT` for any object): the answer is JSON that follows it."""
     # Every option is checked before any media is read or encoded.
-    sampling = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, seed)
+    sampling = SamplingOptions(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
+    )
     sampling = sampling.with_defaults(processor.generation_config)
     max_tokens, stop = check_max_tokens(max_tokens), check_stop(stop)
+    constraint = None
+    if json_schema is not None:
+        grammar = check_schema(json_schema)
+        constraint = JsonConstraint(grammar, processor.tokenizer, model.config.text_config.vocab_size)
     inputs, encoded = processor.prepare(prompt, images, videos, **processor_options)
     cache = model.make_cache()
     ids = inputs["input_ids"]
@@ -313,6 +332,7 @@ def stream_generate(
         stop=stop,
         prefill_step_size=prefill_step_size,
         progress=progress,
+        constraint=constraint,
     )
 
 

@@ -94,6 +94,7 @@ SAMPLING = _options(
     NumberOption("min_p", float, "in [0, 1]"),
     NumberOption("repetition_penalty", float, "> 0"),
     NumberOption("presence_penalty", float, "a number"),
+    NumberOption("frequency_penalty", float, "a number"),
     NumberOption("seed", int, "a whole number"),
 )
 MAX_TOKENS = NumberOption("max_tokens", int, ">= 1", "per answer")
@@ -133,6 +134,7 @@ class SamplingOptions:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     seed: int | None = None
+    frequency_penalty: float | None = None
 
     def __post_init__(self):
         for field in fields(self):
@@ -176,5 +178,8 @@ class SamplingOptions:
         from mlx_lm.sample_utils import make_logits_processors
 
         repetition = self.repetition_penalty if self.repetition_penalty not in (None, 1.0) else None
-        presence = self.presence_penalty or None
-        return make_logits_processors(repetition_penalty=repetition, presence_penalty=presence)
+        return make_logits_processors(
+            repetition_penalty=repetition,
+            presence_penalty=self.presence_penalty or None,
+            frequency_penalty=self.frequency_penalty or None,
+        )

@@ -300,16 +300,10 @@ class Processor:
     ) -> list[tuple[str, EncodedMedia]]:
         """Encode `collect_media` output; `options` apply to every image (min_pixels, max_pixels) or video
         (VideoOptions) unless the part sets its own."""
-        image_defaults = {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels")}
-        video_defaults = {k: v for k, v in options.items() if k in VIDEO_OPTION_NAMES}
-        unknown = set(options) - set(image_defaults) - set(video_defaults)
-        if unknown:
-            raise Qwen3VLError(f"unknown option {sorted(unknown)[0]!r}")
-        encoded = []
-        for kind, source, own in media:
-            defaults = image_defaults if kind == "image" else video_defaults
-            encoded.append((kind, self.encode_media(kind, source, {**defaults, **own})))
-        return encoded
+        defaults = media_defaults(options)
+        return [
+            (kind, self.encode_media(kind, source, {**defaults[kind], **own})) for kind, source, own in media
+        ]
 
     # ---- text ----
 
@@ -408,6 +402,18 @@ class Processor:
         text = self.render(messages, add_generation_prompt, **kwargs)
         ids = self.tokenize(text, encoded)
         return {"input_ids": np.array([ids], dtype=np.int32), **stack_media(encoded)}, encoded
+
+
+def media_defaults(options: dict) -> dict[str, dict]:
+    """Call-wide media options split into those of images (min_pixels, max_pixels) and of videos."""
+    defaults = {
+        "image": {k: v for k, v in options.items() if k in ("min_pixels", "max_pixels")},
+        "video": {k: v for k, v in options.items() if k in VIDEO_OPTION_NAMES},
+    }
+    unknown = set(options) - set(defaults["image"]) - set(defaults["video"])
+    if unknown:
+        raise Qwen3VLError(f"unknown option {sorted(unknown)[0]!r}")
+    return defaults
 
 
 def stack_media(encoded: list[tuple[str, EncodedMedia]]) -> dict:

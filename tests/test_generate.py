@@ -328,3 +328,33 @@ def test_progress_says_what_each_medium_became_then_counts_the_work(tiny_f32):
 
 def write_video_frames():
     return [np.full((48, 64, 3), 40 * i, np.uint8) for i in range(4)]
+
+
+def test_json_schema_constrains_the_answer(tiny_f32):
+    """The random model writes JSON that follows the schema, from the first token (structured.py);
+    a schema that is not one is one line."""
+    import json
+
+    model, processor = tiny_f32
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "size": {"type": "integer", "minimum": 0, "maximum": 999},
+        },
+        "required": ["name", "size"],
+        "additionalProperties": False,
+    }
+    for seed in range(3):
+        text = generate(
+            model, processor, "Describe.", json_schema=schema, max_tokens=60, temperature=1.0, seed=seed
+        )
+        value = json.loads(text)
+        assert set(value) == {"name", "size"} and isinstance(value["size"], int) and len(value["name"]) <= 8
+    assert json.loads(
+        generate(model, processor, "Hi", json_schema=json.dumps(schema), max_tokens=60, temperature=0)
+    )
+    with pytest.raises(Qwen3VLError, match="json_schema must be a JSON object"):
+        generate(model, processor, "Hi", json_schema=[1, 2])
+    with pytest.raises(Qwen3VLError, match="json_schema is not valid JSON"):
+        generate(model, processor, "Hi", json_schema="{nope")

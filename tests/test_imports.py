@@ -25,7 +25,7 @@ def python(script: str, *args: str, env: dict | None = None) -> subprocess.Compl
     )
 
 
-HEAVY_MODULES = ("mlx.core", "mlx_lm", "transformers", "torch", "cv2")
+HEAVY_MODULES = ("mlx.core", "mlx_lm", "transformers", "torch", "cv2", "fastapi", "uvicorn")
 IMPORTS_AFTER = """
 import runpy, sys
 sys.argv = sys.argv[1:]
@@ -39,8 +39,22 @@ print([m for m in {heavy!r} if m in sys.modules])
 
 @pytest.mark.parametrize(
     "args",
-    [("chat.py", "--help"), ("chat.py", "--temperature", "-1"), ("convert.py", "--help"), ("convert.py",)],
-    ids=["chat help", "chat bad argument", "convert help", "convert missing argument"],
+    [
+        ("chat.py", "--help"),
+        ("chat.py", "--temperature", "-1"),
+        ("convert.py", "--help"),
+        ("convert.py",),
+        ("server.py", "--help"),
+        ("server.py", "--port", "http"),
+    ],
+    ids=[
+        "chat help",
+        "chat bad argument",
+        "convert help",
+        "convert missing argument",
+        "server help",
+        "server port",
+    ],
 )
 def test_help_and_argument_errors_answer_before_the_heavy_imports(args):
     """--help and argument errors need none of MLX, mlx-lm, transformers or OpenCV: they answer at once."""

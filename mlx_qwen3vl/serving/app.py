@@ -1,0 +1,117 @@
+"""The OpenAI-compatible HTTP API over the engine, with FastAPI: `GET /health`, `GET /v1/models`,
+`POST /v1/chat/completions` (streamed as server-sent events or not).
+
+Every refusal is OpenAI's error object with a 4xx status and one line; a bug in one request is a 500 for
+it alone. A streaming client that disconnects cancels its request, which stops within a token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import Qwen3VLError
+from .engine import Engine, Event, Job
+from .media import MediaPolicy, fetch
+from .protocol import ApiError, chunk, completion, completion_id, from_user_error, parse, usage
+
+
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, policy: MediaPolicy | None = None
+):
+    policy = policy or MediaPolicy()
+    app = FastAPI(title="mlx-qwen3vl", docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def refused(_request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, error: Exception):
+        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if api_key and request.url.path != "/health":
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return JSONResponse(
+                    ApiError(401, "missing or wrong API key (Authorization: Bearer ...)").body(),
+                    status_code=401,
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3vl"}
+        return {"object": "list", "data": [entry]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        try:
+            body = await http.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        request = parse(body)
+        try:
+            fetched = await asyncio.gather(
+                *(
+                    asyncio.to_thread(fetch, m.url, policy, f"{m.kind} {i + 1}")
+                    for i, m in enumerate(request.media)
+                )
+            )
+        except Qwen3VLError as e:
+            raise from_user_error(e) from None
+        job = Job(request, list(fetched), asyncio.get_running_loop())
+        engine.submit(job)
+        first = await job.events.get()
+        if first.kind == "error":
+            raise ApiError(first.status, first.text)
+        cid = completion_id()
+        if request.stream:
+            return StreamingResponse(
+                stream(job, first, cid, model_name, request.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        text, event = [], first
+        while event.kind == "text":
+            text.append(event.text)
+            event = await job.events.get()
+        if event.kind == "error":
+            raise ApiError(event.status, event.text)
+        return completion(cid, model_name, "".join(text), event.finish, event.prompt_tokens, event.tokens)
+
+    return app
+
+
+async def stream(job: Job, first: Event, cid: str, model: str, include_usage: bool):
+    """Server-sent events: the role, the text as it comes, the finish reason, the usage if asked, [DONE].
+    A client gone (the generator closed or cancelled) cancels the job."""
+
+    def sse(data: dict) -> str:
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    try:
+        yield sse(chunk(cid, model, {"role": "assistant", "content": ""}))
+        event = first
+        while event.kind == "text":
+            yield sse(chunk(cid, model, {"content": event.text}))
+            event = await job.events.get()
+        if event.kind == "error":  # after the answer started: the stream says it, as OpenAI's does
+            yield sse(ApiError(event.status, event.text).body())
+        else:
+            yield sse(chunk(cid, model, {}, event.finish))
+            if include_usage:
+                yield sse(chunk(cid, model, {}, usage_=usage(event.prompt_tokens, event.tokens)))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()

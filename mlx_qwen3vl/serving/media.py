@@ -1,0 +1,134 @@
+"""Images and videos named in requests: fetched under limits a server must keep, and identified by their
+content, so that a resent image is found in the caches without being decoded again.
+
+An http(s) URL is downloaded with connect and total timeouts, at most MAX_REDIRECTS redirects and at most
+`max_bytes`; a `data:` URL is decoded under the same size limit; a local path or `file:` URL only when the
+server allows local files (a client must not read the server's files). Videos are written to a private
+temporary file for OpenCV, removed after decoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import Qwen3VLError
+
+MAX_REDIRECTS = 5
+CONNECT_TIMEOUT = 10.0  # seconds to open the connection (and between two reads)
+TOTAL_TIMEOUT = 60.0  # seconds for the whole download
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What the server lets a request name."""
+
+    max_bytes: int = 20 * 10**6
+    allow_local_files: bool = False
+    connect_timeout: float = CONNECT_TIMEOUT
+    total_timeout: float = TOTAL_TIMEOUT
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A medium's bytes and their digest (its identity in the caches)."""
+
+    data: bytes
+    digest: str
+
+
+def fetch(source: str, policy: MediaPolicy, what: str) -> Fetched:
+    """The bytes behind a URL, data: URL or (allowed) local path. One Qwen3VLError line otherwise."""
+    if not isinstance(source, str) or not source:
+        raise Qwen3VLError(f"{what}: expected a URL string")
+    if source.startswith("data:"):
+        data = _data_url(source, policy, what)
+    elif source.startswith(("http://", "https://")):
+        data = _download(source, policy, what)
+    else:
+        data = _local(source, policy, what)
+    return Fetched(data, hashlib.sha256(data).hexdigest())
+
+
+def _data_url(source: str, policy: MediaPolicy, what: str) -> bytes:
+    header, _, payload = source.partition(",")
+    if not header.endswith(";base64"):
+        raise Qwen3VLError(f"{what}: a data: URL must be base64-encoded (data:<type>;base64,...)")
+    if len(payload) * 3 // 4 > policy.max_bytes:
+        raise Qwen3VLError(f"{what}: the data: URL holds more than {policy.max_bytes:,} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise Qwen3VLError(f"{what}: the data: URL is not valid base64") from None
+
+
+class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = MAX_REDIRECTS
+
+
+def _download(url: str, policy: MediaPolicy, what: str) -> bytes:
+    opener = urllib.request.build_opener(_LimitedRedirects())
+    deadline = time.monotonic() + policy.total_timeout
+    try:
+        with opener.open(url, timeout=policy.connect_timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > policy.max_bytes:
+                raise Qwen3VLError(f"{what}: {url} is over the limit of {policy.max_bytes:,} bytes")
+            data = bytearray()
+            while chunk := response.read(CHUNK):
+                data += chunk
+                if len(data) > policy.max_bytes:
+                    raise Qwen3VLError(f"{what}: {url} is over the limit of {policy.max_bytes:,} bytes")
+                if time.monotonic() > deadline:
+                    raise Qwen3VLError(f"{what}: {url} took more than {policy.total_timeout:g} s to download")
+            return bytes(data)
+    except Qwen3VLError:
+        raise
+    except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            raise Qwen3VLError(f"{what}: {url} redirects more than {MAX_REDIRECTS} times") from None
+        raise Qwen3VLError(f"{what}: {url} answered HTTP {e.code}") from None
+    except TimeoutError:
+        raise Qwen3VLError(f"{what}: {url} did not answer within {policy.connect_timeout:g} s") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise Qwen3VLError(f"{what}: {url} could not be downloaded ({reason})") from None
+
+
+def _local(source: str, policy: MediaPolicy, what: str) -> bytes:
+    if not policy.allow_local_files:
+        raise Qwen3VLError(
+            f"{what}: local files are not served (start the server with --allow-local-files); "
+            "send an http(s) or data: URL"
+        )
+    path = Path(source.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise Qwen3VLError(f"{what}: {path}: no such file")
+    if path.stat().st_size > policy.max_bytes:
+        raise Qwen3VLError(f"{what}: {path} is over the limit of {policy.max_bytes:,} bytes")
+    return path.read_bytes()
+
+
+class VideoFile:
+    """A video's bytes as a private temporary file for OpenCV, removed on exit."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __enter__(self) -> str:
+        handle, self.path = tempfile.mkstemp(prefix="mlx-qwen3vl-video-")
+        with os.fdopen(handle, "wb") as file:
+            file.write(self.data)
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        Path(self.path).unlink(missing_ok=True)

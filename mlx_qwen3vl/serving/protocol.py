@@ -1,0 +1,248 @@
+"""OpenAI's chat-completions request, checked, and its answers: the error shape, completion objects and
+stream chunks. The sampling options are checked by `options.SamplingOptions` (the same names and
+ranges as the Python API and chat.py); this module checks the request's own structure.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import Qwen3VLError
+from ..options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
+from ..processor import SOURCE_KEYS, media_kind, normalize_messages
+
+# Media options a request may carry as extra fields (vLLM and mlx-vlm take them so too).
+MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "nframes", "total_pixels", "video_start", "video_end")
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and OpenAI's error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or {401: "authentication_error", 404: "not_found_error"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+def from_user_error(error: Qwen3VLError) -> ApiError:
+    """A Qwen3VLError as a 400, naming the option it is about when its message starts with one."""
+    match = re.match(r"(?:video option )?(\w+)=", str(error))
+    return ApiError(400, str(error), param=match[1] if match else None)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    json_schema: dict | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields this server reads; others a client may send (user, metadata, ...) are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    messages: list[dict]
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    temperature: Any = None
+    top_p: Any = None
+    top_k: Any = None
+    min_p: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    repetition_penalty: Any = None
+    seed: Any = None
+    stop: Any = None
+    n: Any = 1
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    min_pixels: Any = None
+    max_pixels: Any = None
+    fps: Any = None
+    nframes: Any = None
+    total_pixels: Any = None
+    video_start: Any = None
+    video_end: Any = None
+
+
+@dataclass
+class MediaRef:
+    """An image or video a message names: where, as which part, with which options."""
+
+    kind: str
+    url: str
+    options: dict
+
+
+@dataclass
+class Request:
+    """A checked request, ready for the engine (the media still to fetch)."""
+
+    messages: list[dict]
+    media: list[MediaRef]
+    sampling: SamplingOptions
+    max_tokens: int
+    stop: list[str]
+    stream: bool = False
+    include_usage: bool = False
+    json_schema: dict | None = None
+    tools: list[dict] | None = None
+    media_options: dict = field(default_factory=dict)
+
+
+def parse(body: Any) -> Request:
+    """The request body (parsed JSON) checked: one ApiError for the first problem found."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        raw = ChatRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+    if raw.n not in (None, 1):
+        raise ApiError(400, f"n={raw.n!r}: this server answers with one choice only (n=1)", param="n")
+    if raw.logprobs or raw.top_logprobs:
+        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+    if not raw.messages:
+        raise ApiError(400, "messages: at least one message is needed", param="messages")
+    try:
+        limit = raw.max_completion_tokens if raw.max_completion_tokens is not None else raw.max_tokens
+        max_tokens = DEFAULT_MAX_TOKENS if limit is None else check_max_tokens(limit)
+        sampling = SamplingOptions(**{name: getattr(raw, name) for name in SamplingOptions.names()})
+        stop = check_stop(raw.stop)
+        messages = normalize_messages(raw.messages)
+    except Qwen3VLError as e:
+        raise from_user_error(e) from None
+    media = []
+    for message in messages:
+        for part in message["content"]:
+            kind = media_kind(part)
+            if kind is None:
+                continue
+            url = _url(part, kind)
+            options = {k: v for k, v in part.items() if k not in ("type", *SOURCE_KEYS[kind], "detail")}
+            media.append(MediaRef(kind, url, options))
+    return Request(
+        messages=messages,
+        media=media,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop=stop,
+        stream=raw.stream,
+        include_usage=bool(raw.stream_options and raw.stream_options.include_usage),
+        json_schema=_schema(raw.response_format),
+        tools=raw.tools or None,
+        media_options={k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None},
+    )
+
+
+def _url(part: dict, kind: str) -> str:
+    for key in SOURCE_KEYS[kind]:
+        value = part.get(key)
+        if isinstance(value, dict):
+            value = value.get("url")
+        if isinstance(value, str) and value:
+            return value
+        if value is not None:
+            raise ApiError(400, f"a {kind} part's {key} must be a URL string", param="messages")
+    raise ApiError(400, f"a {kind} part without its URL ({kind}_url: {{url: ...}})", param="messages")
+
+
+def _schema(response_format: ResponseFormat | None) -> dict | None:
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"type": "object"}
+    if response_format.type == "json_schema":
+        spec = response_format.json_schema or {}
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise ApiError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format",
+            )
+        return schema
+    raise ApiError(
+        400,
+        f"response_format.type {response_format.type!r} is not supported (text, json_object, json_schema)",
+        param="response_format",
+    )
+
+
+# ---- answers ----------------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def finish(reason: str | None) -> str | None:
+    """Our finish reasons in OpenAI's words."""
+    return {"stop_string": "stop", "cancelled": None}.get(reason, reason)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(cid: str, model: str, text: str, reason: str | None, prompt_tokens: int, tokens: int) -> dict:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish(reason),
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(prompt_tokens, tokens),
+    }
+
+
+def chunk(cid: str, model: str, delta: dict, reason: str | None = None, usage_: dict | None = None) -> dict:
+    choices = (
+        []
+        if usage_ is not None
+        else [{"index": 0, "delta": delta, "finish_reason": finish(reason), "logprobs": None}]
+    )
+    out = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out

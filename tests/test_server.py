@@ -1,0 +1,368 @@
+"""server.py's API as clients use it: the official `openai` client against a server on a free port with
+the test checkpoint, answers compared with the package's own `generate` (greedy, the same tokens), the
+prompt cache across requests, concurrent requests, and every kind of bad request answered with OpenAI's
+error shape and a 4xx status while the server goes on."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import http.server
+import io
+import json
+import re
+import socket
+import socketserver
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import mlx.core as mx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from mlx_qwen3vl import generate, load
+from mlx_qwen3vl.serving.app import create_app
+from mlx_qwen3vl.serving.engine import Engine
+from mlx_qwen3vl.serving.media import MediaPolicy
+
+KEY = "test-key"
+GREEDY = {"max_tokens": 6, "temperature": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """create_app + uvicorn in a thread of this process, so tests can look at the engine."""
+
+    def __init__(self, checkpoint: Path, **policy):
+        model, processor = load(checkpoint, dtype="float32")
+        self.engine = Engine(model, processor)
+        self.engine.start()
+        self.port = free_port()
+        app = create_app(self.engine, "tiny", api_key=KEY, policy=MediaPolicy(**policy))
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    s = Server(tiny_checkpoint, connect_timeout=1.0, total_timeout=2.0, max_bytes=2_000_000)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_checkpoint):
+    """The package in this process, for the expected answers."""
+    return load(tiny_checkpoint, dtype="float32")
+
+
+def png(seed: int, size=(96, 64)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, kind: str = "image/png") -> str:
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def ask(server, messages, **options) -> str:
+    response = server.client.chat.completions.create(model="tiny", messages=messages, **(GREEDY | options))
+    return response.choices[0].message.content
+
+
+def user(*parts) -> dict:
+    content = [{"type": "text", "text": p} if isinstance(p, str) else p for p in parts]
+    return {"role": "user", "content": content}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+class Files(http.server.SimpleHTTPRequestHandler):
+    """A local web server for the media tests: files of a folder, a slow path, a redirect loop."""
+
+    def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        if self.path.startswith("/loop"):
+            self.send_response(302)
+            self.send_header("Location", self.path + "x")
+            self.end_headers()
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+    def handle(self):
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):  # the server stopped reading: as it should
+            pass
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("web")
+    (folder / "cat.png").write_bytes(png(3))
+    (folder / "big.bin").write_bytes(b"\0" * 3_000_000)
+    (folder / "notes.txt").write_text("not an image")
+    handler = lambda *a, **k: Files(*a, directory=str(folder), **k)  # noqa: E731
+    httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
+    httpd.shutdown()
+
+
+# ---- answers ------------------------------------------------------------------------------------------
+
+
+def test_health_models_and_the_api_key(server):
+    assert call(server, "GET", "/health", key=None) == (200, {"status": "ok"})
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+    status, body = call(server, "POST", "/v1/chat/completions", b'{"messages": []}', key=None)
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+
+
+def test_text_answers_equal_the_package_streamed_or_not(server, local):
+    expected = generate(*local, "Hi there", **GREEDY)
+    assert ask(server, [{"role": "user", "content": "Hi there"}]) == expected
+    stream = server.client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi there"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_images_by_data_url_and_http_url(server, local, web):
+    url, folder = web
+    expected = generate(
+        *local,
+        [user(image_part("x"), "What is it?")][0]["content"]
+        and [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        images=[png(3)],
+        **GREEDY,
+    )
+    for source in (data_url(png(3)), f"{url}/cat.png"):
+        response = server.client.chat.completions.create(
+            model="tiny", messages=[user(image_part(source), "What is it?")], **GREEDY
+        )
+        assert response.choices[0].message.content == expected
+        assert response.usage.prompt_tokens > 24  # the image's tokens are counted
+
+
+def test_a_video_by_data_url(server, local, tmp_path):
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 8.0, (96, 64))
+    for i in range(16):
+        writer.write(np.full((64, 96, 3), 15 * i, np.uint8))
+    writer.release()
+    expected = generate(*local, "What happens?", videos=[str(path)], **GREEDY)
+    part = {"type": "video_url", "video_url": {"url": data_url(path.read_bytes(), "video/x-msvideo")}}
+    assert ask(server, [user(part, "What happens?")]) == expected
+
+
+def test_a_conversation_continues_from_the_cache_with_the_same_answer(server, local):
+    """Each turn resends the whole conversation: the image and earlier turns come from the KV cache
+    (neither decoded nor encoded again), and the answers are those computed without any cache."""
+    image = data_url(png(5, (160, 96)))
+    messages = [user(image_part(image), "Describe it.")]
+    first = ask(server, messages)
+    messages += [{"role": "assistant", "content": first}, user("And the colours?")]
+    second = ask(server, messages)
+    assert server.engine.reused > 60  # the first turn's prompt, image included
+    fresh_messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And the colours?"},
+    ]
+    assert second == generate(*local, fresh_messages, images=[png(5, (160, 96))], **GREEDY)
+
+
+def test_concurrent_requests_equal_the_same_requests_one_at_a_time(server, local):
+    questions = [f"Question number {i}?" for i in range(8)]
+    expected = [generate(*local, q, **GREEDY) for q in questions]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda q: ask(server, [{"role": "user", "content": q}]), questions))
+    assert answers == expected
+
+
+def test_json_schema_and_json_object_answers_parse(server):
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 10}, "count": {"type": "integer"}},
+        "required": ["name", "count"],
+        "additionalProperties": False,
+    }
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "thing", "schema": schema, "strict": True},
+    }
+    for stream in (False, True):
+        options = {"max_tokens": 60, "temperature": 0, "response_format": response_format}
+        if stream:
+            chunks = server.client.chat.completions.create(
+                model="tiny", messages=[user("A thing, as JSON.")], stream=True, **options
+            )
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            text = ask(server, [user("A thing, as JSON.")], **options)
+        value = json.loads(text)
+        assert set(value) == {"name", "count"} and isinstance(value["count"], int)
+    text = ask(
+        server,
+        [user(image_part(data_url(png(6))), "JSON")],
+        max_tokens=3,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert text.startswith("{")  # cut by max_tokens, but JSON from the first token
+
+
+# ---- bad requests -------------------------------------------------------------------------------------
+
+
+def call(server, method: str, path: str, body: bytes | None = None, key: str | None = KEY):
+    """A raw HTTP request (for what the openai client would not send): status and parsed JSON body."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    status, data = response.status, json.loads(response.read())
+    connection.close()
+    return status, data
+
+
+def post(server, body, raw: bool = False) -> tuple[int, dict]:
+    data = body if raw else json.dumps(body)
+    return call(server, "POST", "/v1/chat/completions", data.encode())
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("{not json", "the request body is not valid JSON"),
+        ([1, 2], "the request body must be a JSON object"),
+        ({"messages": "hi"}, "messages: Input should be a valid list"),
+        ({"messages": [user("Hi")], "temperature": "hot"}, "temperature='hot' is out of range"),
+        ({"messages": [user("Hi")], "n": 2}, "n=2: this server answers with one choice"),
+        ({"messages": [user("Hi")], "max_tokens": 0}, "max_tokens=0 is out of range"),
+        ({"messages": [{"role": "robot", "content": "Hi"}]}, "message 1 has role 'robot'"),
+        ({"messages": [user({"type": "input_audio", "input_audio": {}})]}, "unknown type 'input_audio'"),
+        ({"messages": [user(image_part(data_url(b"plain text")))]}, "not an image in a supported format"),
+        ({"messages": [user(image_part("/etc/passwd"))]}, "local files are not served"),
+        ({"messages": [user(image_part("file:///etc/passwd"))]}, "local files are not served"),
+        ({"messages": [user("Hi")], "max_tokens": 10**6}, "exceeds the model's context"),
+        ({"messages": [user("Hi")], "response_format": {"type": "xml"}}, "response_format.type 'xml'"),
+        ({"messages": [user("Hi")], "logprobs": True}, "logprobs are not supported"),
+    ],
+    ids=lambda v: str(v)[:40],
+)  # fmt: skip
+def test_bad_requests_get_the_error_shape_and_a_400(server, body, message):
+    status, response = post(server, body, raw=isinstance(body, str))
+    assert status == 400, response
+    error = response["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("/slow.png", "took more than|did not answer within"),
+        ("/big.bin", "over the limit of 2,000,000 bytes"),
+        ("/loop", "redirects more than 5 times"),
+        ("/missing.png", "answered HTTP 404"),
+        ("/notes.txt", "not an image in a supported format"),
+    ],
+)
+def test_bad_media_urls_get_a_400(server, web, path, message):
+    url, _ = web
+    status, response = post(server, {"messages": [user(image_part(url + path))]})
+    assert status == 400, response
+    assert re.search(message, response["error"]["message"])
+
+
+def test_local_files_only_when_allowed(tiny_checkpoint, web):
+    _, folder = web
+    allowed = Server(tiny_checkpoint, allow_local_files=True)
+    try:
+        answer = ask(allowed, [user(image_part(str(folder / "cat.png")), "What?")])
+        assert isinstance(answer, str) and answer
+    finally:
+        allowed.close()
+
+
+def test_a_client_that_goes_away_stops_its_generation(server, local):
+    """A stream dropped after a few chunks: the generation stops within a token (the next request is
+    answered at once, not after 2,000 tokens), and the cache it leaves gives the same answers."""
+    body = {"messages": [user("Tell me a long story.")], "max_tokens": 2000, "temperature": 0, "stream": True}
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+    response = connection.getresponse()
+    events = [response.readline() for _ in range(12)]  # six events: "data: ..." and a blank line each
+    assert sum(line.startswith(b"data: ") for line in events) == 6
+    connection.close()
+    start = time.monotonic()
+    assert ask(server, [user("Hi")]) == generate(*local, "Hi", **GREEDY)
+    assert time.monotonic() - start < 10
+    assert ask(server, [user("Tell me a long story.")]) == generate(*local, "Tell me a long story.", **GREEDY)
+
+
+def test_a_soak_of_mixed_requests_leaves_the_server_answering_in_bounded_memory(server, local):
+    expected = generate(*local, "Hi", **GREEDY)
+    bad = [
+        ("{oops", True),
+        ({"messages": [user("x")], "top_p": 7}, False),
+        ({"messages": [user(image_part(data_url(b"junk")))]}, False),
+        ({"messages": [{"role": "user"}], "n": 3}, False),
+    ]
+    ask(server, [user("Hi")])
+    mx.synchronize()
+    baseline = mx.get_active_memory()
+    for i in range(200):
+        if i % 5 == 0:
+            assert ask(server, [user("Hi")]) == expected
+        elif i % 5 == 1:
+            ask(server, [user(f"Different question {i}")], max_tokens=2)
+        else:
+            body, raw = bad[i % len(bad)]
+            assert post(server, body, raw=raw)[0] == 400
+    assert ask(server, [user("Hi")]) == expected
+    grown = mx.get_active_memory() - baseline
+    assert grown < 200 * 10**6, grown  # the prompt cache is bounded (entries and bytes)
