@@ -6,7 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from importlib.metadata import entry_points
 
 import mlx.core as mx
 import numpy as np
@@ -151,11 +151,15 @@ def test_hub_id_while_offline_and_not_cached_says_how_to_get_it(monkeypatch, tmp
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(Qwen3VLError, match="is not downloaded and the hub cannot be reached") as error:
         load("Qwen/Qwen3-VL-4B-Instruct")
-    # The command it names is installed with huggingface_hub, next to this Python's own scripts.
+    # The command it names is one huggingface_hub installs (a console script), and it has that subcommand.
     command = re.search(r"run '(\S+) (\S+) Qwen/Qwen3-VL-4B-Instruct'", str(error.value))
     assert command, error.value
-    program = Path(sys.executable).parent / command[1]
-    assert subprocess.run([program, command[2], "--help"], capture_output=True).returncode == 0
+    scripts = [e for e in entry_points(group="console_scripts") if e.name == command[1]]
+    assert scripts and scripts[0].dist.name.replace("-", "_") == "huggingface_hub"
+    module, function = scripts[0].value.split(":")
+    argv = [command[1], command[2], "--help"]
+    run = f"import sys; sys.argv = {argv}; from {module} import {function}; {function}()"
+    assert subprocess.run([sys.executable, "-c", run], capture_output=True).returncode == 0
 
 
 def test_default_compute_dtype_is_chosen_per_backend(tiny_checkpoint):
