@@ -29,9 +29,11 @@ No library offers these; written by hand for this backend only.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Iterable
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -246,23 +248,41 @@ def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
 
 
 def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Float32 non-causal attention of q, k, v [segments, heads, length, d] with numpy, in query blocks of
-    at most ATTENTION_SCORE_BYTES of scores. The vision tower's long segments spend their time in the
-    softmax's exponentials (N^2 per head), which numpy computes with the CPU's vector units and MLX's CPU
-    backend one value at a time: several times faster, so the tower runs at the pace of its matrix
-    products. The products themselves go through numpy's BLAS; MLX's buffers are read in place."""
+    """Float32 non-causal attention of q, k, v [segments, heads, length, d] with numpy, a head at a time in
+    query blocks of at most ATTENTION_SCORE_BYTES of scores. The vision tower's long segments spend their
+    time in the softmax's exponentials (N^2 per head), which numpy computes with the CPU's vector units
+    (MLX's CPU backend one value at a time), each block's rows shared among the cores; the row sums come
+    out of the P @ V product (v with a column of ones). The products go through numpy's BLAS, a head at a
+    time so that each is a large product (with all heads at once, a block would have few rows). MLX's
+    buffers are read in place."""
     mx.eval(q, k, v)
     qn, kn, vn = np.asarray(q), np.asarray(k), np.asarray(v)
     count, heads, length, d = qn.shape
     out = np.empty((count, heads, length, vn.shape[-1]), np.float32)
-    block = max(1, ATTENTION_SCORE_BYTES // (heads * length * 4))
+    block = max(1, ATTENTION_SCORE_BYTES // (length * 4))
     for c in range(count):
-        keys = kn[c].transpose(0, 2, 1)
-        for start in range(0, length, block):
-            end = min(start + block, length)
-            scores = (qn[c, :, start:end] * np.float32(scale)) @ keys  # [heads, block, length]
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            total = scores.sum(axis=-1, keepdims=True)
-            out[c, :, start:end] = (scores @ vn[c]) / total
+        for h in range(heads):
+            keys = np.ascontiguousarray(kn[c, h].T)
+            values = np.concatenate([vn[c, h], np.ones((length, 1), np.float32)], axis=-1)
+            for start in range(0, length, block):
+                end = min(start + block, length)
+                scores = (qn[c, h, start:end] * np.float32(scale)) @ keys  # [block, length]
+                rows = -(-(end - start) // CORES)
+                list(_threads().map(_exponentials, np.split(scores, range(rows, end - start, rows))))
+                weighted = scores @ values  # its last column: each row's sum of exponentials
+                out[c, h, start:end] = weighted[:, :-1] / weighted[:, -1:]
     return mx.array(out)
+
+
+def _exponentials(scores: np.ndarray) -> None:
+    """exp(scores - row max), in place (a softmax before its division)."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+
+
+CORES = os.cpu_count() or 1
+
+
+@cache
+def _threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="mlx-qwen3vl-softmax")
