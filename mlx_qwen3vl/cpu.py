@@ -228,14 +228,15 @@ def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
 
 
 def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
-    """`vision.fused_attention` for q, k, v [segments, heads, length, d], with the scores of each
-    segment in query blocks of at most ATTENTION_SCORE_BYTES, each evaluated before the next."""
-    if q.dtype == mx.float32:
-        return numpy_attention(q, k, v, scale)
+    """`vision.fused_attention` for q, k, v [segments, heads, length, d]. Scores that fit in
+    ATTENTION_SCORE_BYTES at once in one call; larger ones in query blocks of at most that, each evaluated
+    before the next: with numpy in float32 (`numpy_attention`), with MLX otherwise."""
     count, heads, length, _ = q.shape
     row_bytes = heads * length * 4  # float32 scores of one query row
     if count * length * row_bytes <= ATTENTION_SCORE_BYTES:
         return float32_attention(q, k, v, scale)
+    if q.dtype == mx.float32:
+        return numpy_attention(q, k, v, scale)
     block = max(1, ATTENTION_SCORE_BYTES // row_bytes)
     segments = []
     for i in range(count):

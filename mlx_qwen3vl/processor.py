@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,25 +177,34 @@ def _checked_part(where: str, part) -> dict:
     return part
 
 
+def media_parts(messages: list[dict]) -> Iterator[tuple[str, dict]]:
+    """(kind, part) of every image and video part of normalized messages, in prompt order."""
+    for message in messages:
+        for part in message["content"]:
+            kind = media_kind(part)
+            if kind is not None:
+                yield kind, part
+
+
+def part_options(kind: str, part: dict) -> dict:
+    """A media part's own options: its keys other than its type and source (OpenAI's "detail" aside)."""
+    return {k: v for k, v in part.items() if k not in ("type", "text", "detail", *SOURCE_KEYS[kind])}
+
+
 def collect_media(messages: list[dict], images, videos) -> list[tuple[str, object, dict]]:
     """(kind, source, per-item options) for every image and video part, in prompt order. Parts without
     a source take the next item of `images` / `videos`."""
     supplied = {"image": list(images or []), "video": list(videos or [])}
     counts = {"image": 0, "video": 0}
     media = []
-    for message in messages:
-        for part in message["content"]:
-            kind = media_kind(part)
-            if kind is None:
-                continue
-            source = _source(part, kind)
-            if source is None:
-                if counts[kind] >= len(supplied[kind]):
-                    raise Qwen3VLError(f"more {kind} placeholders in the messages than {kind}s given")
-                source = supplied[kind][counts[kind]]
-                counts[kind] += 1
-            options = {k: v for k, v in part.items() if k not in ("type", "text", *SOURCE_KEYS[kind])}
-            media.append((kind, source, options))
+    for kind, part in media_parts(messages):
+        source = _source(part, kind)
+        if source is None:
+            if counts[kind] >= len(supplied[kind]):
+                raise Qwen3VLError(f"more {kind} placeholders in the messages than {kind}s given")
+            source = supplied[kind][counts[kind]]
+            counts[kind] += 1
+        media.append((kind, source, part_options(kind, part)))
     for kind, given in supplied.items():
         if counts[kind] < len(given):
             raise Qwen3VLError(
@@ -359,29 +369,10 @@ class Processor:
             out += [i] * next(blocks) if i in pads else [i]
         return out
 
-    def __call__(
-        self,
-        messages_or_text,
-        images=None,
-        videos=None,
-        *,
-        add_generation_prompt: bool = True,
-        tools: list | None = None,
-        add_vision_id: bool = False,
-        **options,
-    ) -> dict:
-        """input_ids [1, L] and the pixel inputs, under transformers' names, ready for `model(**inputs)`.
-        Options apply to every image (min_pixels, max_pixels) and video (fps, nframes, min_pixels,
-        max_pixels, total_pixels, video_start, video_end); a media part's own keys take precedence."""
-        return self.prepare(
-            messages_or_text,
-            images,
-            videos,
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            add_vision_id=add_vision_id,
-            **options,
-        )[0]
+    def __call__(self, messages_or_text, images=None, videos=None, **options) -> dict:
+        """input_ids [1, L] and the pixel inputs, under transformers' names, ready for `model(**inputs)`;
+        the arguments are `prepare`'s."""
+        return self.prepare(messages_or_text, images, videos, **options)[0]
 
     def prepare(
         self,
@@ -394,7 +385,9 @@ class Processor:
         add_vision_id: bool = False,
         **options,
     ) -> tuple[dict, list[tuple[str, EncodedMedia]]]:
-        """`__call__`'s inputs, and each image and video as encoded (with what it became)."""
+        """The model's inputs (`__call__`'s) and each image and video as encoded, with what it became.
+        Options apply to every image (min_pixels, max_pixels) and video (fps, nframes, min_pixels,
+        max_pixels, total_pixels, video_start, video_end); a media part's own keys take precedence."""
         images, videos = media_arguments(images, videos)
         messages = normalize_messages(messages_or_text, images, videos)
         encoded = self.encode_all(collect_media(messages, images, videos), options)

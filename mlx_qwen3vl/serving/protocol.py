@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import Qwen3VLError
 from ..options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
-from ..processor import SOURCE_KEYS, media_kind, normalize_messages
+from ..processor import SOURCE_KEYS, media_parts, normalize_messages, part_options
 
 # Media options a request may carry as extra fields (vLLM and mlx-vlm take them so too).
 MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "nframes", "total_pixels", "video_start", "video_end")
@@ -135,15 +135,9 @@ def parse(body: Any) -> Request:
         messages = normalize_messages(raw.messages)
     except Qwen3VLError as e:
         raise from_user_error(e) from None
-    media = []
-    for message in messages:
-        for part in message["content"]:
-            kind = media_kind(part)
-            if kind is None:
-                continue
-            url = _url(part, kind)
-            options = {k: v for k, v in part.items() if k not in ("type", *SOURCE_KEYS[kind], "detail")}
-            media.append(MediaRef(kind, url, options))
+    media = [
+        MediaRef(kind, _url(part, kind), part_options(kind, part)) for kind, part in media_parts(messages)
+    ]
     return Request(
         messages=messages,
         media=media,
