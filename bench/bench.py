@@ -274,7 +274,7 @@ def render(output: dict) -> str:
             f"Second chat turn TTFT {row['ours']:.1f}x faster than the first (target >= 10x): {status}.",
         ]
     bound = output["decode_bound"]
-    if bound:
+    if bound and bound.get("measured_tps"):
         lines += [
             "",
             f"Decode bandwidth bound: {bound['weight_bytes'] / 1e9:.3f} GB of weights + "

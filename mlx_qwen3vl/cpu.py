@@ -18,7 +18,10 @@ compare both paths with the reference.
 - Attention with float32 accumulation for bfloat16 activations (`float32_attention`): MLX's CPU fallback
   computes scores and softmax in the activation dtype, which puts ~45% of bfloat16 attention outputs 1
   ulp or more away from PyTorch's kernel; in float32 the fallback is exact and stays. The vision tower's
-  long segments are attended in query blocks, bounding their scores' memory.
+  long segments are attended in query blocks, bounding their scores' memory, with numpy in float32
+  (`numpy_attention`: its exponentials use the vector units).
+- The decoder's rope through cos/sin tables for every position (`TableRope`): the CPU builds MLX's fused
+  rope as ~30 nodes with their temporaries per call, the tables once per forward.
 - Work split into blocks to bound memory is evaluated one block at a time (`concatenate_evaluated`).
   MLX allocates an operation's output when it dispatches it, ahead of its execution, so blocks built
   lazily in one graph would all be resident at once.
