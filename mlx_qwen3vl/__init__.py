@@ -19,6 +19,7 @@ use_system_openblas()
 _LAZY = {
     "ChatSession": "chat_session",
     "GenerationResponse": "generation",
+    "TokenLogprobs": "generation",
     "generate": "generation",
     "stream_generate": "generation",
     "load": "loading",
@@ -33,6 +34,7 @@ __all__ = [
     "Model",
     "PromptCache",
     "Qwen3VLError",
+    "TokenLogprobs",
     "generate",
     "load",
     "stream_generate",
@@ -40,7 +42,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .chat_session import ChatSession
-    from .generation import GenerationResponse, generate, stream_generate
+    from .generation import GenerationResponse, TokenLogprobs, generate, stream_generate
     from .loading import load
     from .model import Model, PromptCache
 

@@ -10,7 +10,7 @@ import mlx.core as mx
 from .errors import Qwen3VLError
 from .generation import GenerationResponse, check_context, describe, encode_media, stream_tokens
 from .model import Model
-from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
+from .options import DEFAULT_MAX_TOKENS, LOGPROBS, SamplingOptions, check_max_tokens, check_stop
 from .processor import Processor, collect_media, media_arguments, media_kind, normalize_messages, stack_media
 
 TURN_END = "<|im_end|>"
@@ -73,12 +73,13 @@ class ChatSession:
         max_tokens: int | None = None,
         stop=None,
         progress=None,
+        logprobs: int | None = None,
         **options,
     ) -> Iterator[GenerationResponse]:
         """Add a user turn (text or a list of content parts, plus `images` / `videos`) and stream the
         answer. Options: sampling (temperature, top_p, ...) and media (min_pixels, fps, ...) settings.
         `progress(generation.Progress)`: what each image or video became, then the vision tower's blocks
-        and the prompt's chunks as they are done."""
+        and the prompt's chunks as they are done. `logprobs`: as `stream_generate`'s."""
         sampling_names = SamplingOptions.names()
         sampling = {k: v for k, v in options.items() if k in sampling_names}
         media_options = {k: v for k, v in options.items() if k not in sampling_names}
@@ -86,6 +87,8 @@ class ChatSession:
         sampling_options = SamplingOptions(**values).with_defaults(self.processor.generation_config)
         max_tokens = self.max_tokens if max_tokens is None else check_max_tokens(max_tokens)
         stop = check_stop(stop)
+        if logprobs is not None:
+            LOGPROBS.check(logprobs)
 
         images, videos = media_arguments(images, videos)
         if isinstance(content, list) and all(isinstance(p, str) or "role" not in p for p in content):
@@ -131,6 +134,7 @@ class ChatSession:
                 prefill_step_size=self.prefill_step_size,
                 progress=progress,
                 on_token=fed.append,
+                logprobs=logprobs,
             ):
                 answer.append(response.text)
                 if response.finish_reason:

@@ -1,5 +1,6 @@
-"""Generation as generators, in mlx-lm's shape: `generate_step` yields token ids, `stream_generate` yields
-text as it arrives with statistics, `generate` returns the whole text.
+"""Generation as generators, in mlx-lm's shape: `generate_step` yields token ids (with their
+log-probabilities when asked), `stream_generate` yields text as it arrives with statistics, `generate`
+returns the whole text.
 
 mlx-lm's own `generate_step` cannot be used: a Qwen3-VL prompt chunk needs its 3-D MRoPE positions and
 the DeepStack features of the vision tokens it contains, not just token ids or embeddings. Samplers,
@@ -13,11 +14,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.generate import wired_limit
 
 from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
-from .options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
+from .options import (
+    DEFAULT_MAX_TOKENS,
+    LOGPROBS,
+    SamplingOptions,
+    check_max_tokens,
+    check_stop,
+)
 from .structured import JsonConstraint, check_schema
 
 PREFILL_STEP_SIZE = 512  # for a model built without load() (which chooses per backend, backend.py)
@@ -80,14 +88,21 @@ def generate_step(
     logits_processors=None,
     prefill_step_size: int | None = None,
     progress=None,
-) -> Iterator[int]:
-    """Yield token ids. Every token yielded has already been fed to the cache: the next step is
-    evaluated asynchronously while the caller handles the current token. No sampler: greedy. The token
-    history grows only when a logits processor reads it."""
+    logprobs: bool = False,
+) -> Iterator[tuple[int, mx.array | None]]:
+    """Yield (token id, log-probabilities over the vocabulary), as mlx-lm's does; the log-probabilities
+    are the model's own (before logits processors and temperature) and computed only with `logprobs`,
+    else None. Every token yielded has already been fed to the cache: the next step is evaluated
+    asynchronously while the caller handles the current token. No sampler: greedy. The token history
+    grows only when a logits processor reads it."""
     history = prompt_tokens
 
     def sample(logits):
         nonlocal history
+        distribution = None
+        if logprobs:
+            logits32 = logits.astype(mx.float32)
+            distribution = (logits32 - mx.logsumexp(logits32, axis=-1, keepdims=True))[0]
         for processor in logits_processors or []:
             logits = processor(history, logits)
         if sampler is None:
@@ -96,22 +111,42 @@ def generate_step(
             token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
         if logits_processors:
             history = mx.concatenate([history, token])
-        return token
+        return token, distribution
 
-    def step(token: mx.array) -> mx.array:
+    def step(token: mx.array):
         with mx.stream(generation_stream):
             return sample(model(token[None], cache=cache)[:, -1])
 
     with mx.stream(generation_stream):
-        token = sample(prefill(model, prompt, cache, prefill_step_size, progress))
-    mx.async_eval(token)
+        token, distribution = sample(prefill(model, prompt, cache, prefill_step_size, progress))
+    mx.async_eval(token, distribution)
     for _ in range(max_tokens):
         # Feed the current token before handing it out (so the cache always holds every token
         # yielded) and let that step run while the caller works on this one.
-        next_token = step(token)
-        mx.async_eval(next_token)
-        yield token.item()
-        token = next_token
+        next_token, next_distribution = step(token)
+        mx.async_eval(next_token, next_distribution)
+        yield token.item(), distribution
+        token, distribution = next_token, next_distribution
+
+
+@dataclass
+class TokenLogprobs:
+    """A generated token's log-probability under the model and the `top` most likely tokens' (id,
+    log-probability), most likely first. The model's own distribution: before repetition penalties,
+    temperature, top-p or a schema's mask (as vLLM reports by default), so greedy's token is the first
+    of `top`."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(token: int, distribution: mx.array, top: int) -> TokenLogprobs:
+    # On the host: a partial sort of one vocabulary row, no graph of its own each step.
+    values = np.asarray(distribution)
+    best = np.argpartition(-values, top - 1)[:top] if top else np.array([], dtype=np.int64)
+    best = best[np.argsort(-values[best], kind="stable")]
+    return TokenLogprobs(token, float(values[token]), [(int(i), float(values[i])) for i in best])
 
 
 @dataclass
@@ -126,6 +161,7 @@ class GenerationResponse:
     generation_tps: float
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop" (end-of-turn token), "stop_string", "length"
+    logprobs: TokenLogprobs | None = None  # of `token`, when asked for (not for an end-of-turn token)
 
 
 def _stop_string_cut(text: str, stops: list[str]) -> int | None:
@@ -159,11 +195,14 @@ def stream_tokens(
     progress=None,
     on_token=None,
     constraint=None,
+    logprobs: int | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream an answer for a prepared prompt: text pieces from mlx-lm's streaming detokenizer, stop on
     an end-of-turn token, a stop string (not shown), or max_tokens. `on_token(id)` sees every token fed
-    to the cache. `constraint`: one more logits processor (structured.JsonConstraint)."""
+    to the cache. `constraint`: one more logits processor (structured.JsonConstraint). `logprobs`: each
+    response carries its token's log-probability and this many alternatives'."""
     max_tokens = check_max_tokens(max_tokens)
+    top = None if logprobs is None else LOGPROBS.check(logprobs)
     stops = check_stop(stop)
     sampling = sampling or SamplingOptions()
     if sampling.seed is not None:
@@ -174,7 +213,7 @@ def stream_tokens(
     shown = 0
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    prompt_tps, n, token = 0.0, 0, None
+    prompt_tps, n, token, entry = 0.0, 0, None, None
 
     def response(text, finish=None):
         elapsed = time.perf_counter() - tic
@@ -187,6 +226,7 @@ def stream_tokens(
             n / elapsed if elapsed else 0.0,
             mx.get_peak_memory() / 1e9,
             finish,
+            entry,
         )
 
     steps = generate_step(
@@ -199,19 +239,22 @@ def stream_tokens(
         logits_processors=sampling.logits_processors() + ([constraint] if constraint else []),
         prefill_step_size=prefill_step_size,
         progress=progress,
+        logprobs=top is not None,
     )
     finish, cut = "length", None
     # Raised on Metal for the generation (mlx-lm's), so a model that fits is not paged out.
     with wired_limit(model, [generation_stream]):
-        for n, token in enumerate(steps, start=1):
+        for n, (token, distribution) in enumerate(steps, start=1):
             if n == 1:
                 prompt_tps = prompt.length / (time.perf_counter() - tic)
                 tic = time.perf_counter()
             if on_token:
                 on_token(token)
             if token in stop_ids:
-                finish = "stop"
+                finish, entry = "stop", None
                 break
+            if top is not None:
+                entry = token_logprobs(token, distribution, top)
             detokenizer.add_token(token)
             cut = _stop_string_cut(detokenizer.text, stops)
             if cut is not None:
@@ -287,6 +330,7 @@ def stream_generate(
     seed: int | None = None,
     stop: list[str] | str | None = None,
     json_schema=None,
+    logprobs: int | None = None,
     prefill_step_size: int | None = None,
     progress=None,
     **processor_options,
@@ -294,7 +338,9 @@ def stream_generate(
     """Answer `prompt` (chat messages or a string, with `images` / `videos`), streaming text as it is
     generated. Unset sampling options come from the model's generation_config.json; processor options
     (min_pixels, max_pixels, fps, nframes, ...) go to the processor. `json_schema` (a dict or its JSON
-    text; `structured.ANY_OBJECT` for any object): the answer is JSON that follows it."""
+    text; `structured.ANY_OBJECT` for any object): the answer is JSON that follows it. `logprobs` (0 to
+    20): each response's `logprobs` holds its token's log-probability and that many most likely
+    alternatives (`TokenLogprobs`)."""
     # Every option is checked before any media is read or encoded.
     sampling = SamplingOptions(
         temperature=temperature,
@@ -308,6 +354,8 @@ def stream_generate(
     )
     sampling = sampling.with_defaults(processor.generation_config)
     max_tokens, stop = check_max_tokens(max_tokens), check_stop(stop)
+    if logprobs is not None:
+        LOGPROBS.check(logprobs)
     constraint = None
     if json_schema is not None:
         grammar = check_schema(json_schema)
@@ -333,6 +381,7 @@ def stream_generate(
         prefill_step_size=prefill_step_size,
         progress=progress,
         constraint=constraint,
+        logprobs=logprobs,
     )
 
 

@@ -36,6 +36,7 @@ _RANGES = {
     ">= 2": lambda v: v >= 2,
     "> 0": lambda v: v > 0,
     "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in [0, 20]": lambda v: 0 <= v <= 20,
 }
 
 
@@ -98,6 +99,10 @@ SAMPLING = _options(
     NumberOption("seed", int, "a whole number"),
 )
 MAX_TOKENS = NumberOption("max_tokens", int, ">= 1", "per answer")
+# How many most likely alternatives to report with each token's log-probability (OpenAI's limit; the
+# server takes it as top_logprobs).
+LOGPROBS = NumberOption("logprobs", int, "in [0, 20]")
+TOP_LOGPROBS = NumberOption("top_logprobs", int, "in [0, 20]")
 # What chat.py offers of the media options; the processor checks every media option where it is defined
 # (image.py, video.py VideoOptions), these only parse the command line.
 MEDIA = _options(

@@ -40,6 +40,15 @@ MEDIA_TYPES = {"image": "image", "image_url": "image", "video": "video", "video_
 VIDEO_OPTION_NAMES = set(VideoOptions.__dataclass_fields__) | {"source_fps"}
 
 
+class ByteLevelDetokenizer(BPEStreamingDetokenizer):
+    """mlx-lm's byte-level streaming detokenizer, keeping a space the answer begins with: mlx-lm drops
+    it (a SentencePiece convention), where transformers' decode, the reference, keeps it; the streamed
+    text is then exactly the decoded tokens."""
+
+    def _maybe_trim_space(self, current_text):
+        return current_text
+
+
 def load_tokenizer(path: Path, eos_token_ids=None) -> TokenizerWrapper:
     """transformers' tokenizer in mlx-lm's wrapper, with the byte-level streaming detokenizer for a
     byte-level BPE (Qwen's). mlx-lm's own loader makes the same choice by parsing the 11 MB
@@ -48,7 +57,7 @@ def load_tokenizer(path: Path, eos_token_ids=None) -> TokenizerWrapper:
     tokenizer = AutoTokenizer.from_pretrained(path)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     byte_level = backend is not None and isinstance(backend.decoder, ByteLevel)
-    detokenizer = BPEStreamingDetokenizer if byte_level else NaiveStreamingDetokenizer
+    detokenizer = ByteLevelDetokenizer if byte_level else NaiveStreamingDetokenizer
     return TokenizerWrapper(tokenizer, detokenizer, eos_token_ids=eos_token_ids)
 
 

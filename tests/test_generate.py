@@ -33,18 +33,31 @@ def streamed_tokens(model, processor, prompt, **options):
     return [r.token for r in responses], responses
 
 
-def reference_generate(reference, inputs, steps):
-    """transformers' greedy generate from our processor's inputs (equal to its own, see test_processor)."""
-    ids = inputs["input_ids"].astype(np.int64)
+def reference_inputs(inputs, answer=()) -> dict:
+    """transformers' model inputs for our processor's output (equal to its own, see test_processor), with
+    `answer` tokens after the prompt."""
+    ids = np.concatenate([inputs["input_ids"], [list(answer)]], axis=1).astype(np.int64)
     kwargs = {"input_ids": torch.tensor(ids)}
     for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if inputs[name] is not None:
             kwargs[name] = torch.tensor(inputs[name])
     kwargs["mm_token_type_ids"] = torch.tensor((ids == 151655) * 1 + (ids == 151656) * 2)
+    return kwargs
+
+
+def reference_generate(reference, inputs, steps):
+    """transformers' greedy generate from our processor's inputs."""
     config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None, pad_token_id=151643)
     with torch.no_grad():
-        out = reference.generate(**kwargs, generation_config=config)
-    return out[0, ids.shape[1] :].tolist()
+        out = reference.generate(**reference_inputs(inputs), generation_config=config)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def reference_logprobs(reference, inputs, tokens) -> np.ndarray:
+    """transformers' log-probabilities over the vocabulary before each of `tokens`, teacher-forced."""
+    with torch.no_grad():
+        logits = reference(**reference_inputs(inputs, tokens[:-1])).logits[0].double()
+    return torch.log_softmax(logits, dim=-1)[-len(tokens) :].numpy()
 
 
 @pytest.mark.parametrize("media", ["image", "video"])
@@ -58,6 +71,56 @@ def test_greedy_stream_generate_equals_transformers_generate(media, tiny_f32, ti
     expected = reference_generate(tiny_reference, processor(prompt, **kwargs), 16)
     assert responses[-1].finish_reason == "length"
     assert tokens == expected
+
+
+def test_logprobs_are_the_models_own_and_equal_transformers(tiny_f32, tiny_reference):
+    model, processor = tiny_f32
+    prompt, images = "Describe the picture.", [picture(200, 140, 1)]
+    tokens, responses = streamed_tokens(
+        model, processor, prompt, images=images, max_tokens=8, temperature=0, logprobs=5
+    )
+    expected = reference_logprobs(tiny_reference, processor(prompt, images=images), tokens)
+    for token, response, reference in zip(tokens, responses, expected, strict=True):
+        entry = response.logprobs
+        assert entry.token == token and len(entry.top) == 5
+        assert abs(entry.logprob - reference[token]) < 1e-4
+        assert entry.top[0][0] == token  # greedy takes the most likely
+        assert np.allclose([lp for _, lp in entry.top], np.sort(reference)[::-1][:5], atol=1e-4)
+        assert [t for t, _ in entry.top] == sorted(
+            (t for t, _ in entry.top), key=lambda t: -reference[t]
+        )  # most likely first
+    _, plain = streamed_tokens(model, processor, prompt, images=images, max_tokens=2, temperature=0)
+    assert all(r.logprobs is None for r in plain)  # computed only when asked for
+
+
+def model_logprobs(model, processor, prompt: str, tokens: list[int]) -> np.ndarray:
+    """Our model's log-softmax before each of `tokens`, in one pass over the prompt and the answer."""
+    ids = processor(prompt)["input_ids"][0].tolist()
+    logits = model(mx.array([ids + tokens[:-1]]), cache=model.make_cache())[0, -len(tokens) :]
+    shifted = np.array(logits.astype(mx.float32), dtype=np.float64)
+    shifted -= shifted.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_logprobs_are_taken_before_penalties_and_temperature(tiny_f32):
+    model, processor = tiny_f32
+    sampled, responses = streamed_tokens(
+        model, processor, "Tell me.", max_tokens=6, temperature=1.5, seed=3, logprobs=0
+    )
+    expected = model_logprobs(model, processor, "Tell me.", sampled)
+    for token, response, row in zip(sampled, responses, expected, strict=True):
+        assert response.logprobs.top == [] and abs(response.logprobs.logprob - row[token]) < 1e-4
+    # Greedy with a penalty that forbids repeats: where the model's favourite was a repeat, the token
+    # taken is another, and the favourite is still reported first.
+    tokens, responses = streamed_tokens(
+        model, processor, "Tell me.", max_tokens=12, temperature=0, presence_penalty=1e4, logprobs=1
+    )
+    expected = model_logprobs(model, processor, "Tell me.", tokens)
+    favourites = [int(row.argmax()) for row in expected]
+    assert any(f != t for f, t in zip(favourites, tokens, strict=True))
+    for token, favourite, response, row in zip(tokens, favourites, responses, expected, strict=True):
+        assert response.logprobs.top[0][0] == favourite
+        assert abs(response.logprobs.logprob - row[token]) < 1e-4
 
 
 def test_chunked_prefill_splitting_an_image_gives_the_same_answer(tiny_f32):
@@ -103,7 +166,7 @@ def test_second_turn_reuses_the_cache_and_matches_one_pass(tiny_f32, monkeypatch
     monkeypatch.setattr(
         model, "encode_vision", lambda *a: encodes.append(a) or type(model).encode_vision(model, *a)
     )
-    second = list(session.ask("And its colour?"))
+    second = list(session.ask("And its colour?", logprobs=1))
     assert encodes == []  # the image of turn 1 is not encoded again
 
     # Only the new turn was prefilled: closing of the answer, the user turn, the generation prompt.
@@ -122,11 +185,15 @@ def test_second_turn_reuses_the_cache_and_matches_one_pass(tiny_f32, monkeypatch
         image_grid_thw=inputs["image_grid_thw"],
         cache=cache,
     )[:, -1]
-    tokens = []
+    tokens, logprobs = [], []
     for _ in range(6):
         tokens.append(int(mx.argmax(logits, axis=-1).item()))
+        logprobs.append((logits - mx.logsumexp(logits, axis=-1))[0, tokens[-1]].item())
         logits = model(mx.array([[tokens[-1]]]), cache=cache)[:, -1]
     assert [r.token for r in second] == tokens[: len(second)]
+    shown = [r for r in second if r.logprobs]
+    assert [r.logprobs.top[0][0] for r in shown] == tokens[: len(shown)]
+    assert [r.logprobs.logprob for r in shown] == pytest.approx(logprobs[: len(shown)], abs=1e-4)
 
 
 def test_session_clear_and_system_prompt(tiny_f32):
@@ -173,13 +240,21 @@ def scripted_answer(model, processor, monkeypatch, text, **options):
     return tokens, responses
 
 
-def test_streamed_pieces_join_to_the_decoded_text(tiny_f32, monkeypatch):
+@pytest.mark.parametrize("text", [TEXT, " " + TEXT])
+def test_streamed_pieces_join_to_the_decoded_text(tiny_f32, monkeypatch, text):
     model, processor = tiny_f32
-    tokens, responses = scripted_answer(model, processor, monkeypatch, TEXT)
-    assert len(tokens) > len(TEXT.split())  # characters that span several tokens
-    assert "".join(r.text for r in responses) == processor.tokenizer.decode(tokens) == TEXT
+    tokens, responses = scripted_answer(model, processor, monkeypatch, text)
+    assert len(tokens) > len(text.split())  # characters that span several tokens
+    assert "".join(r.text for r in responses) == processor.tokenizer.decode(tokens) == text
     assert responses[-1].finish_reason == "stop"
     assert all("\ufffd" not in r.text for r in responses)  # no half characters shown
+
+
+def test_every_shown_token_has_its_logprobs_and_the_end_of_turn_none(tiny_f32, monkeypatch):
+    model, processor = tiny_f32
+    tokens, responses = scripted_answer(model, processor, monkeypatch, TEXT, logprobs=2)
+    assert [r.logprobs.token for r in responses[:-1]] == tokens  # pieces of characters included
+    assert responses[-1].finish_reason == "stop" and responses[-1].logprobs is None
 
 
 def test_stop_string_ends_the_answer_and_is_not_shown(tiny_f32, monkeypatch):
@@ -228,6 +303,8 @@ def test_sampling_options_do_what_they_say(tiny_f32):
         ({"stop": ["ok", None]}, "must be a string or a list of strings"),
         ({"max_tokens": 300_000}, "exceeds the model's context"),
         ({"fps": 0, "videos": ["x.mp4"]}, "fps"),
+        ({"logprobs": 21}, "logprobs=21 is out of range: must be a whole number in \\[0, 20\\]"),
+        ({"logprobs": True}, "logprobs=True is out of range"),
     ],
 )
 def test_out_of_range_options_are_refused(tiny_f32, options, message):

@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from mlx_qwen3vl import generate, load
+from mlx_qwen3vl import generate, load, stream_generate
 from mlx_qwen3vl.serving.app import create_app
 from mlx_qwen3vl.serving.engine import Engine
 from mlx_qwen3vl.serving.media import MediaPolicy
@@ -168,6 +168,35 @@ def test_text_answers_equal_the_package_streamed_or_not(server, local):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_logprobs_streamed_or_not_equal_the_package(server, local):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    options = GREEDY | {"max_tokens": 12}
+    expected = [r.logprobs for r in stream_generate(*local, messages, logprobs=3, **options) if r.logprobs]
+    response = server.client.chat.completions.create(
+        model="tiny", messages=messages, logprobs=True, top_logprobs=3, **options
+    )
+    content = response.choices[0].logprobs.content
+    assert len(content) == len(expected) == 12
+    for item, entry in zip(content, expected, strict=True):
+        assert abs(item.logprob - entry.logprob) < 1e-5
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx([lp for _, lp in entry.top], abs=1e-5)
+        assert item.token == bytes(item.bytes).decode("utf-8", "replace")
+        assert item.top_logprobs[0].bytes == list(local[1].tokenizer.decode([entry.top[0][0]]).encode())
+    # The tokens' bytes, joined, are the answer.
+    assert b"".join(bytes(item.bytes) for item in content).decode() == response.choices[0].message.content
+    stream = server.client.chat.completions.create(
+        model="tiny", messages=messages, logprobs=True, top_logprobs=3, stream=True, **options
+    )
+    streamed = [
+        item for c in stream if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content
+    ]
+    assert [i.token for i in streamed] == [i.token for i in content]
+    # (this one continues from the cache the first left: the same numbers but for rounding)
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-5)
+    without = server.client.chat.completions.create(model="tiny", messages=messages, **options)
+    assert without.choices[0].logprobs is None
+
+
 def test_images_by_data_url_and_http_url(server, local, web):
     url, folder = web
     expected = generate(
@@ -288,7 +317,9 @@ def post(server, body, raw: bool = False) -> tuple[int, dict]:
         ({"messages": [user(image_part("file:///etc/passwd"))]}, "local files are not served"),
         ({"messages": [user("Hi")], "max_tokens": 10**6}, "exceeds the model's context"),
         ({"messages": [user("Hi")], "response_format": {"type": "xml"}}, "response_format.type 'xml'"),
-        ({"messages": [user("Hi")], "logprobs": True}, "logprobs are not supported"),
+        ({"messages": [user("Hi")], "logprobs": "yes"}, "logprobs='yes': must be true or false"),
+        ({"messages": [user("Hi")], "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+        ({"messages": [user("Hi")], "logprobs": True, "top_logprobs": 21}, "top_logprobs=21 is out of range"),
     ],
     ids=lambda v: str(v)[:40],
 )  # fmt: skip

@@ -79,7 +79,7 @@ class System(Base):
                 {"input_ids": ids, "image_grid_thw": None, "video_grid_thw": None}, max_tokens
             )
             tokens, times = [], []
-            for token in steps:
+            for token, _ in steps:
                 times.append(clock.lap())
                 tokens.append(token)
         return times[0], times, tokens

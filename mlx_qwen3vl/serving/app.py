@@ -83,12 +83,17 @@ def create_app(
                 headers={"Cache-Control": "no-cache"},
             )
         text, event = [], first
+        logprobs = None if request.logprobs is None else []
         while event.kind == "text":
             text.append(event.text)
+            if logprobs is not None:
+                logprobs += event.logprobs
             event = await job.events.get()
         if event.kind == "error":
             raise ApiError(event.status, event.text)
-        return completion(cid, model_name, "".join(text), event.finish, event.prompt_tokens, event.tokens)
+        return completion(
+            cid, model_name, "".join(text), event.finish, event.prompt_tokens, event.tokens, logprobs
+        )
 
     return app
 
@@ -104,7 +109,7 @@ async def stream(job: Job, first: Event, cid: str, model: str, include_usage: bo
         yield sse(chunk(cid, model, {"role": "assistant", "content": ""}))
         event = first
         while event.kind == "text":
-            yield sse(chunk(cid, model, {"content": event.text}))
+            yield sse(chunk(cid, model, {"content": event.text}, logprobs=event.logprobs))
             event = await job.events.get()
         if event.kind == "error":  # after the answer started: the stream says it, as OpenAI's does
             yield sse(ApiError(event.status, event.text).body())

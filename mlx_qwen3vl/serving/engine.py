@@ -24,10 +24,10 @@ from ..generation import check_context, encode_media, stream_tokens
 from ..model import Model
 from ..positions import batch_rope_index
 from ..processor import EncodedMedia, Processor, media_defaults, stack_media
-from ..structured import JsonConstraint, check_schema
+from ..structured import JsonConstraint, check_schema, grammar_tokenizer
 from .media import Fetched, VideoFile
 from .prompt_cache import Key, PromptCacheStore
-from .protocol import Request
+from .protocol import Request, logprob_entry
 
 MEDIA_ENTRIES = 32  # decoded images and videos kept, by content and options
 
@@ -43,6 +43,7 @@ class Event:
 
     kind: str
     text: str = ""
+    logprobs: list[dict] | None = None  # OpenAI's entries for the tokens of this text, when asked for
     finish: str | None = None
     prompt_tokens: int = 0
     tokens: int = 0
@@ -147,14 +148,21 @@ class Engine:
                 on_token=fed.append,
                 constraint=constraint,
                 progress=stop_if_cancelled,
+                logprobs=request.logprobs,
             )
             finish, tokens = "cancelled", 0
+            # Log-probabilities of tokens whose text is not shown yet (part of a character, or what may
+            # begin a stop string) go out with the next text.
+            pending: list[dict] | None = None if request.logprobs is None else []
             for response in responses:
                 if job.cancelled.is_set():
                     responses.close()
                     break
-                if response.text:
-                    job.emit(Event("text", text=response.text))
+                if response.logprobs is not None:
+                    pending.append(logprob_entry(response.logprobs, self.token_bytes))
+                if response.text or (pending and response.finish_reason):
+                    job.emit(Event("text", text=response.text, logprobs=pending))
+                    pending = None if pending is None else []
                 finish, tokens = response.finish_reason, response.generation_tokens
             job.emit(Event("done", finish=finish, prompt_tokens=len(prompt.ids), tokens=tokens))
         except Cancelled:
@@ -165,6 +173,12 @@ class Engine:
             offsets = {layer.offset for layer in cache}
             if len(offsets) == 1 and 0 < cache.offset <= len(held):
                 self.store.give_back(held[: cache.offset], cache)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's exact bytes (llguidance's table of the tokenizer, built once and shared with the
+        JSON constraint)."""
+        vocab = self.model.config.text_config.vocab_size
+        return grammar_tokenizer(self.processor.tokenizer, vocab).decode_bytes([token])
 
     def _prompt(self, request: Request, fetched: list[Fetched]) -> Prompt:
         """Encode the media (or find them decoded), render the template, tokenize, and describe every

@@ -14,7 +14,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import Qwen3VLError
-from ..options import DEFAULT_MAX_TOKENS, SamplingOptions, check_max_tokens, check_stop
+from ..options import (
+    DEFAULT_MAX_TOKENS,
+    TOP_LOGPROBS,
+    SamplingOptions,
+    check_max_tokens,
+    check_stop,
+)
 from ..processor import SOURCE_KEYS, media_parts, normalize_messages, part_options
 
 # Media options a request may carry as extra fields (vLLM and mlx-vlm take them so too).
@@ -109,6 +115,7 @@ class Request:
     json_schema: dict | None = None
     tools: list[dict] | None = None
     media_options: dict = field(default_factory=dict)
+    logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
 
 
 def parse(body: Any) -> Request:
@@ -123,8 +130,7 @@ def parse(body: Any) -> Request:
         raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
     if raw.n not in (None, 1):
         raise ApiError(400, f"n={raw.n!r}: this server answers with one choice only (n=1)", param="n")
-    if raw.logprobs or raw.top_logprobs:
-        raise ApiError(400, "logprobs are not supported by this server", param="logprobs")
+    logprobs = _logprobs(raw)
     if not raw.messages:
         raise ApiError(400, "messages: at least one message is needed", param="messages")
     try:
@@ -149,7 +155,22 @@ def parse(body: Any) -> Request:
         json_schema=_schema(raw.response_format),
         tools=raw.tools or None,
         media_options={k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None},
+        logprobs=logprobs,
     )
+
+
+def _logprobs(raw: ChatRequest) -> int | None:
+    """OpenAI's pair: `logprobs` (true or false) and `top_logprobs` (0 to 20, only with logprobs)."""
+    if raw.logprobs not in (None, True, False):
+        raise ApiError(400, f"logprobs={raw.logprobs!r:.40}: must be true or false", param="logprobs")
+    if raw.top_logprobs is not None and not raw.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if not raw.logprobs:
+        return None
+    try:
+        return 0 if raw.top_logprobs is None else TOP_LOGPROBS.check(raw.top_logprobs)
+    except Qwen3VLError as e:
+        raise from_user_error(e) from None
 
 
 def _url(part: dict, kind: str) -> str:
@@ -189,6 +210,17 @@ def _schema(response_format: ResponseFormat | None) -> dict | None:
 # ---- answers ----------------------------------------------------------------------------------------
 
 
+def logprob_entry(entry, token_bytes) -> dict:
+    """A generation.TokenLogprobs in OpenAI's words: each token as its text and its exact bytes (a token
+    can hold part of a character: its text then shows U+FFFD and the bytes say what it is)."""
+
+    def one(token: int, logprob: float) -> dict:
+        data = token_bytes(token)
+        return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
+
+    return one(entry.token, entry.logprob) | {"top_logprobs": [one(t, lp) for t, lp in entry.top]}
+
+
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -206,7 +238,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def completion(cid: str, model: str, text: str, reason: str | None, prompt_tokens: int, tokens: int) -> dict:
+def completion(
+    cid: str,
+    model: str,
+    text: str,
+    reason: str | None,
+    prompt_tokens: int,
+    tokens: int,
+    logprobs: list[dict] | None = None,
+) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
@@ -217,19 +257,28 @@ def completion(cid: str, model: str, text: str, reason: str | None, prompt_token
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish(reason),
-                "logprobs": None,
+                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
             }
         ],
         "usage": usage(prompt_tokens, tokens),
     }
 
 
-def chunk(cid: str, model: str, delta: dict, reason: str | None = None, usage_: dict | None = None) -> dict:
-    choices = (
-        []
-        if usage_ is not None
-        else [{"index": 0, "delta": delta, "finish_reason": finish(reason), "logprobs": None}]
-    )
+def chunk(
+    cid: str,
+    model: str,
+    delta: dict,
+    reason: str | None = None,
+    usage_: dict | None = None,
+    logprobs: list[dict] | None = None,
+) -> dict:
+    choice = {
+        "index": 0,
+        "delta": delta,
+        "finish_reason": finish(reason),
+        "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+    }
+    choices = [] if usage_ is not None else [choice]
     out = {
         "id": cid,
         "object": "chat.completion.chunk",
