@@ -13,8 +13,8 @@ import argparse
 
 # Light imports only: --help and argument errors answer before MLX and transformers are loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
-from mlx_qwen3vl.cli import ArgumentParser, fail, quiet_libraries
-from mlx_qwen3vl.options import DTYPE_NAMES
+from mlx_qwen3vl.cli import ArgumentParser, fail, number, quiet_libraries
+from mlx_qwen3vl.options import DTYPE_NAMES, MAX_BATCH
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-entries", type=int, default=8, help="conversations whose KV cache is kept (%(default)s)"
     )
     p.add_argument("--cache-gb", type=float, default=2.0, help="memory for those caches, in GB (%(default)s)")
+    p.add_argument(
+        "--max-batch",
+        type=number(MAX_BATCH),
+        default=8,
+        help="answers decoded together at most; more requests wait their turn (%(default)s)",
+    )
     return p.parse_args(argv)
 
 
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
             allow_local_files=args.allow_local_files,
             cache_entries=args.cache_entries,
             cache_bytes=int(args.cache_gb * 10**9),
+            max_batch=args.max_batch,
         )
     except Qwen3VLError as e:
         fail(str(e))

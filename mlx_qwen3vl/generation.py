@@ -77,41 +77,57 @@ def default_prefill_step(model: Model) -> int:
     return backend.prefill_step_size if backend is not None else PREFILL_STEP_SIZE
 
 
+class TokenSampler:
+    """Picks one sequence's next token from its logits [1, vocab]: its logits processors (with the token
+    history they read; it grows only when one reads it), then mlx-lm's sampler, or an argmax when there is
+    none (greedy); and, with `logprobs`, the model's own log-probabilities (before the processors and
+    temperature). One per sequence, so that each row of a batch samples with its own settings.
+
+    With a seed, each step draws from a key of its own, (seed, step): an answer depends on its seed alone,
+    not on what else MLX's global generator served in between (the other rows of a batch)."""
+
+    def __init__(self, prompt_tokens: mx.array, sampler=None, processors=(), logprobs=False, seed=None):
+        self.history, self.sampler, self.processors = prompt_tokens, sampler, list(processors)
+        self.logprobs, self.seed, self.steps = logprobs, seed, 0
+
+    @property
+    def greedy(self) -> bool:
+        """An argmax of the logits and nothing else: such rows of a batch are sampled together."""
+        return self.sampler is None and not self.processors and not self.logprobs
+
+    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
+        distribution = None
+        if self.logprobs:
+            logits32 = logits.astype(mx.float32)
+            distribution = (logits32 - mx.logsumexp(logits32, axis=-1, keepdims=True))[0]
+        for processor in self.processors:
+            logits = processor(self.history, logits)
+        if self.sampler is None:
+            token = mx.argmax(logits, axis=-1)
+        else:
+            if self.seed is not None:
+                mx.random.seed((self.seed * 0x9E3779B97F4A7C15 + self.steps) % 2**64)
+            token = self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        self.steps += 1
+        if self.processors:
+            self.history = mx.concatenate([self.history, token])
+        return token, distribution
+
+
 def generate_step(
     model: Model,
     prompt: PreparedInput,
-    prompt_tokens: mx.array,
     cache: PromptCache,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
-    sampler=None,
-    logits_processors=None,
+    sample: TokenSampler | None = None,
     prefill_step_size: int | None = None,
     progress=None,
-    logprobs: bool = False,
 ) -> Iterator[tuple[int, mx.array | None]]:
-    """Yield (token id, log-probabilities over the vocabulary), as mlx-lm's does; the log-probabilities
-    are the model's own (before logits processors and temperature) and computed only with `logprobs`,
-    else None. Every token yielded has already been fed to the cache: the next step is evaluated
-    asynchronously while the caller handles the current token. No sampler: greedy. The token history
-    grows only when a logits processor reads it."""
-    history = prompt_tokens
-
-    def sample(logits):
-        nonlocal history
-        distribution = None
-        if logprobs:
-            logits32 = logits.astype(mx.float32)
-            distribution = (logits32 - mx.logsumexp(logits32, axis=-1, keepdims=True))[0]
-        for processor in logits_processors or []:
-            logits = processor(history, logits)
-        if sampler is None:
-            token = mx.argmax(logits, axis=-1)
-        else:
-            token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        if logits_processors:
-            history = mx.concatenate([history, token])
-        return token, distribution
+    """Yield (token id, log-probabilities over the vocabulary or None), as mlx-lm's does; `sample` picks
+    each token (greedy without one). Every token yielded has already been fed to the cache: the next
+    step is evaluated asynchronously while the caller handles the current token."""
+    sample = sample or TokenSampler(mx.array([], dtype=mx.int32))
 
     def step(token: mx.array):
         with mx.stream(generation_stream):
@@ -180,6 +196,46 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
+class AnswerText:
+    """One answer's tokens as its text: mlx-lm's streaming detokenizer (one per answer), the end-of-turn
+    ids, stop strings (never shown: text that could begin one is held back), max_tokens, and each token's
+    log-probabilities (`top` alternatives) when asked for."""
+
+    def __init__(self, tokenizer, stops: list[str], stop_ids, max_tokens: int, top: int | None = None):
+        self.detokenizer = tokenizer.detokenizer  # mlx-lm's wrapper gives each caller a fresh copy
+        self.stops, self.stop_ids, self.max_tokens, self.top = stops, stop_ids, max_tokens, top
+        self.count = self.shown = 0
+        self.cut: int | None = None
+        self.finish_reason: str | None = None
+        self.logprobs: TokenLogprobs | None = None  # of the last token added
+
+    def add(self, token: int, distribution: mx.array | None = None) -> str:
+        """Take the next token: the text it lets show (empty while a character is incomplete or the tail
+        could still become a stop string); once the answer is over (`finish_reason` set), the rest."""
+        self.count += 1
+        if token in self.stop_ids:
+            self.logprobs = None
+            return self._end("stop")
+        if self.top is not None:
+            self.logprobs = token_logprobs(token, distribution, self.top)
+        self.detokenizer.add_token(token)
+        text = self.detokenizer.text
+        self.cut = _stop_string_cut(text, self.stops)
+        if self.cut is not None:
+            return self._end("stop_string")
+        if self.count == self.max_tokens:
+            return self._end("length")
+        visible = max(self.shown, len(text) - _held_back(text, self.stops))
+        piece, self.shown = text[self.shown : visible], visible
+        return piece
+
+    def _end(self, reason: str) -> str:
+        self.finish_reason = reason
+        if self.cut is None:
+            self.detokenizer.finalize()
+        return self.detokenizer.text[self.shown : self.cut]
+
+
 def stream_tokens(
     model: Model,
     tokenizer,
@@ -203,45 +259,22 @@ def stream_tokens(
     response carries its token's log-probability and this many alternatives'."""
     max_tokens = check_max_tokens(max_tokens)
     top = None if logprobs is None else LOGPROBS.check(logprobs)
-    stops = check_stop(stop)
     sampling = sampling or SamplingOptions()
-    if sampling.seed is not None:
-        mx.random.seed(sampling.seed)
     stop_ids = set(stop_token_ids if stop_token_ids is not None else tokenizer.eos_token_ids)
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    shown = 0
+    answer = AnswerText(tokenizer, check_stop(stop), stop_ids, max_tokens, top)
+    sample = token_sampler(sampling, prompt_tokens, constraint, top)
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    prompt_tps, n, token, entry = 0.0, 0, None, None
-
-    def response(text, finish=None):
-        elapsed = time.perf_counter() - tic
-        return GenerationResponse(
-            text,
-            token,
-            prompt.length,
-            prompt_tps,
-            n,
-            n / elapsed if elapsed else 0.0,
-            mx.get_peak_memory() / 1e9,
-            finish,
-            entry,
-        )
-
+    prompt_tps, n = 0.0, 0
     steps = generate_step(
         model,
         prompt,
-        prompt_tokens,
         cache,
         max_tokens=max_tokens,
-        sampler=sampling.sampler(),
-        logits_processors=sampling.logits_processors() + ([constraint] if constraint else []),
+        sample=sample,
         prefill_step_size=prefill_step_size,
         progress=progress,
-        logprobs=top is not None,
     )
-    finish, cut = "length", None
     # Raised on Metal for the generation (mlx-lm's), so a model that fits is not paged out.
     with wired_limit(model, [generation_stream]):
         for n, (token, distribution) in enumerate(steps, start=1):
@@ -250,27 +283,30 @@ def stream_tokens(
                 tic = time.perf_counter()
             if on_token:
                 on_token(token)
-            if token in stop_ids:
-                finish, entry = "stop", None
-                break
-            if top is not None:
-                entry = token_logprobs(token, distribution, top)
-            detokenizer.add_token(token)
-            cut = _stop_string_cut(detokenizer.text, stops)
-            if cut is not None:
-                finish = "stop_string"
-                break
-            if n == max_tokens:
-                break
-            # One response per token, like mlx-lm; its text is empty while a character is incomplete or
-            # the tail could still become a stop string. The last token comes with the final response.
-            text = detokenizer.text
-            visible = max(shown, len(text) - _held_back(text, stops))
-            yield response(text[shown:visible])
-            shown = visible
-    if cut is None:
-        detokenizer.finalize()
-    yield response(detokenizer.text[shown:cut], finish)
+            # One response per token, like mlx-lm; the last one says why the answer ended.
+            text = answer.add(token, distribution)
+            elapsed = time.perf_counter() - tic
+            yield GenerationResponse(
+                text,
+                token,
+                prompt.length,
+                prompt_tps,
+                n,
+                n / elapsed if elapsed else 0.0,
+                mx.get_peak_memory() / 1e9,
+                answer.finish_reason,
+                answer.logprobs,
+            )
+            if answer.finish_reason:
+                return
+
+
+def token_sampler(
+    sampling: SamplingOptions, prompt_tokens: mx.array, constraint=None, logprobs: int | None = None
+) -> TokenSampler:
+    """The sampler of one answer: the options' sampler and logits processors, then the constraint."""
+    processors = sampling.logits_processors() + ([constraint] if constraint else [])
+    return TokenSampler(prompt_tokens, sampling.sampler(), processors, logprobs is not None, sampling.seed)
 
 
 def encode_media(model: Model, inputs: dict, progress=None):

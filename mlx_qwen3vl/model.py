@@ -147,6 +147,8 @@ class Model(nn.Module):
         rope_delta = getattr(cache, "rope_delta", np.zeros(B, dtype=np.int64))
         if images is None and videos is None:
             # Text: every axis at the same position, consecutive from where the cache ends.
+            if isinstance(offset, mx.array):  # a batch of sequences of their own lengths (BatchKVCache)
+                return PreparedInput(h, offset + mx.array(rope_delta.astype(np.int32)), rope_delta)
             starts = offset + rope_delta
             start = int(starts[0]) if (starts == starts[0]).all() else mx.array(starts.astype(np.int32))
             return PreparedInput(h, start, rope_delta)

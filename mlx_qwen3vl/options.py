@@ -103,6 +103,7 @@ MAX_TOKENS = NumberOption("max_tokens", int, ">= 1", "per answer")
 # server takes it as top_logprobs).
 LOGPROBS = NumberOption("logprobs", int, "in [0, 20]")
 TOP_LOGPROBS = NumberOption("top_logprobs", int, "in [0, 20]")
+MAX_BATCH = NumberOption("max_batch", int, ">= 1", "answers the server decodes together")
 # What chat.py offers of the media options; the processor checks every media option where it is defined
 # (image.py, video.py VideoOptions), these only parse the command line.
 MEDIA = _options(

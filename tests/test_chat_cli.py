@@ -149,6 +149,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child becomes chat.py at once: little else is safe after a fork
             try:
+                # A test run started in the background (`pytest &`) ignores SIGINT, and an ignored signal
+                # stays ignored across exec: chat.py would never see the Ctrl-Cs typed at it.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.chdir(ROOT)
                 os.execve(sys.executable, [sys.executable, "chat.py", *args], env)
             finally:

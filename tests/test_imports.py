@@ -46,6 +46,7 @@ print([m for m in {heavy!r} if m in sys.modules])
         ("convert.py",),
         ("server.py", "--help"),
         ("server.py", "--port", "http"),
+        ("server.py", "--max-batch", "0"),
     ],
     ids=[
         "chat help",
@@ -54,6 +55,7 @@ print([m for m in {heavy!r} if m in sys.modules])
         "convert missing argument",
         "server help",
         "server port",
+        "server batch",
     ],
 )
 def test_help_and_argument_errors_answer_before_the_heavy_imports(args):
@@ -62,6 +64,8 @@ def test_help_and_argument_errors_answer_before_the_heavy_imports(args):
     exit_line, loaded = result.stdout.strip().splitlines()[-2:]
     assert exit_line == f"exit {0 if '--help' in args else 2}", result.stderr
     assert loaded == "[]"
+    if "--help" not in args:  # one line naming the problem
+        assert len(result.stderr.strip().splitlines()) == 1 and "(see --help)" in result.stderr, result.stderr
 
 
 def test_importing_the_package_loads_nothing_heavy():

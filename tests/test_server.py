@@ -250,6 +250,38 @@ def test_concurrent_requests_equal_the_same_requests_one_at_a_time(server, local
     assert answers == expected
 
 
+def test_concurrent_requests_with_their_own_settings_are_decoded_together_as_alone(server):
+    """Requests of every kind decoded in one batch (greedy, sampled with a seed, penalties, a stop
+    string, log-probabilities, an image, a JSON schema, different lengths) answer as each does alone."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    bodies = [
+        {"messages": [user("Question A?")], "max_tokens": 24, "temperature": 0},
+        {"messages": [user("Question B?")], "max_tokens": 7, "temperature": 0, "logprobs": True,
+         "top_logprobs": 2},
+        {"messages": [user("Question C?")], "max_tokens": 24, "temperature": 1.0, "seed": 5},
+        {"messages": [user("Question F?")], "max_tokens": 24, "temperature": 1.0, "seed": 11},
+        {"messages": [user(image_part(data_url(png(3))), "What?")], "max_tokens": 16, "temperature": 0,
+         "presence_penalty": 1.5},
+        {"messages": [user("Question D?")], "max_tokens": 24, "temperature": 0, "stop": [" fiat"]},
+        {"messages": [user("Question E?")], "max_tokens": 20, "temperature": 0,
+         "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}},
+    ]  # fmt: skip
+    alone = [post(server, body) for body in bodies]
+    server.engine.store.clear()  # the same work again, not continued from the first answers' caches
+    server.engine.widest = 0
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda body: post(server, body), bodies))
+    assert server.engine.widest > 1  # decoded in one batch
+    for (status, one), (status_together, batched) in zip(alone, together, strict=True):
+        assert status == status_together == 200, batched
+        first, second = one["choices"][0], batched["choices"][0]
+        assert second["message"] == first["message"] and second["finish_reason"] == first["finish_reason"]
+        assert batched["usage"] == one["usage"]
+        if first["logprobs"]:
+            tokens = [(e["token"], round(e["logprob"], 4)) for e in first["logprobs"]["content"]]
+            assert [(e["token"], round(e["logprob"], 4)) for e in second["logprobs"]["content"]] == tokens
+
+
 def test_json_schema_and_json_object_answers_parse(server):
     schema = {
         "type": "object",

@@ -69,8 +69,7 @@ class System(Base):
         prepared = model.prepare(
             inputs["input_ids"], images, inputs["image_grid_thw"], videos, inputs["video_grid_thw"], cache
         )
-        ids = mx.array(np.asarray(inputs["input_ids"])[0])
-        return cache, generate_step(model, prepared, ids, cache, max_tokens=max_tokens)
+        return cache, generate_step(model, prepared, cache, max_tokens=max_tokens)
 
     def text_generation(self, max_tokens: int):
         ids = self.inputs.prompt[None]

@@ -1,10 +1,11 @@
-"""The model's worker: one thread that owns the model (MLX builds and runs one graph at a time), takes
-requests from a queue, continues each from the longest prefix the prompt cache holds, and streams its
-answer back to the request's event loop. A request can be cancelled (its client went away): it stops
-within a token and its cache, consistent, goes back to the store.
+"""The model's worker: one thread that owns the model (MLX builds and runs one graph at a time). It takes
+requests from a queue, prefills each from the longest prefix the prompt cache holds, and decodes the
+answers of up to `max_batch` requests together (batch.py), streaming each back to its request's event
+loop. A request can be cancelled (its client went away): it stops within a token and its cache,
+consistent, goes back to the store, as every finished answer's does.
 
-Requests are answered one after another; their media were fetched beforehand by the web layer, so a slow
-download never holds up the model.
+A new request is prefilled as soon as it arrives, between two decode steps of the others. Media were
+fetched beforehand by the web layer, so a slow download never holds up the model.
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ import queue
 import threading
 import traceback
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import wired_limit
 
 from ..errors import Qwen3VLError
-from ..generation import check_context, encode_media, stream_tokens
-from ..model import Model
+from ..generation import (
+    AnswerText,
+    check_context,
+    encode_media,
+    generation_stream,
+    prefill,
+    token_sampler,
+)
+from ..model import Model, PromptCache
 from ..positions import batch_rope_index
 from ..processor import EncodedMedia, Processor, media_defaults, stack_media
 from ..structured import JsonConstraint, check_schema, grammar_tokenizer
+from .batch import Batch
 from .media import Fetched, VideoFile
 from .prompt_cache import Key, PromptCacheStore
 from .protocol import Request, logprob_entry
@@ -79,6 +89,19 @@ class Prompt:
     digests: list[str]
 
 
+@dataclass
+class Sequence:
+    """A request being answered: its prompt, its answer so far, the tokens it fed to its cache, and the
+    log-probabilities of tokens whose text is not out yet (part of a character, or what may begin a stop
+    string), sent with the next text."""
+
+    job: Job
+    prompt: Prompt
+    answer: AnswerText
+    fed: list[int] = field(default_factory=list)
+    pending: list[dict] = field(default_factory=list)
+
+
 class Engine:
     def __init__(
         self,
@@ -86,13 +109,18 @@ class Engine:
         processor: Processor,
         cache_entries: int = 8,
         cache_bytes: int = 2 * 10**9,
+        max_batch: int = 8,
     ):
         self.model, self.processor = model, processor
         self.store = PromptCacheStore(model, cache_entries, cache_bytes)
         self.decoded: OrderedDict[tuple, EncodedMedia] = OrderedDict()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="mlx-qwen3vl-engine", daemon=True)
+        self.max_batch = max_batch
+        self.batch = Batch(model)
+        self.sequences: list[Sequence] = []  # one per row of the batch, in its order
         self.reused = 0  # prompt tokens the last request found in the cache (for tests and logs)
+        self.widest = 0  # the most rows decoded together so far (for tests and logs)
 
     def start(self) -> None:
         self.thread.start()
@@ -105,20 +133,42 @@ class Engine:
         self.jobs.put(job)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
+        # Raised on Metal for as long as the engine runs (mlx-lm's), so a model that fits is not paged out.
+        with wired_limit(self.model, [generation_stream]):
+            while (jobs := self._arrivals()) is not None:
+                for job in jobs:
+                    self._admit(job)
+                if self.sequences:
+                    self._decode_step()
+
+    def _arrivals(self) -> list[Job] | None:
+        """The requests to start now: waits for one when nothing is being decoded, else takes what has
+        come, up to the batch's room. None: the engine is stopping."""
+        jobs = [] if self.sequences else [self.jobs.get()]
+        while len(self.sequences) + len(jobs) < self.max_batch:
             try:
-                self._serve(job)
-            except Qwen3VLError as e:
-                job.emit(Event("error", text=str(e), status=400))
-            except Exception as e:  # a bug must fail its request, never the server
-                traceback.print_exc()
-                job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
+                jobs.append(self.jobs.get_nowait())
+            except queue.Empty:
+                break
+        return None if None in jobs else jobs
 
     # ---- one request ----------------------------------------------------------------------------------
 
-    def _serve(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
+        """Prefill a request's prompt and let it join the batch; a refusal or failure ends it alone."""
+        if job.cancelled.is_set():
+            return
+        try:
+            self._prefill(job)
+        except Cancelled:
+            pass
+        except Qwen3VLError as e:
+            job.emit(Event("error", text=str(e), status=400))
+        except Exception as e:  # a bug must fail its request, never the server
+            traceback.print_exc()
+            job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
+
+    def _prefill(self, job: Job) -> None:
         request = job.request
         prompt = self._prompt(request, job.media)
         constraint = None
@@ -127,7 +177,6 @@ class Engine:
             constraint = JsonConstraint(check_schema(request.json_schema), self.processor.tokenizer, vocab)
         cache, start = self.store.take(prompt.keys, prompt.blocks, prompt.deltas)
         self.reused = start
-        fed: list[int] = []
         try:
             check_context(self.model, cache, len(prompt.ids) - start, request.max_tokens)
             prepared = self._prepare(prompt, start, cache)
@@ -136,43 +185,68 @@ class Engine:
                 if job.cancelled.is_set():
                     raise Cancelled
 
-            responses = stream_tokens(
-                self.model,
-                self.processor.tokenizer,
-                prepared,
-                mx.array(prompt.ids),
-                cache,
-                max_tokens=request.max_tokens,
-                sampling=request.sampling.with_defaults(self.processor.generation_config),
-                stop=request.stop,
-                on_token=fed.append,
-                constraint=constraint,
-                progress=stop_if_cancelled,
-                logprobs=request.logprobs,
-            )
-            finish, tokens = "cancelled", 0
-            # Log-probabilities of tokens whose text is not shown yet (part of a character, or what may
-            # begin a stop string) go out with the next text.
-            pending: list[dict] | None = None if request.logprobs is None else []
-            for response in responses:
-                if job.cancelled.is_set():
-                    responses.close()
-                    break
-                if response.logprobs is not None:
-                    pending.append(logprob_entry(response.logprobs, self.token_bytes))
-                if response.text or (pending and response.finish_reason):
-                    job.emit(Event("text", text=response.text, logprobs=pending))
-                    pending = None if pending is None else []
-                finish, tokens = response.finish_reason, response.generation_tokens
-            job.emit(Event("done", finish=finish, prompt_tokens=len(prompt.ids), tokens=tokens))
-        except Cancelled:
-            pass
-        finally:
-            # Kept when every layer holds the same tokens: a prefix of the prompt and what was fed after.
-            held = prompt.keys + [(t, None) for t in fed]
-            offsets = {layer.offset for layer in cache}
-            if len(offsets) == 1 and 0 < cache.offset <= len(held):
-                self.store.give_back(held[: cache.offset], cache)
+            logits = prefill(self.model, prepared, cache, progress=stop_if_cancelled)
+            sampling = request.sampling.with_defaults(self.processor.generation_config)
+            sampler = token_sampler(sampling, mx.array(prompt.ids), constraint, request.logprobs)
+            with mx.stream(generation_stream):
+                token, distribution = sampler(logits)
+        except BaseException:
+            self._give_back(prompt, [], cache)
+            raise
+        tokenizer = self.processor.tokenizer
+        stop_ids = set(tokenizer.eos_token_ids)
+        answer = AnswerText(tokenizer, request.stop, stop_ids, request.max_tokens, request.logprobs)
+        self.sequences.append(Sequence(job, prompt, answer))
+        self.batch.add(cache, sampler, token, distribution)
+        self.widest = max(self.widest, len(self.sequences))
+
+    def _decode_step(self) -> None:
+        """One token for every sequence; the finished and the cancelled leave the batch."""
+        try:
+            tokens, distributions = self.batch.step()
+            over = [
+                i
+                for i, (sequence, token, distribution) in enumerate(
+                    zip(self.sequences, tokens, distributions, strict=True)
+                )
+                if self._take(sequence, token, distribution)
+            ]
+            if over:
+                for i, cache in zip(over, self.batch.remove(over), strict=True):
+                    self._give_back(self.sequences[i].prompt, self.sequences[i].fed, cache)
+                self.sequences = [s for i, s in enumerate(self.sequences) if i not in set(over)]
+        except Exception as e:  # a bug fails the requests being decoded, never the server
+            traceback.print_exc()
+            for sequence in self.sequences:
+                sequence.job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
+            self.sequences, self.batch = [], Batch(self.model)
+
+    def _take(self, sequence: Sequence, token: int, distribution) -> bool:
+        """A sequence's next token (already fed to its cache): send what it adds to the answer. True when
+        the sequence is over (answered, or its client gone)."""
+        sequence.fed.append(token)
+        job, answer = sequence.job, sequence.answer
+        if job.cancelled.is_set():
+            return True
+        text = answer.add(token, distribution)
+        logprobs = job.request.logprobs is not None
+        if logprobs and answer.logprobs is not None:
+            sequence.pending.append(logprob_entry(answer.logprobs, self.token_bytes))
+        if text or (sequence.pending and answer.finish_reason):
+            job.emit(Event("text", text=text, logprobs=sequence.pending if logprobs else None))
+            sequence.pending = []
+        if answer.finish_reason:
+            counts = {"prompt_tokens": len(sequence.prompt.ids), "tokens": answer.count}
+            job.emit(Event("done", finish=answer.finish_reason, **counts))
+        return answer.finish_reason is not None
+
+    def _give_back(self, prompt: Prompt, fed: list[int], cache: PromptCache) -> None:
+        """Keep a cache when every layer holds the same tokens: a prefix of the prompt and what was fed
+        after it."""
+        held = prompt.keys + [(t, None) for t in fed]
+        offsets = {layer.offset for layer in cache}
+        if len(offsets) == 1 and 0 < cache.offset <= len(held):
+            self.store.give_back(held[: cache.offset], cache)
 
     def token_bytes(self, token: int) -> bytes:
         """A token's exact bytes (llguidance's table of the tokenizer, built once and shared with the
