@@ -4,7 +4,7 @@
 # Every stage has its own timeout and writes into $RESULTS, packed at the end into one archive under $OUT
 # (few files come back from that machine), so a slow stage cannot lose the others'. The stages take up
 # to 150 + 120 + 270 + 270 s, more than one device call's 600 s: run them in two calls on the warm
-# machine, STAGES="build parity q4" then STAGES=bf16.
+# machine, STAGES="build parity q4" then STAGES=bf16 (and STAGES=serve, with the server's wheels).
 set -u
 OUT=${OUT:-/tmp/bench-out}
 RESULTS=${RESULTS:-/tmp/bench-results}
@@ -37,5 +37,9 @@ stage q4 && timeout 270 python bench/bench.py $COMMON --quantize 4 --compare mlx
 # 4. bfloat16 against mlx-vlm, mlx-lm and transformers (CUDA).
 stage bf16 && timeout 270 python bench/bench.py $COMMON --compare mlx-vlm,mlx-lm,transformers \
     --json "$RESULTS/4b_bf16.json" > "$RESULTS/4b_bf16.md" 2> "$RESULTS/4b_bf16.log"
+# 5. The server (bench/serve.py): throughput at 1/4/8 streams, the image conversation's second-request
+#    TTFT, decode with a JSON schema; needs the server's wheels (prepare_wheels.sh fastapi uvicorn ...).
+stage serve && timeout 300 python bench/serve.py --preset $PRESET --dtype bfloat16 --compare mlx-vlm --runs 2 \
+    --timeout 120 --json "$RESULTS/serve.json" > "$RESULTS/serve.md" 2> "$RESULTS/serve.log"
 tar czf "$OUT/results-$(echo $STAGES | tr ' ' '-').tgz" -C "$RESULTS" .
 ls -la "$RESULTS" "$OUT"

@@ -390,24 +390,51 @@ def test_local_files_only_when_allowed(tiny_checkpoint, web):
         allowed.close()
 
 
+def drop_after(server, body: dict, events: int) -> None:
+    """A streaming request whose client reads a few events and goes away."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    connection.request(
+        "POST", "/v1/chat/completions", body=json.dumps(body | {"stream": True}), headers=headers
+    )
+    response = connection.getresponse()
+    lines = [response.readline() for _ in range(2 * events)]  # "data: ..." and a blank line each
+    assert sum(line.startswith(b"data: ") for line in lines) == events
+    connection.close()
+
+
 def test_a_client_that_goes_away_stops_its_generation(server, local):
     """A stream dropped after a few chunks: the generation stops within a token (the next request is
     answered at once, not after 2,000 tokens), and the cache it leaves gives the same answers."""
-    body = {"messages": [user("Tell me a long story.")], "max_tokens": 2000, "temperature": 0, "stream": True}
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
-    connection.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
-    response = connection.getresponse()
-    events = [response.readline() for _ in range(12)]  # six events: "data: ..." and a blank line each
-    assert sum(line.startswith(b"data: ") for line in events) == 6
-    connection.close()
+    body = {"messages": [user("Tell me a long story.")], "max_tokens": 2000, "temperature": 0}
+    drop_after(server, body, 6)
     start = time.monotonic()
     assert ask(server, [user("Hi")]) == generate(*local, "Hi", **GREEDY)
     assert time.monotonic() - start < 10
     assert ask(server, [user("Tell me a long story.")]) == generate(*local, "Tell me a long story.", **GREEDY)
 
 
+def test_a_client_gone_from_a_batch_leaves_the_others_answers_unchanged(server, local):
+    """Two long answers decoded with a third whose client leaves mid-stream: the row is taken out of the
+    batch within a token, the others answer as alone, and the batch is empty after."""
+    questions = ["Tell me a long story.", "Write a poem about the sea."]
+    expected = [generate(*local, q, max_tokens=40, temperature=0) for q in questions]
+    server.engine.widest = 0
+    long_body = {"messages": [user("Count to a thousand.")], "max_tokens": 2000, "temperature": 0}
+    with ThreadPoolExecutor(3) as pool:
+        answers = [pool.submit(ask, server, [user(q)], max_tokens=40) for q in questions]
+        pool.submit(drop_after, server, long_body, 4).result()
+        assert [a.result() for a in answers] == expected
+    assert server.engine.widest >= 2
+    deadline = time.monotonic() + 10
+    while server.engine.sequences:  # the dropped row leaves within a token, not after 2,000
+        assert time.monotonic() < deadline, len(server.engine.sequences)
+        time.sleep(0.05)
+
+
 def test_a_soak_of_mixed_requests_leaves_the_server_answering_in_bounded_memory(server, local):
+    """Hundreds of requests from four clients at once, most of them refused and some abandoned
+    mid-stream: every greedy answer stays right, and memory stays bounded."""
     expected = generate(*local, "Hi", **GREEDY)
     bad = [
         ("{oops", True),
@@ -418,14 +445,21 @@ def test_a_soak_of_mixed_requests_leaves_the_server_answering_in_bounded_memory(
     ask(server, [user("Hi")])
     mx.synchronize()
     baseline = mx.get_active_memory()
-    for i in range(200):
-        if i % 5 == 0:
+
+    def one(i: int) -> None:
+        if i % 10 == 0:
             assert ask(server, [user("Hi")]) == expected
-        elif i % 5 == 1:
+        elif i % 10 in (1, 6):
             ask(server, [user(f"Different question {i}")], max_tokens=2)
+        elif i % 10 == 7:
+            drop_after(server, {"messages": [user(f"Story {i}")], "max_tokens": 500, "temperature": 0}, 3)
         else:
             body, raw = bad[i % len(bad)]
             assert post(server, body, raw=raw)[0] == 400
+
+    with ThreadPoolExecutor(4) as pool:  # good, bad and abandoned requests, four at a time
+        list(pool.map(one, range(240)))
     assert ask(server, [user("Hi")]) == expected
     grown = mx.get_active_memory() - baseline
     assert grown < 200 * 10**6, grown  # the prompt cache is bounded (entries and bytes)
+    assert not server.engine.sequences
