@@ -26,6 +26,7 @@ from mlx_qwen3vl.options import DEFAULT_MAX_TOKENS, DTYPE_NAMES, MAX_TOKENS, MED
 
 if TYPE_CHECKING:
     from mlx_qwen3vl import ChatSession
+    from mlx_qwen3vl.grounding import Drawings
 
 HISTORY_FILE = Path.home() / ".cache" / "mlx-qwen3vl" / "chat_history"
 PROMPT = "> "
@@ -35,6 +36,8 @@ HELP = """\
 /clear        start a new conversation (the system prompt stays)
 /system TEXT  set the system prompt and start a new conversation (no TEXT removes it)
 /stats        statistics of the last answer
+/draw [DIR]   save again the last answer's boxes and points drawn on its image (each answer that locates
+              something on an image is saved as it comes: in --draw DIR, else the current directory)
 /help         this list
 /quit         quit (or Ctrl-D); Ctrl-C stops an answer, or clears the line at the prompt"""
 
@@ -60,6 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--prompt", help="answer this question and exit")
     p.add_argument("--system", help="system prompt")
+    p.add_argument(
+        "--hide-thinking",
+        action="store_true",
+        help="a Thinking model's reasoning is not shown, only its answer (default: shown first, dimmed)",
+    )
+    p.add_argument(
+        "--draw",
+        metavar="DIR",
+        help="save each answer's boxes and points drawn on its image in DIR (default: none with --prompt "
+        "or a piped question, the current directory in a conversation)",
+    )
     p.add_argument(
         "--max-tokens", type=number(MAX_TOKENS), default=DEFAULT_MAX_TOKENS, help="per answer (%(default)s)"
     )
@@ -101,10 +115,11 @@ def load_model(name: str, dtype: str):
 
 class ProgressLine:
     """Long steps on stderr: what each image or video became (always), and, on a terminal, one line
-    updated while the vision tower or the prompt's chunks take more than a moment, cleared before the
-    answer prints."""
+    updated while a video file's frames are read, the vision tower runs or the prompt's chunks are fed,
+    once it takes more than a moment, cleared before the answer prints."""
 
     LABELS = {
+        "reading": "reading the video: frame {done}/{total}",
         "vision": "encoding images and videos: block {done}/{total}",
         "prefill": "reading the prompt: {done:,}/{total:,} tokens",
     }
@@ -118,6 +133,7 @@ class ProgressLine:
 
     def __call__(self, progress) -> None:
         if progress.stage == "media":
+            self.clear()  # the reading line, if shown
             print(progress.detail, file=self.stream, flush=True)
         elif self.live and time.perf_counter() - self.start >= self.DELAY:
             label = self.LABELS[progress.stage].format(done=progress.done, total=progress.total)
@@ -132,19 +148,79 @@ class ProgressLine:
             self.shown = False
 
 
-def stream_answer(session: ChatSession, question: str, media: dict, options: dict) -> None:
+class AnswerPrinter:
+    """Prints an answer as it arrives: a Thinking model's reasoning first (dimmed on a terminal; not at
+    all when hidden), a blank line, then the answer."""
+
+    DIM, NORMAL = "\033[2m", "\033[0m"
+
+    def __init__(self, hide_reasoning: bool = False, stream=None):
+        self.hide_reasoning, self.stream = hide_reasoning, stream or sys.stdout
+        self.dim = self.stream.isatty()
+        self.part: str | None = None  # the part being printed: "reasoning" or "answer"
+
+    def __call__(self, response) -> None:
+        reasoning = getattr(response, "reasoning", "")  # what a session that does not think may omit
+        if reasoning and not self.hide_reasoning:
+            self._write("reasoning", reasoning)
+        if response.text:
+            self._write("answer", response.text)
+
+    def _write(self, part: str, text: str) -> None:
+        if part != self.part:
+            if self.part == "reasoning":
+                text = (self.NORMAL if self.dim else "") + "\n\n" + text
+            if part == "reasoning" and self.dim:
+                text = self.DIM + text
+            self.part = part
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Back to normal text (after an answer that ended, or was stopped, in its reasoning)."""
+        if self.part == "reasoning" and self.dim:
+            self.stream.write(self.NORMAL)
+            self.stream.flush()
+
+
+def stream_answer(
+    session: ChatSession, question: str, media: dict, options: dict, hide_thinking: bool = False
+) -> None:
     """Print the answer as it arrives."""
     progress = ProgressLine()
+    printer = AnswerPrinter(hide_thinking)
     # closing(): a Ctrl-C between two pieces closes the generator at once, so the session keeps the
     # answer so far and stays consistent.
     try:
         with closing(session.ask(question, **media, **options, progress=progress)) as answer:
             for response in answer:
                 progress.clear()
-                print(response.text, end="", flush=True)
+                printer(response)
     finally:
         progress.clear()
+        printer.close()
     print()
+
+
+def ask(
+    session: ChatSession,
+    question: str,
+    media: dict,
+    options: dict,
+    drawings: Drawings,
+    hide_thinking: bool = False,
+) -> None:
+    """Answer, then save what the answer locates on the conversation's latest image, if anything."""
+    turns = len(session.messages)
+    try:
+        stream_answer(session, question, media, options, hide_thinking)
+    finally:
+        if len(session.messages) > turns:  # the question is in the conversation, even if interrupted
+            drawings.asked(media["images"], media["videos"])
+    answer = session.messages[-1].get("content")
+    saved = drawings.answered(answer) if isinstance(answer, str) else None
+    if saved:
+        print(f"drew {saved[1]}: {saved[0]}", file=sys.stderr)
 
 
 def stats(session: ChatSession) -> str:
@@ -168,7 +244,7 @@ def path_argument(text: str) -> str:
     return words[0] if len(words) == 1 else text
 
 
-def run_command(line: str, session: ChatSession, pending: dict) -> bool:
+def run_command(line: str, session: ChatSession, pending: dict, drawings: Drawings) -> bool:
     """Carry out a /command; False means quit."""
     name, _, argument = line.partition(" ")
     argument = argument.strip()
@@ -185,13 +261,18 @@ def run_command(line: str, session: ChatSession, pending: dict) -> bool:
         print(f"{kind} {path} goes with the next question")
     elif name == "/clear":
         session.clear()
+        drawings.clear()
         pending.update(images=[], videos=[])
         print("new conversation")
     elif name == "/system":
         session.set_system(argument)
+        drawings.clear()
         print(f"system prompt {'set' if argument else 'removed'}; new conversation")
     elif name == "/stats":
         print(stats(session))
+    elif name == "/draw":
+        path, what = drawings.save(path_argument(argument) if argument else None)
+        print(f"drew {what}: {path}")
     elif name == "/help":
         print(HELP)
     else:
@@ -253,7 +334,9 @@ def ctrl_c_as_a_key():
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def chat(session: ChatSession, pending: dict, options: dict) -> None:
+def chat(
+    session: ChatSession, pending: dict, options: dict, drawings: Drawings, hide_thinking: bool = False
+) -> None:
     """The interactive loop, until /quit or Ctrl-D. Errors are reported and the conversation goes on."""
     print("Ask a question; /help lists the commands.")
     while True:
@@ -268,11 +351,11 @@ def chat(session: ChatSession, pending: dict, options: dict) -> None:
             continue
         try:
             if line.startswith("/"):
-                if not run_command(line, session, pending):
+                if not run_command(line, session, pending, drawings):
                     return
             elif line:
                 media, pending = pending, {"images": [], "videos": []}
-                stream_answer(session, line, media, options)
+                ask(session, line, media, options, drawings, hide_thinking)
         except KeyboardInterrupt:  # the answer so far stays in the conversation
             print()
         except (Qwen3VLError, OSError) as e:  # OSError: a file the system will not let us read
@@ -298,13 +381,17 @@ def main(argv: list[str] | None = None) -> int:
             raise Qwen3VLError("no question: the prompt (--prompt or standard input) is empty")
         model, processor = load_model(args.model, args.dtype)
         from mlx_qwen3vl import ChatSession
+        from mlx_qwen3vl.grounding import Drawings
 
         session = ChatSession(
             model, processor, system=args.system, max_tokens=args.max_tokens, **given(args, SAMPLING)
         )
         media, options = {"images": args.image, "videos": args.video}, given(args, MEDIA)
+        # Pictures of what answers locate: one answer saves them only with --draw (a script's folder
+        # stays as it was); a conversation saves them in the current directory unless told otherwise.
+        drawings = Drawings(args.draw or (None if question is not None else "."))
         if question is not None:
-            stream_answer(session, question, media, options)
+            ask(session, question, media, options, drawings, args.hide_thinking)
             return 0
     except (Qwen3VLError, OSError) as e:  # OSError: a file the system will not let us read
         fail(str(e))
@@ -312,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         return 130
     with line_editing():
-        chat(session, media, options)
+        chat(session, media, options, drawings, args.hide_thinking)
     return 0
 
 

@@ -17,37 +17,51 @@ from .options import DEFAULT_MODEL
 use_system_openblas()
 
 _LAZY = {
+    "Answer": "answer",
     "ChatSession": "chat_session",
     "GenerationResponse": "generation",
-    "TokenLogprobs": "generation",
+    "TokenLogprobs": "answer",
     "generate": "generation",
     "stream_generate": "generation",
     "load": "loading",
     "Model": "model",
     "PromptCache": "model",
+    "InvalidToolCall": "tools",
+    "ToolCall": "tools",
 }
+# Modules used by name (`mlx_qwen3vl.grounding.parse`), imported on first use like the names above.
+_SUBMODULES = ("grounding",)
 
 __all__ = [
     "DEFAULT_MODEL",
+    "Answer",
     "ChatSession",
     "GenerationResponse",
+    "InvalidToolCall",
     "Model",
     "PromptCache",
     "Qwen3VLError",
     "TokenLogprobs",
+    "ToolCall",
     "generate",
+    "grounding",
     "load",
     "stream_generate",
 ]
 
 if TYPE_CHECKING:
+    from . import grounding
+    from .answer import Answer, TokenLogprobs
     from .chat_session import ChatSession
-    from .generation import GenerationResponse, TokenLogprobs, generate, stream_generate
+    from .generation import GenerationResponse, generate, stream_generate
     from .loading import load
     from .model import Model, PromptCache
+    from .tools import InvalidToolCall, ToolCall
 
 
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(import_module(f".{_LAZY[name]}", __name__), name)

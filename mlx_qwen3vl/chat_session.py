@@ -1,27 +1,59 @@
 """A conversation that keeps its KV cache: each turn prefills only its new tokens, and images and videos
-of earlier turns are never encoded again (their features already live in the cache)."""
+of earlier turns are never encoded again (their features already live in the cache).
+
+The cache holds what the template rendered and what the model answered. Each turn renders the whole
+conversation again, as the reference does, and continues the cache from where the two part: usually its
+end; for a Thinking model, the start of the last answer, since the template drops the reasoning of answers
+before the last question; or where a stop string or a tool call's rendering differs from what the model
+wrote. What comes after that point is fed again as the template renders it.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import mlx.core as mx
 
 from .errors import Qwen3VLError
-from .generation import GenerationResponse, check_context, describe, encode_media, stream_tokens
+from .generation import GenerationResponse, check_context, describe, encode_media, reading, stream_tokens
 from .model import Model
 from .options import DEFAULT_MAX_TOKENS, LOGPROBS, SamplingOptions, check_max_tokens, check_stop
-from .processor import Processor, collect_media, media_arguments, media_kind, normalize_messages, stack_media
+from .processor import (
+    Processor,
+    collect_media,
+    media_arguments,
+    normalize_messages,
+    stack_media,
+    template_messages,
+)
+from .tools import tool_names
 
-TURN_END = "<|im_end|>"
+TURN_ROLES = ("user", "tool")
+VISION_START = "<|vision_start|>"  # the first token of every image or video in the prompt
+
+
+@dataclass
+class Segment:
+    """A stretch of the cache: its text (as the template writes it, one placeholder per image or video)
+    and its token ids; `rendered` by the template, or else answered by the model."""
+
+    text: str
+    ids: list[int]
+    rendered: bool
+    media: bool = False
 
 
 class ChatSession:
     """`for r in session.ask("What is in this picture?", images=["cat.jpg"]): print(r.text, end="")`
 
-    Fields: `messages` (the conversation so far, media parts without their pixels), `cache` (holds exactly
-    the tokens of `tokens`), `last` (the final response of the last answer, with its statistics),
-    `prefilled` (how many tokens the last turn had to prefill)."""
+    Fields: `messages` (the conversation so far, media parts without their pixels; an answer's reasoning
+    under `reasoning_content` and its calls under `tool_calls`, as the template reads them), `cache` (holds
+    exactly the tokens of `tokens`), `last` (the final response of the last answer, with its statistics),
+    `prefilled` (how many tokens the last turn had to prefill). `tools`: function definitions offered to
+    the model for the whole conversation; answer a call by passing `{"role": "tool", "content": ...}`
+    messages to `ask`."""
 
     def __init__(
         self,
@@ -30,40 +62,36 @@ class ChatSession:
         system: str | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_step_size: int | None = None,
+        tools: list | None = None,
         **sampling,
     ):
         self.model, self.processor = model, processor
         self.system = system
         self.max_tokens = check_max_tokens(max_tokens)
         self.prefill_step_size = prefill_step_size
+        if tools:
+            tool_names(tools)
+        self.tools = tools or None
         self.sampling = SamplingOptions(**sampling)
         self.clear()
 
     def clear(self) -> None:
-        """Forget the conversation and its cache (the system prompt stays)."""
+        """Forget the conversation and its cache (the system prompt and the tools stay)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = self.model.make_cache()
-        self.tokens: list[int] = []
+        self.segments: list[Segment] = []
         self.last: GenerationResponse | None = None
         self.prefilled = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids the cache holds."""
+        return [i for segment in self.segments for i in segment.ids]
 
     def set_system(self, text: str | None) -> None:
         """A new system prompt starts a new conversation."""
         self.system = text or None
         self.clear()
-
-    def _new_text(self, messages: list[dict]) -> str:
-        """The template text this turn adds after what the cache holds. The template renders each message
-        independently, so the full rendering extends the previous one; the cache holds the previous
-        answer's tokens but not (or not only) its closing <|im_end|>."""
-        full = self.processor.render(messages, add_generation_prompt=True)
-        if not self.tokens:
-            return full
-        previous = self.processor.render(messages[:-1], add_generation_prompt=False)
-        if not full.startswith(previous) or not previous.endswith(TURN_END + "\n"):
-            raise Qwen3VLError("the chat template does not extend the conversation turn by turn")
-        closing = "\n" if self.tokens[-1] in self.processor.tokenizer.eos_token_ids else TURN_END + "\n"
-        return closing + full[len(previous) :]
 
     def ask(
         self,
@@ -76,10 +104,12 @@ class ChatSession:
         logprobs: int | None = None,
         **options,
     ) -> Iterator[GenerationResponse]:
-        """Add a user turn (text or a list of content parts, plus `images` / `videos`) and stream the
-        answer. Options: sampling (temperature, top_p, ...) and media (min_pixels, fps, ...) settings.
-        `progress(generation.Progress)`: what each image or video became, then the vision tower's blocks
-        and the prompt's chunks as they are done. `logprobs`: as `stream_generate`'s."""
+        """Add a turn and stream the answer: a user turn (text or a list of content parts, plus `images` /
+        `videos`), or messages (a list of `{"role": "user" or "tool", "content": ...}`, e.g. the results of
+        the calls the last answer made). Options: sampling (temperature, top_p, ...) and media
+        (min_pixels, fps, ...) settings. `progress(generation.Progress)`: what each image or video became,
+        then the vision tower's blocks and the prompt's chunks as they are done. `logprobs`: as
+        `stream_generate`'s."""
         sampling_names = SamplingOptions.names()
         sampling = {k: v for k, v in options.items() if k in sampling_names}
         media_options = {k: v for k, v in options.items() if k not in sampling_names}
@@ -91,20 +121,19 @@ class ChatSession:
             LOGPROBS.check(logprobs)
 
         images, videos = media_arguments(images, videos)
-        if isinstance(content, list) and all(isinstance(p, str) or "role" not in p for p in content):
-            content = [{"role": "user", "content": content}]  # content parts of one user turn
-        user = normalize_messages(content, images, videos)[0]
-        media = collect_media([user], images, videos)
-        # The record keeps the text and each medium's kind; the pixels live in the cache.
-        user["content"] = [
-            {"type": kind} if (kind := media_kind(p)) else {"type": "text", "text": p["text"]}
-            for p in user["content"]
-        ]
-        messages = self.messages + [user]
-        encoded = self.processor.encode_all(media, media_options)
-        ids = self.processor.tokenize(self._new_text(messages), encoded)
-        check_context(self.model, self.cache, len(ids), max_tokens)
+        turn = self._turn(content, images, videos)
+        media = collect_media(turn, images, videos)
+        messages = self.messages + template_messages(turn)  # the pixels live in the cache
+        full = self.processor.render(messages, add_generation_prompt=True, tools=self.tools)
+        kept_text, kept = self._common_part(full)
+        encoded = self.processor.encode_all(media, media_options, reading(progress))
+        new_text = full[kept_text:]
+        ids = self.processor.tokenize(new_text, encoded)
+        # The context as it will be: what is kept of the cache, then this turn.
+        dropped = self.cache.offset - sum(len(s.ids) for s in kept)
+        check_context(self.model, self.cache, len(ids) - dropped, max_tokens)
 
+        self._cut(kept)
         inputs = stack_media(encoded)
         describe(encoded, progress)
         images_f, videos_f = encode_media(self.model, inputs, progress)
@@ -117,10 +146,10 @@ class ChatSession:
             inputs["video_grid_thw"],
             self.cache,
         )
-        self.messages = messages
+        previous, self.messages = self.messages, messages
         self.prefilled = len(ids)
         fed: list[int] = []
-        answer = []
+        answer: list[GenerationResponse] = []
         try:
             for response in stream_tokens(
                 self.model,
@@ -135,22 +164,106 @@ class ChatSession:
                 progress=progress,
                 on_token=fed.append,
                 logprobs=logprobs,
+                reasoning=self.processor.thinks,
+                tools=self.tools,
             ):
-                answer.append(response.text)
+                answer.append(response)
                 if response.finish_reason:
                     self.last = response
                 yield response
         except BaseException:
             # Interrupted (Ctrl-C) or failed: keep the answer so far if the prompt got in, else undo the turn.
-            self._recover(start, delta, len(ids), fed)
+            if not self._recover(start, delta, len(ids), fed):
+                self.messages = previous
             raise
         finally:
-            self.tokens += ids + fed if self.cache.offset >= start + len(ids) else []
-            if self.messages and self.messages[-1]["role"] == "user":
-                self.messages.append({"role": "assistant", "content": "".join(answer)})
+            if self.cache.offset >= start + len(ids):
+                self.segments.append(Segment(new_text, ids, rendered=True, media=bool(encoded)))
+                self.segments.append(Segment(self.processor.tokenizer.decode(fed), list(fed), rendered=False))
+                if self.messages is messages:
+                    self.messages = messages + [self._answer_message(answer)]
 
-    def _recover(self, start: int, delta, prompt_length: int, fed: list[int]) -> None:
-        """Bring every layer's cache to one consistent length after an interruption."""
+    def _turn(self, content, images, videos) -> list[dict]:
+        """The messages a turn adds, checked."""
+        messages = isinstance(content, list) and all(isinstance(m, dict) and "role" in m for m in content)
+        if messages and content:
+            turn = normalize_messages(content)
+            if any(m["role"] not in TURN_ROLES for m in turn):
+                raise Qwen3VLError("a turn adds user or tool messages; the answers are the model's")
+            return turn
+        if isinstance(content, list):
+            content = [{"role": "user", "content": content}]  # content parts of one user turn
+        return normalize_messages(content, images, videos)[:1]
+
+    def _answer_message(self, answer: list[GenerationResponse]) -> dict:
+        """The answer as the template reads an assistant message."""
+        message = {"role": "assistant", "content": "".join(r.text for r in answer)}
+        if self.processor.thinks:
+            message["reasoning_content"] = "".join(r.reasoning for r in answer)
+        calls = [c.message_entry() for r in answer for c in r.tool_calls]
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+    def _common_part(self, full: str) -> tuple[int, list[Segment]]:
+        """How much of the cache the new rendering `full` keeps: the length of its text, and the segments
+        kept (the last one perhaps cut short)."""
+        chars = 0
+        for index, segment in enumerate(self.segments):
+            if full.startswith(segment.text, chars):
+                chars += len(segment.text)
+                continue
+            same = len(os.path.commonprefix([segment.text, full[chars : chars + len(segment.text)]]))
+            find = self._kept_of_rendered if segment.rendered else self._kept_of_answer
+            length, count = find(segment, same)
+            # A cut rendered stretch keeps its media (the rest it drops is text); the pixels of media
+            # dropped whole are gone.
+            if any(s.media for s in self.segments[index + 1 :]) or (segment.media and not count):
+                raise Qwen3VLError(
+                    "this turn changes an earlier part of the conversation that holds an image or video; "
+                    "start a new conversation"
+                )
+            part = Segment(segment.text[:length], segment.ids[:count], segment.rendered, segment.media)
+            return chars + length, self.segments[:index] + ([part] if count else [])
+        return chars, list(self.segments)
+
+    def _kept_of_answer(self, segment: Segment, same: int) -> tuple[int, int]:
+        """The most of the answer's own tokens whose text is within its first `same` characters: (length
+        of that text, tokens)."""
+        decode = self.processor.tokenizer.decode
+        low, high = 0, len(segment.ids)
+        while low < high:  # the most tokens whose text is no longer than `same`
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if len(decode(segment.ids[:middle])) <= same else (low, middle - 1)
+        for count in range(low, 0, -1):
+            text = decode(segment.ids[:count])
+            if segment.text.startswith(text):
+                return len(text), count
+        return 0, 0
+
+    def _kept_of_rendered(self, segment: Segment, same: int) -> tuple[int, int]:
+        """Where a rendered stretch can be cut within its first `same` characters: the longest start whose
+        rest is text alone and tokenizes to the stretch's last tokens: (length, tokens)."""
+        cut = same
+        while cut > 0:
+            rest = segment.text[cut:]
+            ids = self.processor.tokenizer.encode(rest, add_special_tokens=False)
+            if VISION_START not in rest and segment.ids[len(segment.ids) - len(ids) :] == ids:
+                return cut, len(segment.ids) - len(ids)
+            cut = segment.text.rfind("\n", 0, cut - 1) + 1  # back to the start of a line
+        return 0, 0
+
+    def _cut(self, kept: list[Segment]) -> None:
+        """Keep only these segments of the cache (they end after its last image or video: the rope delta
+        stays)."""
+        tokens = sum(len(s.ids) for s in kept)
+        for c in self.cache:
+            c.trim(c.offset - tokens)
+        self.segments = kept
+
+    def _recover(self, start: int, delta, prompt_length: int, fed: list[int]) -> bool:
+        """Bring every layer's cache to one consistent length after an interruption. False: the prompt
+        did not get in, and the turn is undone."""
         # A token can be in the cache without having been handed out (the interrupt came while its
         # value was awaited): the cache is cut back to what `fed` records.
         consistent = min(min(c.offset for c in self.cache), start + prompt_length + len(fed))
@@ -158,9 +271,9 @@ class ChatSession:
             for c in self.cache:
                 c.trim(c.offset - start)
             self.cache.rope_delta = delta
-            self.messages = self.messages[:-1]
             fed.clear()
-            return
+            return False
         for c in self.cache:
             c.trim(c.offset - consistent)
         del fed[consistent - start - prompt_length :]
+        return True

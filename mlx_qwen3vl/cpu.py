@@ -62,6 +62,9 @@ BLOCK_BYTES = 4 * 2**20
 # photo costs O(N * block) memory instead of O(N^2); at the 4B widths such blocks are also faster than
 # MLX's fallback in one call, whose scores would not fit in cache.
 ATTENTION_SCORE_BYTES = 32 * 2**20
+# From about this many patches per segment, numpy's vectorised exponentials outweigh the Python calls it
+# makes per head (`numpy_attention`); shorter segments (small images) stay in MLX.
+NUMPY_ATTENTION_LENGTH = 192
 
 
 def specialize(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -231,15 +234,22 @@ def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
 
 
 def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
-    """`vision.fused_attention` for q, k, v [segments, heads, length, d]. Scores that fit in
-    ATTENTION_SCORE_BYTES at once in one call; larger ones in query blocks of at most that, each evaluated
-    before the next: with numpy in float32 (`numpy_attention`), with MLX otherwise."""
+    """`vision.fused_attention` for q, k, v [segments, heads, length, d]. In float32, segments of at least
+    NUMPY_ATTENTION_LENGTH patches with numpy (`numpy_attention`); shorter ones with MLX, in calls of as
+    many segments as ATTENTION_SCORE_BYTES of scores hold, each evaluated before the next; a segment
+    whose scores alone exceed it in query blocks of at most that. The path follows the segments' length,
+    never their count, so a video encoded in pieces (`Model.encode_vision`) gets the bits of one pass."""
     count, heads, length, _ = q.shape
     row_bytes = heads * length * 4  # float32 scores of one query row
-    if count * length * row_bytes <= ATTENTION_SCORE_BYTES:
-        return float32_attention(q, k, v, scale)
-    if q.dtype == mx.float32:
+    per_call = ATTENTION_SCORE_BYTES // (length * row_bytes)
+    if q.dtype == mx.float32 and (length >= NUMPY_ATTENTION_LENGTH or not per_call):
         return numpy_attention(q, k, v, scale)
+    if per_call >= count:
+        return float32_attention(q, k, v, scale)
+    if per_call:
+        calls = range(0, count, per_call)
+        parts = (float32_attention(*(x[s : s + per_call] for x in (q, k, v)), scale) for s in calls)
+        return concatenate_evaluated(parts, axis=0)
     block = max(1, ATTENTION_SCORE_BYTES // row_bytes)
     segments = []
     for i in range(count):

@@ -1,6 +1,6 @@
 """Generation as generators, in mlx-lm's shape: `generate_step` yields token ids (with their
 log-probabilities when asked), `stream_generate` yields text as it arrives with statistics, `generate`
-returns the whole text.
+returns the whole answer. What the tokens say (text, reasoning, tool calls) is answer.py's.
 
 mlx-lm's own `generate_step` cannot be used: a Qwen3-VL prompt chunk needs its 3-D MRoPE positions and
 the DeepStack features of the vision tokens it contains, not just token ids or embeddings. Samplers,
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import wired_limit
 
+from .answer import Answer, AnswerText, TokenLogprobs
 from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import (
@@ -27,6 +27,7 @@ from .options import (
     check_stop,
 )
 from .structured import JsonConstraint, check_schema
+from .tools import InvalidToolCall, ToolCall, tool_names
 
 PREFILL_STEP_SIZE = 512  # for a model built without load() (which chooses per backend, backend.py)
 
@@ -37,9 +38,9 @@ generation_stream = mx.new_thread_local_stream(mx.default_device())
 
 @dataclass
 class Progress:
-    """What a long step is doing, for a front end to show. `stage`: "media" (an image or video was read
-    and sized: `detail` says what it became), "vision" (blocks of the vision tower done, of `total`),
-    "prefill" (prompt tokens fed, of `total`)."""
+    """What a long step is doing, for a front end to show. `stage`: "reading" (frames of a video file read,
+    of `total` kept), "media" (an image or video was read and sized: `detail` says what it became),
+    "vision" (blocks of the vision tower done, of `total`), "prefill" (prompt tokens fed, of `total`)."""
 
     stage: str
     done: int
@@ -146,28 +147,10 @@ def generate_step(
 
 
 @dataclass
-class TokenLogprobs:
-    """A generated token's log-probability under the model and the `top` most likely tokens' (id,
-    log-probability), most likely first. The model's own distribution: before repetition penalties,
-    temperature, top-p or a schema's mask (as vLLM reports by default), so greedy's token is the first
-    of `top`."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-def token_logprobs(token: int, distribution: mx.array, top: int) -> TokenLogprobs:
-    # On the host: a partial sort of one vocabulary row, no graph of its own each step.
-    values = np.asarray(distribution)
-    best = np.argpartition(-values, top - 1)[:top] if top else np.array([], dtype=np.int64)
-    best = best[np.argsort(-values[best], kind="stable")]
-    return TokenLogprobs(token, float(values[token]), [(int(i), float(values[i])) for i in best])
-
-
-@dataclass
 class GenerationResponse:
-    """One piece of a streamed answer (mlx-lm's fields)."""
+    """One piece of a streamed answer: mlx-lm's fields, then, for a Thinking model, the piece of its
+    reasoning (`text` is the answer's), and with tools, the calls this piece completes and the invalid
+    call blocks it found (their text stays in `text`)."""
 
     text: str
     token: int | None
@@ -176,64 +159,12 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory: float  # GB
-    finish_reason: str | None = None  # "stop" (end-of-turn token), "stop_string", "length"
+    # "stop" (end-of-turn token), "stop_string", "length", "tool_calls" (stopped right after calls)
+    finish_reason: str | None = None
     logprobs: TokenLogprobs | None = None  # of `token`, when asked for (not for an end-of-turn token)
-
-
-def _stop_string_cut(text: str, stops: list[str]) -> int | None:
-    positions = [text.find(s) for s in stops if s and s in text]
-    return min(positions) if positions else None
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could be the start of a stop string (not shown yet)."""
-    longest = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                longest = max(longest, k)
-                break
-    return longest
-
-
-class AnswerText:
-    """One answer's tokens as its text: mlx-lm's streaming detokenizer (one per answer), the end-of-turn
-    ids, stop strings (never shown: text that could begin one is held back), max_tokens, and each token's
-    log-probabilities (`top` alternatives) when asked for."""
-
-    def __init__(self, tokenizer, stops: list[str], stop_ids, max_tokens: int, top: int | None = None):
-        self.detokenizer = tokenizer.detokenizer  # mlx-lm's wrapper gives each caller a fresh copy
-        self.stops, self.stop_ids, self.max_tokens, self.top = stops, stop_ids, max_tokens, top
-        self.count = self.shown = 0
-        self.cut: int | None = None
-        self.finish_reason: str | None = None
-        self.logprobs: TokenLogprobs | None = None  # of the last token added
-
-    def add(self, token: int, distribution: mx.array | None = None) -> str:
-        """Take the next token: the text it lets show (empty while a character is incomplete or the tail
-        could still become a stop string); once the answer is over (`finish_reason` set), the rest."""
-        self.count += 1
-        if token in self.stop_ids:
-            self.logprobs = None
-            return self._end("stop")
-        if self.top is not None:
-            self.logprobs = token_logprobs(token, distribution, self.top)
-        self.detokenizer.add_token(token)
-        text = self.detokenizer.text
-        self.cut = _stop_string_cut(text, self.stops)
-        if self.cut is not None:
-            return self._end("stop_string")
-        if self.count == self.max_tokens:
-            return self._end("length")
-        visible = max(self.shown, len(text) - _held_back(text, self.stops))
-        piece, self.shown = text[self.shown : visible], visible
-        return piece
-
-    def _end(self, reason: str) -> str:
-        self.finish_reason = reason
-        if self.cut is None:
-            self.detokenizer.finalize()
-        return self.detokenizer.text[self.shown : self.cut]
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
 
 
 def stream_tokens(
@@ -252,16 +183,19 @@ def stream_tokens(
     on_token=None,
     constraint=None,
     logprobs: int | None = None,
+    reasoning: bool = False,
+    tools: list | None = None,
 ) -> Iterator[GenerationResponse]:
     """Stream an answer for a prepared prompt: text pieces from mlx-lm's streaming detokenizer, stop on
     an end-of-turn token, a stop string (not shown), or max_tokens. `on_token(id)` sees every token fed
     to the cache. `constraint`: one more logits processor (structured.JsonConstraint). `logprobs`: each
-    response carries its token's log-probability and this many alternatives'."""
+    response carries its token's log-probability and this many alternatives'. `reasoning`: the prompt
+    leaves the model inside a reasoning block. `tools`: the tools offered, whose calls are parsed."""
     max_tokens = check_max_tokens(max_tokens)
     top = None if logprobs is None else LOGPROBS.check(logprobs)
     sampling = sampling or SamplingOptions()
     stop_ids = set(stop_token_ids if stop_token_ids is not None else tokenizer.eos_token_ids)
-    answer = AnswerText(tokenizer, check_stop(stop), stop_ids, max_tokens, top)
+    answer = AnswerText(tokenizer, check_stop(stop), stop_ids, max_tokens, top, reasoning, tools)
     sample = token_sampler(sampling, prompt_tokens, constraint, top)
     mx.reset_peak_memory()
     tic = time.perf_counter()
@@ -284,10 +218,10 @@ def stream_tokens(
             if on_token:
                 on_token(token)
             # One response per token, like mlx-lm; the last one says why the answer ended.
-            text = answer.add(token, distribution)
+            piece = answer.add(token, distribution)
             elapsed = time.perf_counter() - tic
             yield GenerationResponse(
-                text,
+                piece.text,
                 token,
                 prompt.length,
                 prompt_tps,
@@ -296,6 +230,9 @@ def stream_tokens(
                 mx.get_peak_memory() / 1e9,
                 answer.finish_reason,
                 answer.logprobs,
+                piece.reasoning,
+                piece.tool_calls,
+                piece.invalid_tool_calls,
             )
             if answer.finish_reason:
                 return
@@ -310,26 +247,33 @@ def token_sampler(
 
 
 def encode_media(model: Model, inputs: dict, progress=None):
-    """Run the vision tower once over all images and once over all videos of processor output. The
-    features are evaluated here and the tower's freed activations returned to the system, so the
-    decoder's prefill does not hold them too. `progress(Progress)` sees each block."""
+    """Run the vision tower over all images and over all videos of processor output (each in pieces that
+    fit the model's vision budget, `Model.encode_vision`). The features are evaluated here and the tower's
+    freed activations returned to the system, so the decoder's prefill does not hold them too.
+    `progress(Progress)` sees each block of each piece."""
     present = [
         (values, grids)
         for values, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
         if inputs.get(values) is not None
     ]
     blocks = len(model.model.visual.blocks)
+    steps = [len(model.vision_pieces(inputs[grids])) * blocks for _, grids in present]
     features = {}
     for n, (values, grids) in enumerate(present):
 
-        def report(done: int, _, before=n * blocks):
-            progress(Progress("vision", before + done, len(present) * blocks))
+        def report(done: int, _, n=n):
+            progress(Progress("vision", sum(steps[:n]) + done, sum(steps)))
 
         features[values] = model.encode_vision(inputs[values], inputs[grids], report if progress else None)
     if features:
         mx.eval([(e.features, e.deepstack) for e in features.values()])
         mx.clear_cache()
     return features.get("pixel_values"), features.get("pixel_values_videos")
+
+
+def reading(progress):
+    """The processor's `reading(done, total)` reported as `Progress` "reading" (None without `progress`)."""
+    return (lambda done, total: progress(Progress("reading", done, total))) if progress else None
 
 
 def describe(encoded: list, progress) -> None:
@@ -367,6 +311,7 @@ def stream_generate(
     stop: list[str] | str | None = None,
     json_schema=None,
     logprobs: int | None = None,
+    tools: list | None = None,
     prefill_step_size: int | None = None,
     progress=None,
     **processor_options,
@@ -376,7 +321,9 @@ def stream_generate(
     (min_pixels, max_pixels, fps, nframes, ...) go to the processor. `json_schema` (a dict or its JSON
     text; `structured.ANY_OBJECT` for any object): the answer is JSON that follows it. `logprobs` (0 to
     20): each response's `logprobs` holds its token's log-probability and that many most likely
-    alternatives (`TokenLogprobs`)."""
+    alternatives (`TokenLogprobs`). `tools` (function definitions, OpenAI's form): the template offers
+    them, and the calls the model makes come as `tool_calls`. A Thinking model's reasoning comes as
+    `reasoning`, apart from the answer's `text`."""
     # Every option is checked before any media is read or encoded.
     sampling = SamplingOptions(
         temperature=temperature,
@@ -392,11 +339,15 @@ def stream_generate(
     max_tokens, stop = check_max_tokens(max_tokens), check_stop(stop)
     if logprobs is not None:
         LOGPROBS.check(logprobs)
+    if tools:
+        tool_names(tools)
     constraint = None
     if json_schema is not None:
         grammar = check_schema(json_schema)
         constraint = JsonConstraint(grammar, processor.tokenizer, model.config.text_config.vocab_size)
-    inputs, encoded = processor.prepare(prompt, images, videos, **processor_options)
+    inputs, encoded = processor.prepare(
+        prompt, images, videos, tools=tools, reading=reading(progress), **processor_options
+    )
     cache = model.make_cache()
     ids = inputs["input_ids"]
     check_context(model, cache, ids.shape[1], max_tokens)
@@ -418,9 +369,12 @@ def stream_generate(
         progress=progress,
         constraint=constraint,
         logprobs=logprobs,
+        reasoning=processor.thinks,
+        tools=tools,
     )
 
 
-def generate(model: Model, processor, prompt, images=None, videos=None, **options) -> str:
-    """The whole answer as one string; the same arguments as `stream_generate`."""
-    return "".join(r.text for r in stream_generate(model, processor, prompt, images, videos, **options))
+def generate(model: Model, processor, prompt, images=None, videos=None, **options) -> Answer:
+    """The whole answer: its text (a `str`), with `reasoning`, `tool_calls`, `invalid_tool_calls` and
+    `finish_reason` beside it (`answer.Answer`); the same arguments as `stream_generate`."""
+    return Answer.of(list(stream_generate(model, processor, prompt, images, videos, **options)))

@@ -203,7 +203,11 @@ def evaluate(model: Model) -> None:
 
 
 def load(
-    path_or_repo=DEFAULT_MODEL, dtype=None, lazy: bool = False, backend: str | None = None
+    path_or_repo=DEFAULT_MODEL,
+    dtype=None,
+    lazy: bool = False,
+    backend: str | None = None,
+    vision_budget: int | None = None,
 ) -> tuple[Model, Processor]:
     """Load Qwen3-VL as `(model, processor)` from a model directory or a Hugging Face repo id (downloaded
     once into the hub cache): transformers' published layout, a directory written by `convert.py`
@@ -213,7 +217,14 @@ def load(
     runs it on a Mac's GPU) or "cpu" (with the CPU specialisations); None follows MLX's default device,
     and a None dtype then the backend's default (bfloat16 on the GPU, float32 on the CPU; `backend.py`).
     Quantized layers keep their packed weights and, except the embedding's, their stored scales
-    (`in_compute_dtype`)."""
+    (`in_compute_dtype`). vision_budget: bytes the vision tower's activations may take at once (a long
+    video or many images are encoded in pieces that fit it, `Model.encode_vision`); None: an eighth of
+    MLX's memory limit."""
+    if vision_budget is not None and (isinstance(vision_budget, bool) or not isinstance(vision_budget, int)):
+        raise Qwen3VLError(f"vision_budget={vision_budget!r}: must be a number of bytes (an integer)")
+    if vision_budget is not None and vision_budget <= 0:
+        raise Qwen3VLError(f"vision_budget={vision_budget}: must be > 0 bytes")
     path = model_directory(path_or_repo)
     model = load_model(path, dtype, lazy, backend)
+    model.vision_budget = vision_budget
     return model, Processor.from_pretrained(path, model.config)

@@ -7,7 +7,7 @@ The forward contract follows transformers' argument names:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,12 @@ from .config import ModelConfig
 from .errors import Qwen3VLError
 from .language import Positions, TextModel
 from .positions import batch_rope_index
-from .vision import VisionModel
+from .vision import VisionLayout, VisionModel
+
+# The share of MLX's memory limit (`mx.get_memory_limit()`: on a Mac, from the GPU's working set; on other
+# machines, from their memory) the vision tower's activations may take by default: a long video is encoded
+# in pieces that fit it, leaving the rest to the weights, the features and the KV cache.
+VISION_MEMORY_SHARE = 1 / 8
 
 
 class PromptCache(list):
@@ -38,34 +43,47 @@ class PromptCache(list):
 
 
 @dataclass
-class PreparedInput:
-    """A prompt ready for the decoder: embeddings with the vision features in place, absolute 3-D
-    positions, the DeepStack features with the flat positions (in [B * L]) they are added at, and the rope
-    delta the cache has once this input is in it."""
+class PlacedFeatures:
+    """Vision features and the flat prompt positions (in [B * L]) they take, row for row: the merged
+    features replace the placeholder embeddings there, DeepStack level j is added to the output of decoder
+    layer j (SPEC §4.1, §4.5)."""
 
-    embeddings: mx.array  # [B, L, H]
+    index: np.ndarray  # [n] int32
+    features: mx.array  # [n, hidden]
+    deepstack: list[mx.array]  # [n, hidden] each
+
+    def within(self, start: int, end: int) -> PlacedFeatures | None:
+        """The rows placed in positions [start, end), at positions relative to `start` (None if none)."""
+        rows = np.flatnonzero((self.index >= start) & (self.index < end))
+        if len(rows) == 0:
+            return None
+        take = mx.array(rows.astype(np.int32))
+        deepstack = [level[take] for level in self.deepstack]
+        return PlacedFeatures(self.index[rows] - start, self.features[take], deepstack)
+
+
+@dataclass
+class PreparedInput:
+    """A prompt ready for the decoder: its token ids, absolute 3-D positions, the vision features with the
+    positions they take, and the rope delta the cache has once this input is in it. The embeddings are
+    made by `Model.decode` for what it is given, a chunk at a time when prefilling: beyond the features
+    and the KV cache, nothing the size of the whole prompt is ever held."""
+
+    input_ids: mx.array  # [B, L]
     positions: Positions  # [3, B, L] on the host, or the offset of text (language.Positions)
     rope_delta: np.ndarray  # [B]
-    visual_index: np.ndarray | None = None
-    deepstack: list[mx.array] | None = None
+    vision: list[PlacedFeatures] = field(default_factory=list)  # the images', then the videos'
 
     @property
     def length(self) -> int:
-        return self.embeddings.shape[1]
+        return self.input_ids.shape[1]
 
     def chunk(self, start: int, end: int) -> PreparedInput:
         """Positions [start, end) of a single sequence, for prefilling a long prompt piece by piece."""
         positions = self.positions
         positions = positions[:, :, start:end] if isinstance(positions, np.ndarray) else positions + start
-        embeddings = self.embeddings[:, start:end]
-        if self.visual_index is None:
-            return PreparedInput(embeddings, positions, self.rope_delta)
-        rows = np.flatnonzero((self.visual_index >= start) & (self.visual_index < end))
-        if len(rows) == 0:
-            return PreparedInput(embeddings, positions, self.rope_delta)
-        take = mx.array(rows.astype(np.int32))
-        visual_index, deepstack = self.visual_index[rows] - start, [level[take] for level in self.deepstack]
-        return PreparedInput(embeddings, positions, self.rope_delta, visual_index, deepstack)
+        vision = [placed for part in self.vision if (placed := part.within(start, end)) is not None]
+        return PreparedInput(self.input_ids[:, start:end], positions, self.rope_delta, vision)
 
 
 @dataclass
@@ -75,6 +93,19 @@ class VisionFeatures:
 
     features: mx.array
     deepstack: list[mx.array]
+
+
+def _joined_levels(parts: list[list[mx.array]]) -> list[mx.array]:
+    """Per-piece outputs [[features, *deepstack], ...] joined into one array per level, a level at a time,
+    each piece's arrays released once joined: the join holds at most one level twice, not all."""
+    levels = [list(level) for level in zip(*parts, strict=True)]
+    parts.clear()
+    joined = []
+    for level in levels:
+        joined.append(mx.concatenate(level))
+        mx.eval(joined[-1])
+        level.clear()
+    return joined
 
 
 class Qwen3VLModel(nn.Module):
@@ -91,6 +122,9 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3VLModel(config)
+        # Bytes the vision tower's activations may take at once (`vision_pieces`); None: a share of MLX's
+        # memory limit (VISION_MEMORY_SHARE). `load(vision_budget=...)` sets it.
+        self.vision_budget: int | None = None
         if not config.tie_word_embeddings:
             text = config.text_config
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
@@ -102,9 +136,37 @@ class Model(nn.Module):
     def make_cache(self) -> PromptCache:
         return PromptCache([KVCache() for _ in self.layers])
 
+    def vision_pieces(self, grid_thw) -> list[tuple[int, int, VisionLayout]]:
+        """The pieces `encode_vision` encodes one at a time for these grids: as many whole images and
+        temporal groups as `vision_budget` bytes of the tower's activations hold (VisionLayout.split)."""
+        visual = self.model.visual
+        budget = self.vision_budget or mx.get_memory_limit() * VISION_MEMORY_SHARE
+        max_patches = int(budget // visual.activation_bytes_per_patch(visual.patch_embed.proj.weight.dtype))
+        return VisionLayout.from_grid_thw(grid_thw).split(max_patches)
+
     def encode_vision(self, pixel_values, grid_thw, progress=None) -> VisionFeatures:
-        """Run the vision tower on images (or videos) and their grids (`progress`: VisionModel's)."""
-        features, deepstack = self.model.visual(mx.array(pixel_values), grid_thw, progress)
+        """Run the vision tower on images (or videos) and their grids, in `vision_pieces`; where there are
+        several, each is evaluated a block at a time before the next starts, so the tower's memory is that
+        of one piece however many frames a video has. The results are those of one pass, bit for bit.
+        `progress(done, total)` sees the blocks done over all pieces."""
+        pieces = self.vision_pieces(grid_thw)
+        visual = self.model.visual
+        if len(pieces) == 1:
+            features, deepstack = visual(mx.array(pixel_values), grid_thw, progress)
+            return VisionFeatures(features, deepstack)
+        blocks = len(visual.blocks)
+        parts = []
+        for n, (start, end, piece) in enumerate(pieces):
+
+            def report(done: int, _, before=n * blocks):
+                if progress:
+                    progress(before + done, len(pieces) * blocks)
+
+            # Pixel rows go to MLX a piece at a time, too.
+            features, deepstack = visual(mx.array(pixel_values[start:end]), piece.grids, report)
+            mx.eval(features, deepstack)
+            parts.append([features, *deepstack])
+        features, *deepstack = _joined_levels(parts)
         return VisionFeatures(features, deepstack)
 
     def __call__(
@@ -134,28 +196,28 @@ class Model(nn.Module):
         video_grid_thw=None,
         cache: PromptCache | None = None,
     ) -> PreparedInput:
-        """Embed a prompt (vision features already encoded) and give it absolute 3-D positions after
-        what the cache holds. Reads the cache, never changes it: `decode` feeds the prompt (at once or in
-        consecutive chunks) and with it sets the cache's rope delta."""
+        """Give a prompt (vision features already encoded) absolute 3-D positions after what the cache
+        holds, and its vision features the positions of their placeholders. Reads the cache, never changes
+        it: `decode` embeds and feeds the prompt (at once or in consecutive chunks) and with it sets the
+        cache's rope delta."""
         if not isinstance(input_ids, mx.array):
             input_ids = mx.array(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
-        h = self.model.language_model.embed_tokens(input_ids)
-        B, L, _ = h.shape
+        B = input_ids.shape[0]
         offset = cache.offset if cache is not None else 0
         rope_delta = getattr(cache, "rope_delta", np.zeros(B, dtype=np.int64))
         if images is None and videos is None:
             # Text: every axis at the same position, consecutive from where the cache ends.
             if isinstance(offset, mx.array):  # a batch of sequences of their own lengths (BatchKVCache)
-                return PreparedInput(h, offset + mx.array(rope_delta.astype(np.int32)), rope_delta)
+                return PreparedInput(input_ids, offset + mx.array(rope_delta.astype(np.int32)), rope_delta)
             starts = offset + rope_delta
             start = int(starts[0]) if (starts == starts[0]).all() else mx.array(starts.astype(np.int32))
-            return PreparedInput(h, start, rope_delta)
+            return PreparedInput(input_ids, start, rope_delta)
         if cache is not None and not isinstance(cache, PromptCache):
             raise Qwen3VLError("a prompt with images or videos needs a cache made by model.make_cache()")
         ids = np.array(input_ids)
-        h, visual_index, deepstack = self._place_vision(h, ids, images, videos)
+        vision = self._place_vision(ids, images, videos)
         positions, prompt_delta = batch_rope_index(
             ids,
             image_grid_thw if images is not None else None,
@@ -165,16 +227,14 @@ class Model(nn.Module):
             spatial_merge_size=self.config.vision_config.spatial_merge_size,
         )
         positions = positions + offset + rope_delta[None, :, None]
-        return PreparedInput(h, positions, rope_delta + prompt_delta, visual_index, deepstack)
+        return PreparedInput(input_ids, positions, rope_delta + prompt_delta, vision)
 
     def decode(self, prepared: PreparedInput, cache: PromptCache | None = None, last_only: bool = False):
         """Run the decoder over a prepared prompt (or chunk), feeding it to the cache; logits for every
         position, or for the last one only (what generation needs: the vocabulary projection is the
         largest matmul)."""
-        visual_index = None if prepared.visual_index is None else mx.array(prepared.visual_index)
-        h = self.model.language_model(
-            prepared.embeddings, prepared.positions, cache, visual_index, prepared.deepstack
-        )
+        h, visual_index, deepstack = self._embed(prepared)
+        h = self.model.language_model(h, prepared.positions, cache, visual_index, deepstack)
         if isinstance(cache, PromptCache):
             cache.rope_delta = prepared.rope_delta
         if last_only:
@@ -187,12 +247,9 @@ class Model(nn.Module):
         """q/k/v and gate/up of every decoder layer as one matrix each, where the checkpoint allows."""
         self.model.language_model.fuse_projections()
 
-    def _place_vision(self, h, ids: np.ndarray, images, videos):
-        """Write vision features over their placeholder embeddings; return the flat placeholder positions
-        and the DeepStack features in the same order (SPEC §4.1)."""
-        B, L, H = h.shape
-        flat = h.reshape(B * L, H)
-        indices, deepstack_parts = [], []
+    def _place_vision(self, ids: np.ndarray, images, videos) -> list[PlacedFeatures]:
+        """Each kind's features with the flat positions of its placeholder tokens (SPEC §4.1)."""
+        placed = []
         for kind, token_id, encoded in (
             ("image", self.config.image_token_id, images),
             ("video", self.config.video_token_id, videos),
@@ -205,14 +262,23 @@ class Model(nn.Module):
                     f"the prompt has {len(index)} {kind} tokens but the {kind}s give "
                     f"{encoded.features.shape[0]} features; expand each placeholder to its token count"
                 )
-            flat[mx.array(index.astype(np.int32))] = encoded.features.astype(h.dtype)
-            indices.append(index.astype(np.int32))
-            deepstack_parts.append(encoded.deepstack)
-        visual_index = np.concatenate(indices)
-        deepstack = [
-            mx.concatenate(level) if len(level) > 1 else level[0]
-            for level in zip(*deepstack_parts, strict=True)
-        ]
+            placed.append(PlacedFeatures(index.astype(np.int32), encoded.features, encoded.deepstack))
+        return placed
+
+    def _embed(self, prepared: PreparedInput):
+        """The token embeddings of a prepared input with its vision features written over their
+        placeholders, and the flat positions and DeepStack features the decoder adds, in one order."""
+        h = self.model.language_model.embed_tokens(prepared.input_ids)
+        if not prepared.vision:
+            return h, None, None
+        B, L, H = h.shape
+        flat = h.reshape(B * L, H)
+        for part in prepared.vision:
+            flat[mx.array(part.index)] = part.features.astype(h.dtype)
+        parts = prepared.vision
+        visual_index = mx.array(np.concatenate([part.index for part in parts]))
+        levels = zip(*(part.deepstack for part in parts), strict=True)
+        deepstack = [mx.concatenate(level) if len(parts) > 1 else level[0] for level in levels]
         return flat.reshape(B, L, H), visual_index, deepstack
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from transformers import AutoTokenizer
 from .config import ModelConfig
 from .errors import Qwen3VLError
 from .image import PatchSettings, image_from_base64, image_patches, load_image, patchify
+from .reasoning import opens_reasoning
 from .video import VideoOptions, load_video
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -139,9 +141,9 @@ PART_TYPES = ("text", *MEDIA_TYPES)
 
 
 def normalize_messages(messages_or_text, images=(), videos=()) -> list[dict]:
-    """Messages as a list of dicts with list content, every field checked. A plain string becomes one user
-    message holding the given images, then videos, then the text; a bare string in a content list is a
-    text part."""
+    """Messages as a list of dicts, every field checked; content a string, None or a list of parts
+    (`content_parts` gives the list). A plain string becomes one user message holding the given images,
+    then videos, then the text; a bare string in a content list is a text part."""
     if isinstance(messages_or_text, str):
         content = [{"type": "image"} for _ in images or []] + [{"type": "video"} for _ in videos or []]
         return [{"role": "user", "content": content + [{"type": "text", "text": messages_or_text}]}]
@@ -153,6 +155,8 @@ def normalize_messages(messages_or_text, images=(), videos=()) -> list[dict]:
 
 
 def _checked_message(number: int, message: dict) -> dict:
+    """The message with its content checked. A string (or None, as OpenAI's assistant turns with tool
+    calls have) stays as it is: the templates tell an empty content from an empty list of parts."""
     where = f"message {number}"
     role = message.get("role")
     if role not in ROLES:
@@ -160,13 +164,21 @@ def _checked_message(number: int, message: dict) -> dict:
         raise Qwen3VLError(f"{where} {problem}: must be one of {', '.join(ROLES)}")
     content = message.get("content")
     if isinstance(content, str) or content is None:
-        content = [{"type": "text", "text": content or ""}]
+        return message
     if not isinstance(content, (list, tuple)):
         raise Qwen3VLError(
             f"{where}: content must be a string or a list of parts, got {type(content).__name__}"
         )
     parts = [_checked_part(f"{where}, part {k}", part) for k, part in enumerate(content, start=1)]
     return {**message, "content": parts}
+
+
+def content_parts(message: dict) -> list[dict]:
+    """A normalized message's content as a list of parts."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return content
+    return [{"type": "text", "text": content or ""}]
 
 
 def _checked_part(where: str, part) -> dict:
@@ -189,7 +201,7 @@ def _checked_part(where: str, part) -> dict:
 def media_parts(messages: list[dict]) -> Iterator[tuple[str, dict]]:
     """(kind, part) of every image and video part of normalized messages, in prompt order."""
     for message in messages:
-        for part in message["content"]:
+        for part in content_parts(message):
             kind = media_kind(part)
             if kind is not None:
                 yield kind, part
@@ -257,7 +269,11 @@ class Processor:
             raise Qwen3VLError(f"{path}: no tokenizer (tokenizer.json) in the model directory")
         image = _read_json(path / "preprocessor_config.json")
         video = _read_json(path / "video_preprocessor_config.json") or image
+        # chat_template.json as published, or the .jinja file newer transformers write; without either,
+        # the tokenizer's own (tokenizer_config.json).
         template = _read_json(path / "chat_template.json").get("chat_template")
+        if template is None and (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
         generation = _read_json(path / "generation_config.json")
         # Every end-of-turn id of generation_config.json stops generation (<|im_end|> and <|endoftext|>).
         eos = generation.get("eos_token_id")
@@ -283,9 +299,10 @@ class Processor:
         return encoded
 
     def encode_video(
-        self, source, options: VideoOptions | None = None, fps: float | None = None
+        self, source, options: VideoOptions | None = None, fps: float | None = None, reading=None
     ) -> EncodedMedia:
-        video = load_video(source, options, fps=fps)
+        """`reading(done, total)` sees each kept frame of a file as it is read (`load_video`)."""
+        video = load_video(source, options, fps=fps, progress=reading)
         settings = self.video_settings
         pixels, grid = patchify(video.frames, settings)
         encoded = EncodedMedia(pixels, grid, video.group_timestamps(settings.temporal_patch_size))
@@ -300,7 +317,7 @@ class Processor:
         tokens = t * media.tokens_per_group(self.image_settings.merge_size)
         return f"{w * patch}x{h * patch} pixels, {tokens:,} tokens"
 
-    def encode_media(self, kind: str, source, options: dict) -> EncodedMedia:
+    def encode_media(self, kind: str, source, options: dict, reading=None) -> EncodedMedia:
         if kind == "image":
             unknown = set(options) - {"min_pixels", "max_pixels"}
             if unknown:
@@ -312,19 +329,29 @@ class Processor:
             raise Qwen3VLError(
                 f"unknown video option {sorted(unknown)[0]!r} ({', '.join(sorted(VIDEO_OPTION_NAMES))})"
             )
-        return self.encode_video(source, VideoOptions(**options), fps=fps)
+        return self.encode_video(source, VideoOptions(**options), fps=fps, reading=reading)
 
     def encode_all(
-        self, media: list[tuple[str, object, dict]], options: dict
+        self, media: list[tuple[str, object, dict]], options: dict, reading=None
     ) -> list[tuple[str, EncodedMedia]]:
         """Encode `collect_media` output; `options` apply to every image (min_pixels, max_pixels) or video
-        (VideoOptions) unless the part sets its own."""
+        (VideoOptions) unless the part sets its own. `reading`: `encode_video`'s."""
         defaults = media_defaults(options)
         return [
-            (kind, self.encode_media(kind, source, {**defaults[kind], **own})) for kind, source, own in media
+            (kind, self.encode_media(kind, source, {**defaults[kind], **own}, reading))
+            for kind, source, own in media
         ]
 
     # ---- text ----
+
+    @cached_property
+    def thinks(self) -> bool:
+        """Whether the template opens the answer inside a reasoning block (a Thinking model)."""
+        try:
+            prompt = self.render([{"role": "user", "content": "?"}], add_generation_prompt=True)
+        except Qwen3VLError:
+            return False
+        return opens_reasoning(prompt)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
         """The chat template's text, one placeholder per image / video."""
@@ -392,14 +419,16 @@ class Processor:
         add_generation_prompt: bool = True,
         tools: list | None = None,
         add_vision_id: bool = False,
+        reading=None,
         **options,
     ) -> tuple[dict, list[tuple[str, EncodedMedia]]]:
         """The model's inputs (`__call__`'s) and each image and video as encoded, with what it became.
         Options apply to every image (min_pixels, max_pixels) and video (fps, nframes, min_pixels,
-        max_pixels, total_pixels, video_start, video_end); a media part's own keys take precedence."""
+        max_pixels, total_pixels, video_start, video_end); a media part's own keys take precedence.
+        `reading(done, total)` sees each kept frame of a video file as it is read."""
         images, videos = media_arguments(images, videos)
         messages = normalize_messages(messages_or_text, images, videos)
-        encoded = self.encode_all(collect_media(messages, images, videos), options)
+        encoded = self.encode_all(collect_media(messages, images, videos), options, reading)
         kwargs = {"add_vision_id": add_vision_id} | ({"tools": tools} if tools else {})
         text = self.render(messages, add_generation_prompt, **kwargs)
         ids = self.tokenize(text, encoded)
@@ -419,14 +448,16 @@ def media_defaults(options: dict) -> dict[str, dict]:
 
 
 def stack_media(encoded: list[tuple[str, EncodedMedia]]) -> dict:
-    """Concatenate the pixel rows and grids of all images and of all videos, in prompt order."""
+    """Concatenate the pixel rows and grids of all images and of all videos, in prompt order (a single
+    one's rows as they are: a long video's are large)."""
     out = {}
     for kind, values, grids in (
         ("image", "pixel_values", "image_grid_thw"),
         ("video", "pixel_values_videos", "video_grid_thw"),
     ):
         items = [m for k, m in encoded if k == kind]
-        out[values] = np.concatenate([m.pixel_values for m in items]) if items else None
+        rows = [m.pixel_values for m in items]
+        out[values] = (rows[0] if len(rows) == 1 else np.concatenate(rows)) if items else None
         out[grids] = np.array([m.grid_thw for m in items], dtype=np.int64) if items else None
     return out
 

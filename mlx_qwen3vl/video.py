@@ -12,6 +12,7 @@ OpenCV (or takes a list of frames) and keeps only the planned frames, already re
 
 from __future__ import annotations
 
+import bisect
 import math
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
@@ -34,8 +35,12 @@ FRAME_MIN_PIXELS = 128 * FACTOR * FACTOR
 FRAME_MAX_PIXELS = 768 * FACTOR * FACTOR
 TOTAL_PIXELS = 128000 * FACTOR * FACTOR * 0.9  # its MODEL_SEQ_LEN default, 90% of it for the video
 
-# Beyond this many frames to skip, seeking (decode from the previous keyframe) beats grabbing every frame;
-# 250 is x264's default keyframe interval.
+# Skipping frames: grab() decodes each one; OpenCV's seek decodes forward from the last keyframe at or
+# before its target minus SEEK_LEAD frames (cap_ffmpeg_impl.hpp, `seek`), after flushing the decoder and
+# finding the keyframe, which cost about as much as decoding a few frames (SEEK_COST_FRAMES). Where the
+# keyframes are unknown, SEEK_GAP is the longest common keyframe interval (x264's default).
+SEEK_LEAD = 16
+SEEK_COST_FRAMES = 8
 SEEK_GAP = 250
 
 
@@ -205,25 +210,28 @@ class Video:
         ]
 
 
-def load_video(source, options: VideoOptions | None = None, *, fps: float | None = None) -> Video:
+def load_video(
+    source, options: VideoOptions | None = None, *, fps: float | None = None, progress=None
+) -> Video:
     """A video file (path; decoded with OpenCV), sampled and resized per `options`, or a list of frames (PIL
     images or HxWx3 uint8 arrays). `fps` is the source frame rate: for a file it overrides the
     container's; a frame list is shown at that rate (default LIST_FPS). A list is taken as already
     sampled, as qwen-vl-utils takes it: every frame kept, an odd count padded with the last frame, unless
-    `options` ask for sampling (fps, nframes, video_start, video_end)."""
+    `options` ask for sampling (fps, nframes, video_start, video_end). `progress(done, total)` sees each
+    kept frame of a file as it is read (an hour-long file takes a while)."""
     options = options or VideoOptions()
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not fps > 0):
         raise Qwen3VLError(f"source fps={fps!r}: must be a number > 0")
     if isinstance(source, (list, tuple)):
         return _load_frame_list(source, options, fps)
     if isinstance(source, (str, Path)):
-        return _load_file(source, options, fps)
+        return _load_file(source, options, fps, progress)
     raise Qwen3VLError(
         f"unsupported video input of type {type(source).__name__}: give a file path or a list of frames"
     )
 
 
-def _load_file(source: str | Path, options: VideoOptions, fps: float | None) -> Video:
+def _load_file(source: str | Path, options: VideoOptions, fps: float | None, progress=None) -> Video:
     text = str(source)
     if text.startswith(("http://", "https://")):
         raise Qwen3VLError(f"{text}: video URLs are not supported; download the file and pass its path")
@@ -250,7 +258,8 @@ def _load_file(source: str | Path, options: VideoOptions, fps: float | None) -> 
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         plan = _plan(str(path), total_frames, source_fps, height, width, options)
-        video = _collect(str(path), _decode(capture, plan.indices), plan, source_fps)
+        decoded = _decode(capture, plan.indices, _keyframes(path) if _may_seek(plan.indices) else None)
+        video = _collect(str(path), decoded, plan, source_fps, progress=progress)
         video.source_size = (width, height)
         return video
     finally:
@@ -276,17 +285,53 @@ def _count_frames(path: Path) -> int:
         capture.release()
 
 
-def _decode(capture: cv2.VideoCapture, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """(index, RGB frame) for each planned index, reading forward: skipped frames are only grabbed (decoded,
-    never converted or copied out) or, across long gaps, seeked over. Stops quietly where the stream ends."""
+def _may_seek(indices: Sequence[int]) -> bool:
+    """Whether a gap between planned frames is long enough for a seek to pay (then the keyframes are worth
+    knowing)."""
+    return bool(np.diff([0, *indices]).max() > SEEK_LEAD + SEEK_COST_FRAMES)
+
+
+def _keyframes(path: Path) -> list[int] | None:
+    """Indices of the video's keyframes, from its packets alone (OpenCV's raw mode: read, never decoded,
+    a small part of the time decoding takes). None where the backend cannot tell (raw mode is FFmpeg's)."""
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_FORMAT, -1])
+    try:
+        keyframes, index = [], 0
+        while capture.isOpened() and capture.grab():
+            if capture.get(cv2.CAP_PROP_LRF_HAS_KEY_FRAME) > 0:
+                keyframes.append(index)
+            index += 1
+        return keyframes or None
+    finally:
+        capture.release()
+
+
+def _seek_pays(keyframes: list[int] | None, position: int, index: int) -> bool:
+    """Whether seeking to frame `index` decodes fewer frames than grabbing forward from `position`.
+    OpenCV's seek decodes forward from the last keyframe at or before index - SEEK_LEAD; it pays when that
+    keyframe lies beyond `position` by more than a seek's own cost. Without the keyframes, only a gap
+    longer than the longest common keyframe interval is sure to hold one."""
+    if keyframes is None:
+        return index - position > SEEK_GAP
+    landing = bisect.bisect_right(keyframes, index - SEEK_LEAD) - 1
+    return landing >= 0 and keyframes[landing] - position > SEEK_COST_FRAMES
+
+
+def _decode(
+    capture: cv2.VideoCapture, indices: Sequence[int], keyframes: list[int] | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB frame) for each planned index, reading forward: skipped frames are grabbed (decoded,
+    never converted or copied out) or, where a keyframe lets a seek decode fewer of them (`_seek_pays`),
+    seeked over. Stops quietly where the stream ends."""
     position, rgb = 0, None  # index of the frame the next grab() returns; the last frame kept
     for index in indices:
         if index < position:  # a repeated index: only past 2**22 frames, where float32 points are coarse
             yield index, rgb
             continue
-        if index - position > SEEK_GAP and capture.set(cv2.CAP_PROP_POS_FRAMES, index):
-            # OpenCV decodes from the previous keyframe up to the frame asked for; its own count of where
-            # it is now is the truth from here on (short of the target: grab forward).
+        if _seek_pays(keyframes, position, index) and capture.set(cv2.CAP_PROP_POS_FRAMES, index):
+            # OpenCV's own count of where it is now is the truth from here on (short of the target: grab
+            # forward). It numbers frames by their timestamps: at a constant frame rate, the numbers of a
+            # sequential decode (tests/test_video.py compares the two).
             position = int(capture.get(cv2.CAP_PROP_POS_FRAMES))
             if position > index:
                 return  # overshot: a broken index or a stream shorter than its metadata
@@ -364,6 +409,7 @@ def _collect(
     plan: FramePlan,
     source_fps: float,
     pad_next: bool = False,
+    progress=None,
 ) -> Video:
     """Resize each kept frame into the output as it arrives: only kept frames are ever held, once. A stream
     that ends early keeps what it gave (at least 2 frames of a file); an odd count repeats the last
@@ -374,6 +420,8 @@ def _collect(
     for index, rgb in decoded:
         frames[len(indices)] = resize_rgb(rgb, plan.height, plan.width)
         indices.append(index)
+        if progress:
+            progress(len(indices), len(plan.indices))
     if len(indices) < (1 if pad_next else 2):
         what = "no readable video frames" if not indices else "only 1 readable frame"
         raise Qwen3VLError(

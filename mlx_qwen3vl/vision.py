@@ -87,6 +87,27 @@ class VisionLayout:
         only within itself (SPEC §3.5); consecutive equal segments are batched into one call."""
         return [(length, count) for length, count, _ in self.run_grids()]
 
+    def split(self, max_patches: int) -> list[tuple[int, int, VisionLayout]]:
+        """Consecutive pieces of at most `max_patches` patches (at least one attention segment each: an
+        image, or one temporal group of a video), as (first row, end row, layout). A video is cut between
+        its temporal groups. Every patch depends only on its own segment, so the pieces encoded one after
+        the other give the rows of one pass over the whole."""
+        pieces, grids, size, start = [], [], 0, 0
+        for t, h, w in self.grids:
+            segment = h * w
+            while t:
+                count = min(t, max(max_patches - size, 0) // segment)
+                if count == 0 and size:  # full: close this piece
+                    pieces.append((start, start + size, VisionLayout(grids)))
+                    grids, start, size = [], start + size, 0
+                    continue
+                count = max(count, 1)  # a segment larger than the budget goes alone, whole
+                grids.append((count, h, w))
+                size, t = size + count * segment, t - count
+        if grids:
+            pieces.append((start, start + size, VisionLayout(grids)))
+        return pieces
+
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and rounded once, as PyTorch does for bfloat16 (SPEC §6.2); MLX's
@@ -279,6 +300,15 @@ class VisionModel(nn.Module):
                 mx.eval(x, deepstack)
                 progress(i + 1, len(self.blocks))
         return self.merger(x), deepstack
+
+    def activation_bytes_per_patch(self, dtype: mx.Dtype) -> int:
+        """An upper estimate of the memory one patch's activations take while a block is evaluated: the
+        residual stream and the attention's tensors (about 12 of the width: qkv, q and k rotated in
+        float32, the output and its copies) and the MLP's hidden layer with its activation (2 of its width),
+        and the float32 pixel row twice (as given and in MLX)."""
+        config = self.config
+        pixel_row = 4 * config.in_channels * config.temporal_patch_size * config.patch_size**2
+        return dtype.size * (12 * config.hidden_size + 2 * config.intermediate_size) + 2 * pixel_row
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array], channels_last: bool = False) -> dict[str, mx.array]:

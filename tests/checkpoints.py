@@ -13,6 +13,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 DATA = Path(__file__).parent / "data" / "qwen3-vl-4b-instruct"
+THINKING_TEMPLATE = Path(__file__).parent / "data" / "qwen3-vl-thinking" / "chat_template.json"
 
 # Overrides of the published 4B config. Head dims stay at the real 128 (text) and 64 (vision) so the
 # exact rope tables are exercised; widths are small so the whole suite runs in minutes on a CPU.

@@ -7,6 +7,7 @@ torch and transformers are imported unconditionally: a missing reference fails t
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import mlx_qwen3vl  # noqa: F401  (first: loads the system OpenBLAS before mlx.c
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoints import TINY, build_checkpoint, reference_model  # noqa: E402
+from checkpoints import THINKING_TEMPLATE, TINY, build_checkpoint, reference_model  # noqa: E402
 from prompts import make_prompts  # noqa: E402
 
 torch.set_num_threads(2)
@@ -41,6 +42,27 @@ def tiny_f32(tiny_checkpoint):
     from mlx_qwen3vl import load
 
     return load(tiny_checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_thinking(tiny_checkpoint, checkpoint_root) -> Path:
+    """The tiny checkpoint as a Thinking model: the same files (weights linked), with the Qwen3-VL
+    Thinking chat template (tests/data/qwen3-vl-thinking) in place of the Instruct one."""
+    target = checkpoint_root / "tiny-thinking"
+    target.mkdir()
+    for file in tiny_checkpoint.iterdir():
+        (target / file.name).symlink_to(file)
+    (target / "chat_template.json").unlink()
+    shutil.copy(THINKING_TEMPLATE, target / "chat_template.json")
+    return target
+
+
+@pytest.fixture(scope="session")
+def thinking_f32(tiny_thinking):
+    """Our model and processor on the Thinking variant of the tiny checkpoint, in float32."""
+    from mlx_qwen3vl import load
+
+    return load(tiny_thinking, dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ the package run in this process with the same options and dtype (the per-backend
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import pty
 import re
@@ -19,6 +20,7 @@ import sys
 import termios
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -91,6 +93,43 @@ def test_piped_question_with_an_image(tiny_checkpoint, tiny_bf16, red_image, tmp
     assert result.stdout == expected + "\n"
     # --min-pixels reached the processor: the 64x48 image becomes 64x64 (4 image tokens), not 320x224 (70).
     assert expected != generate(*tiny_bf16, question, **options)
+
+
+def test_a_thinking_models_reasoning_is_shown_first_or_hidden(tiny_thinking, tmp_path):
+    expected = generate(*load(tiny_thinking), "Hi", max_tokens=5, temperature=0)
+    assert expected == "" and expected.reasoning  # the random model never closes its reasoning
+    shown = run_chat(tmp_path, "--model", str(tiny_thinking), "--prompt", "Hi", *GREEDY)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == expected.reasoning + "\n"  # not a terminal: not dimmed
+    hidden = run_chat(tmp_path, "--model", str(tiny_thinking), "--prompt", "Hi", "--hide-thinking", *GREEDY)
+    assert hidden.stdout == "\n"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "stream, hide, stop_in_reasoning, printed",
+    [
+        (Terminal, False, False, "\033[2mTwo cats.\033[0m\n\nThere are two."),
+        (io.StringIO, False, False, "Two cats.\n\nThere are two."),
+        (Terminal, True, False, "There are two."),
+        (Terminal, False, True, "\033[2mTwo cats.\033[0m"),  # stopped while reasoning: back to normal
+    ],
+)
+def test_reasoning_is_printed_dimmed_before_the_answer(monkeypatch, stream, hide, stop_in_reasoning, printed):
+    monkeypatch.syspath_prepend(str(ROOT))
+    import chat
+
+    pieces = [("Two", ""), (" cats.", ""), ("", "There"), ("", " are two.")]
+    out = stream()
+    printer = chat.AnswerPrinter(hide, out)
+    for reasoning, text in pieces[:2] if stop_in_reasoning else pieces:
+        printer(SimpleNamespace(reasoning=reasoning, text=text))
+    printer.close()
+    assert out.getvalue() == printed
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -324,3 +363,28 @@ def test_a_large_photo_is_described_and_ctrl_c_stops_its_encoding(terminal, tiny
     chat.expect(r"(?s)Hi\n+ ?\S.*\n> \Z")  # the conversation goes on: an answer, then the prompt
     chat.send(b"\x04")
     assert chat.exit_code() == 0
+
+
+def test_the_progress_line_shows_a_video_being_read_then_clears_it_for_what_it_became():
+    """A long video file takes a while to read: on a terminal its frames are counted on one line, which
+    is cleared before the line saying what the video became."""
+    import importlib.util
+
+    from mlx_qwen3vl.generation import Progress
+
+    spec = importlib.util.spec_from_file_location("chat_cli", ROOT / "chat.py")
+    chat_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat_cli)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    line = chat_cli.ProgressLine(stream)
+    line.start -= line.DELAY  # as if reading had gone on for a moment
+    line(Progress("reading", 3, 768))
+    line(Progress("media", 1, 1, "video, 768 frames of 1280x720 -> ..."))
+    assert stream.getvalue() == (
+        "\r\033[Kreading the video: frame 3/768\r\033[Kvideo, 768 frames of 1280x720 -> ...\n"
+    )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripted import script
 from transformers import GenerationConfig
 
 from mlx_qwen3vl import ChatSession, Qwen3VLError, generate, stream_generate
@@ -220,22 +221,12 @@ def test_interrupted_answer_keeps_the_session_consistent(tiny_f32):
     assert session.cache.offset == len(session.tokens)
 
 
-class Scripted:
-    """A sampler that emits fixed tokens, to exercise the detokenizer on known text."""
-
-    def __init__(self, tokens):
-        self.tokens = list(tokens)
-
-    def __call__(self, logprobs):
-        return mx.array([self.tokens.pop(0) if self.tokens else 151645])
-
-
 TEXT = "你好，世界！🙂👍🏽 naïve café — ok"
 
 
 def scripted_answer(model, processor, monkeypatch, text, **options):
     tokens = processor.tokenizer.encode(text)
-    monkeypatch.setattr(SamplingOptions, "sampler", lambda self: Scripted(tokens))
+    script(monkeypatch, tokens)
     responses = list(stream_generate(model, processor, "Say it.", max_tokens=len(tokens) + 2, **options))
     return tokens, responses
 
@@ -331,7 +322,7 @@ def test_unset_sampling_options_come_from_generation_config(tiny_f32):
 def test_every_end_of_turn_id_stops(tiny_f32, monkeypatch, end_of_turn):
     model, processor = tiny_f32
     tokens = processor.tokenizer.encode("Hello") + [end_of_turn]
-    monkeypatch.setattr(SamplingOptions, "sampler", lambda self: Scripted(tokens))
+    script(monkeypatch, tokens)
     responses = list(stream_generate(model, processor, "Hi", max_tokens=20))
     assert "".join(r.text for r in responses) == "Hello"
     assert responses[-1].finish_reason == "stop" and responses[-1].token == end_of_turn

@@ -284,3 +284,32 @@ def test_a_prompt_chunk_holds_no_layers_products_past_the_layer(tiny_gpu_path):
     kv_bytes = 2 * config.num_key_value_heads * 512 * config.head_dim * 4
     qkv_bytes = 512 * (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim * 4
     assert growth < kv_bytes + qkv_bytes / 2
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_prefill_in_chunks_holds_only_the_features_and_embeds_a_chunk_at_a_time(
+    backend, backends, prompts, reference_logits, monkeypatch
+):
+    """A long prompt in chunks of 8 tokens: the prepared prompt holds the vision features as encoded (no
+    copy) and no embeddings; each chunk's embeddings are made when it is fed, with its own features and
+    DeepStack rows in place; the last logits are transformers'."""
+    from mlx_qwen3vl.generation import prefill
+
+    model, prompt = backends[backend], prompts["image_and_video"]
+    inputs = prompt.mlx_inputs()
+    images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+    videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    fed = []
+    embedding = type(model.model.language_model.embed_tokens)
+    embed = embedding.__call__
+    monkeypatch.setattr(embedding, "__call__", lambda self, ids: fed.append(ids.shape[1]) or embed(self, ids))
+    cache = model.make_cache()
+    prepared = model.prepare(
+        prompt.input_ids, images, inputs["image_grid_thw"], videos, inputs["video_grid_thw"], cache
+    )
+    placed = [part.features for part in prepared.vision]
+    assert placed[0] is images.features and placed[1] is videos.features  # the encoder's arrays, no copy
+    logits = prefill(model, prepared, cache, step_size=8)
+    length = prompt.input_ids.shape[1]
+    assert fed == [8] * (length // 8) + ([length % 8] if length % 8 else [])
+    assert relative_max_diff(logits[None], reference_logits["image_and_video"][:, -1:]) < TOLERANCE

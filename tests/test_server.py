@@ -25,8 +25,10 @@ import openai
 import pytest
 import uvicorn
 from PIL import Image
+from scripted import say
 
 from mlx_qwen3vl import generate, load, stream_generate
+from mlx_qwen3vl.processor import normalize_messages
 from mlx_qwen3vl.serving.app import create_app
 from mlx_qwen3vl.serving.engine import Engine
 from mlx_qwen3vl.serving.media import MediaPolicy
@@ -314,6 +316,116 @@ def test_json_schema_and_json_object_answers_parse(server):
     assert text.startswith("{")  # cut by max_tokens, but JSON from the first token
 
 
+# ---- tool calls and reasoning ---------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALLS = (
+    "I will check both.\n"
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"}}\n</tool_call>'
+)
+
+
+def test_tool_calls_come_back_in_openais_shape(server, local, monkeypatch):
+    say(monkeypatch, local[1].tokenizer, CALLS)
+    messages = [user("Weather in Zürich and Bern?")]
+    response = server.client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], max_tokens=80
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "I will check both."
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("function", "get_weather", {"city": "Zürich"}),
+        ("function", "get_weather", {"city": "Bern"}),
+    ]
+    assert len({c.id for c in calls}) == 2
+    # The tools were in the prompt: the template's tool section is counted.
+    assert response.usage.prompt_tokens == len(local[1](messages, tools=[WEATHER])["input_ids"][0])
+
+    # The calls sent back (arguments as JSON text) with their results: the conversation goes on.
+    say(monkeypatch, local[1].tokenizer, "Rain in both.")
+    results = [{"role": "tool", "tool_call_id": c.id, "content": "rain"} for c in calls]
+    assistant = choice.message.model_dump(exclude_none=True)
+    follow_up = messages + [assistant] + results
+    answer = server.client.chat.completions.create(
+        model="tiny", messages=follow_up, tools=[WEATHER], max_tokens=80
+    )
+    assert answer.choices[0].message.content == "Rain in both."
+    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+    expected = local[1](normalize_messages(follow_up), tools=[WEATHER])["input_ids"][0]
+    assert answer.usage.prompt_tokens == len(expected)
+
+
+def test_streamed_tool_calls_come_as_delta_tool_calls_and_no_markup_leaks(server, local, monkeypatch):
+    say(monkeypatch, local[1].tokenizer, CALLS)
+    chunks = list(
+        server.client.chat.completions.create(
+            model="tiny", messages=[user("Weather?")], tools=[WEATHER], max_tokens=80, stream=True
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    contents = [d.content for d in deltas if d.content]
+    assert "".join(contents) == "I will check both."
+    assert not any("<" in c for c in contents)  # no part of <tool_call> was ever shown
+    calls = [t for d in deltas for t in d.tool_calls or []]
+    assert [(t.index, t.function.name, json.loads(t.function.arguments)) for t in calls] == [
+        (0, "get_weather", {"city": "Zürich"}),
+        (1, "get_weather", {"city": "Bern"}),
+    ]
+    assert all(t.id.startswith("call_") and t.type == "function" for t in calls)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_malformed_call_stays_in_the_content(server, local, monkeypatch):
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bern"\n</tool_call>'
+    say(monkeypatch, local[1].tokenizer, bad)
+    response = server.client.chat.completions.create(
+        model="tiny", messages=[user("Weather?")], tools=[WEATHER], max_tokens=80
+    )
+    choice = response.choices[0]
+    assert choice.message.content == bad and not choice.message.tool_calls
+    assert choice.finish_reason == "stop"
+
+
+def test_tool_choice_none_offers_no_tools_and_parses_nothing(server, local, monkeypatch):
+    say(monkeypatch, local[1].tokenizer, CALLS)
+    messages = [user("Weather?")]
+    response = server.client.chat.completions.create(
+        model="tiny", messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=80
+    )
+    assert response.choices[0].message.content == CALLS and not response.choices[0].message.tool_calls
+    assert response.usage.prompt_tokens == len(local[1](messages)["input_ids"][0])
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tiny_thinking):
+    s = Server(tiny_thinking)
+    yield s
+    s.close()
+
+
+def test_a_thinking_models_reasoning_comes_as_reasoning_content(thinking_server, local, monkeypatch):
+    say(monkeypatch, local[1].tokenizer, "Two cats, no dogs.\n</think>\n\nTwo cats.")
+    options = {"model": "tiny", "messages": [user("Cats?")], "max_tokens": 60}
+    message = thinking_server.client.chat.completions.create(**options).choices[0].message
+    assert message.content == "Two cats." and message.reasoning_content == "Two cats, no dogs."
+    chunks = list(thinking_server.client.chat.completions.create(**options, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = [getattr(d, "reasoning_content", None) or "" for d in deltas]
+    assert "".join(reasoning) == "Two cats, no dogs."
+    assert "".join(d.content or "" for d in deltas) == "Two cats."
+    assert not any(r and d.content for r, d in zip(reasoning, deltas, strict=True))  # one part per piece
+
+
 # ---- bad requests -------------------------------------------------------------------------------------
 
 
@@ -352,6 +464,8 @@ def post(server, body, raw: bool = False) -> tuple[int, dict]:
         ({"messages": [user("Hi")], "logprobs": "yes"}, "logprobs='yes': must be true or false"),
         ({"messages": [user("Hi")], "top_logprobs": 2}, "top_logprobs needs logprobs: true"),
         ({"messages": [user("Hi")], "logprobs": True, "top_logprobs": 21}, "top_logprobs=21 is out of range"),
+        ({"messages": [user("Hi")], "tools": [WEATHER], "tool_choice": "required"}, "tool_choice='required'"),
+        ({"messages": [user("Hi")], "tools": [{"type": "function"}]}, "tools item 1"),
     ],
     ids=lambda v: str(v)[:40],
 )  # fmt: skip

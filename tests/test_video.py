@@ -378,7 +378,9 @@ def counting(monkeypatch):
     def install(properties=None, frames_in_stream=None, seek=None):
         made = []
 
-        def make(path):
+        def make(path, *raw_mode):
+            if raw_mode:  # the keyframe scan reads packets only: not counted
+                return _REAL_CAPTURE(path, *raw_mode)
             made.append(_CountingCapture(path, properties, frames_in_stream, seek))
             return made[-1]
 
@@ -413,6 +415,85 @@ def test_a_seek_that_is_refused_or_lands_short_still_gives_the_right_frames(long
     video = load_video(long_clip, VideoOptions(nframes=4))
     assert [_read_number(f) for f in video.frames] == [0, 666, 1333, 1999]
     assert made[0].grabs == grabs
+
+
+def _write_h264(path, frames: int, fps: int, keyint: int) -> str:
+    """H.264 (x264 through PyAV, which qwen-vl-utils brings) with B-frames and a keyframe every `keyint`
+    frames: the long keyframe intervals of camera and web video, which OpenCV's writers cannot make."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        params = f"keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes=3"
+        stream = container.add_stream("libx264", rate=fps, options={"x264-params": params})
+        stream.width, stream.height, stream.pix_fmt = COLS * BLOCK, ROWS * BLOCK, "yuv420p"
+        for number in range(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(_coded_frame(number), format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def h264_clip(tmp_path_factory) -> str:
+    """600 frames (20 s) at 30 fps, H.264 in .mp4, a keyframe every 100 frames."""
+    return _write_h264(tmp_path_factory.mktemp("video") / "h264.mp4", 600, 30, 100)
+
+
+@pytest.fixture(scope="module")
+def mp4v_clip(tmp_path_factory) -> str:
+    """600 frames at 30 fps, mp4v in .mp4 (OpenCV's writer: a keyframe every 12 frames)."""
+    return _write_video(tmp_path_factory.mktemp("video") / "mp4v.mp4", 600, 30.0, "mp4v")
+
+
+def test_keyframes_are_read_from_the_packets(h264_clip, mp4v_clip, long_clip):
+    assert video_module._keyframes(h264_clip) == [0, 100, 200, 300, 400, 500]
+    mp4v = video_module._keyframes(mp4v_clip)
+    assert mp4v[0] == 0 and max(np.diff(mp4v)) <= 12 and len(mp4v) >= 50
+    assert video_module._keyframes(long_clip) == list(range(2000))  # MJPG: every frame
+
+
+def test_a_seek_pays_only_past_a_keyframe_ahead_of_the_reading():
+    """OpenCV's seek to frame i decodes from the last keyframe at or before i - 16: worth it only when that
+    keyframe lies more than a seek's own cost beyond the frame sequential reading is at."""
+    pays = video_module._seek_pays
+    every_12, every_250 = list(range(0, 10_000, 12)), list(range(0, 10_000, 250))
+    assert pays(every_12, 0, 140) and not pays(every_12, 100, 124)  # lands on 120 vs 108: 12 frames saved
+    assert not pays(every_12, 114, 140)  # lands on 120: 6 frames saved, less than a seek costs
+    assert not pays(every_250, 100, 240) and not pays(every_250, 100, 265)  # no keyframe in (100, i - 16]
+    assert pays(every_250, 100, 300)  # lands on 250
+    assert not pays(None, 0, 250) and pays(None, 0, 251)  # keyframes unknown: longer than any interval
+
+
+@pytest.mark.parametrize("name", ["h264_clip", "mp4v_clip", "long_clip"])
+@pytest.mark.parametrize("kwargs", [{"nframes": 8}, {"fps": 0.5}, {"nframes": 4, "video_start": 3.0}])
+def test_seeking_gives_the_frames_of_a_sequential_decode(request, name, kwargs, counting):
+    """Seeks land on the planned frames, pixel for pixel those of decoding every frame in order, whether
+    the seek starts at a keyframe 16 frames early (MJPG), one of every 12 (mp4v) or, with B-frames,
+    one of every 100 (H.264)."""
+    path = request.getfixturevalue(name)
+    sequential = _all_frames(path)
+    total = len(sequential)
+    plan = plan_frames(total, 30.0, 48, 64, VideoOptions(**kwargs))
+    made = counting()
+    capture = cv2.VideoCapture(path)
+    for keyframes in (video_module._keyframes(path), list(range(total))):  # the file's; every frame
+        decoded = list(video_module._decode(capture, plan.indices, keyframes))
+        capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        assert [index for index, _ in decoded] == plan.indices
+        for index, frame in decoded:
+            np.testing.assert_array_equal(frame, sequential[index], err_msg=f"frame {index}")
+    assert made[0].seeks > 2  # the seek path ran (its first call rewinds after each pass)
+
+
+def test_a_long_file_seeks_only_where_a_keyframe_saves_decoding(h264_clip, counting):
+    """4 frames of 600, keyframes every 100: every gap holds one, so each is seeked over; at 2 frames a
+    second (gaps of 15) none is, and every frame is grabbed."""
+    made = counting()
+    video = load_video(h264_clip, VideoOptions(nframes=4))
+    assert [_read_number(f) for f in video.frames] == [0, 200, 399, 599]
+    assert made[0].seeks == 3 and made[0].grabs < 200
+    made = counting()
+    load_video(h264_clip)
+    assert made[0].seeks == 0 and made[0].grabs == 600
 
 
 def test_repeated_index_repeats_the_frame(clip):
@@ -564,3 +645,21 @@ def test_an_odd_frame_list_becomes_whole_temporal_groups_in_the_prompt(tiny_f32)
     assert inputs["video_grid_thw"][0][0] == 3
     one = processor("What happens?", videos=[[frames[0]]])
     assert one["video_grid_thw"][0][0] == 1
+
+
+def test_reading_a_file_reports_each_kept_frame(clip, tiny_f32):
+    """A long file takes a while to read: `progress` sees every kept frame, and through generation the
+    "reading" stage comes first, before what the video became and the vision tower's blocks."""
+    seen = []
+    video = load_video(clip, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, len(video.frames)) for i in range(1, len(video.frames) + 1)]
+
+    from mlx_qwen3vl import generate
+
+    model, processor = tiny_f32
+    events = []
+    options = {"nframes": 4, "max_tokens": 1, "progress": events.append}
+    generate(model, processor, "What happens?", videos=[clip], **options)
+    stages = [e.stage for e in events]
+    assert stages[:5] == ["reading"] * 4 + ["media"] and "vision" in stages
+    assert [(e.done, e.total) for e in events[:4]] == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -17,7 +17,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..errors import Qwen3VLError
 from .engine import Engine, Event, Job
 from .media import MediaPolicy, fetch
-from .protocol import ApiError, chunk, completion, completion_id, from_user_error, parse, usage
+from .protocol import (
+    ApiError,
+    chunk,
+    completion,
+    completion_id,
+    from_user_error,
+    message,
+    parse,
+    tool_call_entry,
+    usage,
+)
 
 
 def create_app(
@@ -82,34 +92,51 @@ def create_app(
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        text, event = [], first
+        text, reasoning, calls, event = [], [], [], first
         logprobs = None if request.logprobs is None else []
         while event.kind == "text":
             text.append(event.text)
+            reasoning.append(event.reasoning)
+            calls += event.tool_calls
             if logprobs is not None:
                 logprobs += event.logprobs
             event = await job.events.get()
         if event.kind == "error":
             raise ApiError(event.status, event.text)
-        return completion(
-            cid, model_name, "".join(text), event.finish, event.prompt_tokens, event.tokens, logprobs
-        )
+        thinks = engine.processor.thinks
+        answer = message("".join(text), "".join(reasoning) if thinks else None, calls)
+        return completion(cid, model_name, answer, event.finish, event.prompt_tokens, event.tokens, logprobs)
 
     return app
 
 
+def delta(event: Event, calls_before: int) -> dict:
+    """A text event as a stream's delta: reasoning (`reasoning_content`), text (`content`), each call whole
+    (`tool_calls`, numbered across the answer); at least the content, for an event of log-probabilities
+    alone."""
+    out = {"reasoning_content": event.reasoning} if event.reasoning else {}
+    if event.text or not (event.reasoning or event.tool_calls):
+        out["content"] = event.text
+    if event.tool_calls:
+        out["tool_calls"] = [
+            {"index": calls_before + i, **tool_call_entry(call)} for i, call in enumerate(event.tool_calls)
+        ]
+    return out
+
+
 async def stream(job: Job, first: Event, cid: str, model: str, include_usage: bool):
-    """Server-sent events: the role, the text as it comes, the finish reason, the usage if asked, [DONE].
-    A client gone (the generator closed or cancelled) cancels the job."""
+    """Server-sent events: the role, the answer as it comes, the finish reason, the usage if asked,
+    [DONE]. A client gone (the generator closed or cancelled) cancels the job."""
 
     def sse(data: dict) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     try:
         yield sse(chunk(cid, model, {"role": "assistant", "content": ""}))
-        event = first
+        event, calls = first, 0
         while event.kind == "text":
-            yield sse(chunk(cid, model, {"content": event.text}, logprobs=event.logprobs))
+            yield sse(chunk(cid, model, delta(event, calls), logprobs=event.logprobs))
+            calls += len(event.tool_calls)
             event = await job.events.get()
         if event.kind == "error":  # after the answer started: the stream says it, as OpenAI's does
             yield sse(ApiError(event.status, event.text).body())

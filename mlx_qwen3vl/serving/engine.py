@@ -21,9 +21,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import wired_limit
 
+from ..answer import AnswerText
 from ..errors import Qwen3VLError
 from ..generation import (
-    AnswerText,
     check_context,
     encode_media,
     generation_stream,
@@ -34,6 +34,7 @@ from ..model import Model, PromptCache
 from ..positions import batch_rope_index
 from ..processor import EncodedMedia, Processor, media_defaults, stack_media
 from ..structured import JsonConstraint, check_schema, grammar_tokenizer
+from ..tools import ToolCall
 from .batch import Batch
 from .media import Fetched, VideoFile
 from .prompt_cache import Key, PromptCacheStore
@@ -48,11 +49,14 @@ class Cancelled(Exception):
 
 @dataclass
 class Event:
-    """What a job reports: "text" (a piece of the answer), "done" (finish reason and counts) or "error"
-    (an HTTP status and message; before any text, the request fails with it)."""
+    """What a job reports: "text" (a piece of the answer: its text, a Thinking model's reasoning, tool
+    calls completed), "done" (finish reason and counts) or "error" (an HTTP status and message; before
+    any text, the request fails with it)."""
 
     kind: str
     text: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
     logprobs: list[dict] | None = None  # OpenAI's entries for the tokens of this text, when asked for
     finish: str | None = None
     prompt_tokens: int = 0
@@ -195,7 +199,15 @@ class Engine:
             raise
         tokenizer = self.processor.tokenizer
         stop_ids = set(tokenizer.eos_token_ids)
-        answer = AnswerText(tokenizer, request.stop, stop_ids, request.max_tokens, request.logprobs)
+        answer = AnswerText(
+            tokenizer,
+            request.stop,
+            stop_ids,
+            request.max_tokens,
+            request.logprobs,
+            reasoning=self.processor.thinks,
+            tools=request.tools,
+        )
         self.sequences.append(Sequence(job, prompt, answer))
         self.batch.add(cache, sampler, token, distribution)
         self.widest = max(self.widest, len(self.sequences))
@@ -228,12 +240,13 @@ class Engine:
         job, answer = sequence.job, sequence.answer
         if job.cancelled.is_set():
             return True
-        text = answer.add(token, distribution)
+        piece = answer.add(token, distribution)
         logprobs = job.request.logprobs is not None
         if logprobs and answer.logprobs is not None:
             sequence.pending.append(logprob_entry(answer.logprobs, self.token_bytes))
-        if text or (sequence.pending and answer.finish_reason):
-            job.emit(Event("text", text=text, logprobs=sequence.pending if logprobs else None))
+        if piece or (sequence.pending and answer.finish_reason):
+            parts = {"text": piece.text, "reasoning": piece.reasoning, "tool_calls": piece.tool_calls}
+            job.emit(Event("text", **parts, logprobs=sequence.pending if logprobs else None))
             sequence.pending = []
         if answer.finish_reason:
             counts = {"prompt_tokens": len(sequence.prompt.ids), "tokens": answer.count}

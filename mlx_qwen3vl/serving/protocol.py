@@ -5,6 +5,7 @@ ranges as the Python API and chat.py); this module checks the request's own stru
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -22,6 +23,7 @@ from ..options import (
     check_stop,
 )
 from ..processor import SOURCE_KEYS, media_parts, normalize_messages, part_options
+from ..tools import ToolCall, tool_names
 
 # Media options a request may carry as extra fields (vLLM and mlx-vlm take them so too).
 MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "nframes", "total_pixels", "video_start", "video_end")
@@ -113,7 +115,7 @@ class Request:
     stream: bool = False
     include_usage: bool = False
     json_schema: dict | None = None
-    tools: list[dict] | None = None
+    tools: list[dict] | None = None  # offered to the model, their calls parsed (None with tool_choice "none")
     media_options: dict = field(default_factory=dict)
     logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
 
@@ -153,7 +155,7 @@ def parse(body: Any) -> Request:
         stream=raw.stream,
         include_usage=bool(raw.stream_options and raw.stream_options.include_usage),
         json_schema=_schema(raw.response_format),
-        tools=raw.tools or None,
+        tools=_tools(raw),
         media_options={k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None},
         logprobs=logprobs,
     )
@@ -171,6 +173,27 @@ def _logprobs(raw: ChatRequest) -> int | None:
         return 0 if raw.top_logprobs is None else TOP_LOGPROBS.check(raw.top_logprobs)
     except Qwen3VLError as e:
         raise from_user_error(e) from None
+
+
+def _tools(raw: ChatRequest) -> list[dict] | None:
+    """The tools to offer: OpenAI's `tools` with `tool_choice` "auto" (the default: the model decides) or
+    "none" (no tools: the template is rendered without them and the answer is text). Forcing a call
+    ("required", or a named function) needs constrained decoding of the call, which this server does not
+    do: refused rather than silently not forced."""
+    choice = raw.tool_choice
+    if choice not in (None, "auto", "none"):
+        raise ApiError(
+            400,
+            f'tool_choice={choice!r:.60} is not supported: this server takes "auto" or "none"',
+            param="tool_choice",
+        )
+    if not raw.tools or choice == "none":
+        return None
+    try:
+        tool_names(raw.tools)
+    except Qwen3VLError as e:
+        raise ApiError(400, str(e), param="tools") from None
+    return raw.tools
 
 
 def _url(part: dict, kind: str) -> str:
@@ -211,7 +234,7 @@ def _schema(response_format: ResponseFormat | None) -> dict | None:
 
 
 def logprob_entry(entry, token_bytes) -> dict:
-    """A generation.TokenLogprobs in OpenAI's words: each token as its text and its exact bytes (a token
+    """An answer.TokenLogprobs in OpenAI's words: each token as its text and its exact bytes (a token
     can hold part of a character: its text then shows U+FFFD and the bytes say what it is)."""
 
     def one(token: int, logprob: float) -> dict:
@@ -238,10 +261,27 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def tool_call_entry(call: ToolCall) -> dict:
+    """A call in OpenAI's words: the arguments as JSON text."""
+    arguments = json.dumps(call.arguments, ensure_ascii=False)
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def message(text: str, reasoning: str | None = None, calls: list[ToolCall] = ()) -> dict:
+    """The assistant's message: its content (null when it is only calls), a Thinking model's reasoning as
+    `reasoning_content` (vLLM's name), and its calls."""
+    out = {"role": "assistant", "content": text if text or not calls else None}
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    if calls:
+        out["tool_calls"] = [tool_call_entry(call) for call in calls]
+    return out
+
+
 def completion(
     cid: str,
     model: str,
-    text: str,
+    message_: dict,
     reason: str | None,
     prompt_tokens: int,
     tokens: int,
@@ -255,7 +295,7 @@ def completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message_,
                 "finish_reason": finish(reason),
                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
             }
