@@ -26,8 +26,9 @@ BACKENDS = ("gpu", "cpu")
 DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 DEFAULT_DTYPES = {"gpu": mx.bfloat16, "cpu": mx.float32}
 # Prompt tokens fed to the decoder at once. On a GPU, mlx-lm's default: large matmuls, a prompt with an
-# image in one chunk. On the CPU the float32 attention fallback materialises each chunk's scores
-# (heads x chunk x context, 4 bytes each), so chunks stay smaller there.
+# image in one chunk. On the CPU attention materialises a chunk's scores (heads x chunk x keys, 4 bytes
+# each; against a long context a key block at a time, `cpu.key_blocked_attention`), so chunks stay
+# smaller there.
 PREFILL_STEP_SIZES = {"gpu": 2048, "cpu": 512}
 
 

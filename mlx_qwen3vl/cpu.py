@@ -19,7 +19,9 @@ compare both paths with the reference.
   computes scores and softmax in the activation dtype, which puts ~45% of bfloat16 attention outputs 1
   ulp or more away from PyTorch's kernel; in float32 the fallback is exact and stays. The vision tower's
   long segments are attended in query blocks, bounding their scores' memory, with numpy in float32
-  (`numpy_attention`: its exponentials use the vector units).
+  (`numpy_attention`: its exponentials use the vector units). The decoder's attention of a prompt chunk
+  against a long context goes over key blocks with a running softmax (`key_blocked_attention`), so its
+  scores stay one block's, not the chunk's against the whole context.
 - The decoder's rope through cos/sin tables for every position (`TableRope`): the CPU builds MLX's fused
   rope as ~30 nodes with their temporaries per call, the tables once per forward.
 - Work split into blocks to bound memory is evaluated one block at a time (`concatenate_evaluated`).
@@ -62,6 +64,11 @@ BLOCK_BYTES = 4 * 2**20
 # photo costs O(N * block) memory instead of O(N^2); at the 4B widths such blocks are also faster than
 # MLX's fallback in one call, whose scores would not fit in cache.
 ATTENTION_SCORE_BYTES = 32 * 2**20
+# The decoder's attention scores of one call (heads x queries x keys, float32) beyond which the keys are
+# taken in blocks (`key_blocked_attention`): MLX's CPU fallback materialises them whole, which for a prompt
+# chunk against a long context is a multiple of the chunk's share of the KV cache. Blocks of this size
+# are also faster than the whole (less memory traffic).
+DECODER_SCORE_BYTES = 32 * 2**20
 # From about this many patches per segment, numpy's vectorised exponentials outweigh the Python calls it
 # makes per head (`numpy_attention`); shorter segments (small images) stay in MLX.
 NUMPY_ATTENTION_LENGTH = 192
@@ -78,7 +85,7 @@ def specialize(model: nn.Module, dtype: mx.Dtype) -> None:
             become(module, WideningLinear)  # the patch embedding sets the tower's compute dtype: kept
         elif isinstance(module, MLP):
             module.activation = silu_gate
-        elif isinstance(module, Attention) and dtype != mx.float32:
+        elif isinstance(module, Attention):
             module.attend = attention
         elif isinstance(module, vision.VisionMLP) and module.act is vision.gelu_tanh:
             module.act = gelu_tanh
@@ -226,11 +233,61 @@ def float32_attention(q, k, v, scale: float, mask=None) -> mx.array:
 
 
 def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
-    """The decoder's attention for activations narrower than float32 (`Attention.attend`). A quantized
-    KV cache keeps mlx-lm's own quantized attention."""
+    """The decoder's attention (`Attention.attend`). A quantized KV cache keeps mlx-lm's own quantized
+    attention. Scores larger than DECODER_SCORE_BYTES (a prompt chunk against a long context) go over
+    key blocks (`key_blocked_attention`); others in one call: MLX's fused kernel in float32, whose CPU
+    fallback is exact there, float32 accumulation for narrower activations (`float32_attention`)."""
     if hasattr(cache, "bits"):
         return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+    batch, heads, queries, _ = q.shape
+    if batch * heads * queries * k.shape[2] * 4 > DECODER_SCORE_BYTES:
+        return key_blocked_attention(q, k, v, scale, mask)
+    if q.dtype == mx.float32:
+        return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
     return float32_attention(q, k, v, scale, mask)
+
+
+def key_blocked_attention(q, k, v, scale: float, mask=None) -> mx.array:
+    """`float32_attention` over blocks of keys with a running softmax (flash attention's recurrence: each
+    block's exponentials taken against the largest score so far, earlier sums rescaled when it grows),
+    each block evaluated before the next: the scores held are one block's, however long the context.
+    The same function up to float32 rounding."""
+    B, n_q, L_q, d = q.shape
+    n_kv, L_k, f32 = k.shape[1], k.shape[2], mx.float32
+    q = (q.reshape(B, n_kv, n_q // n_kv, L_q, d).astype(f32)) * (scale * LOG2_E)
+    block = max(1, DECODER_SCORE_BYTES // (B * n_q * L_q * 4))
+    top = mx.full((B, n_kv, n_q // n_kv, L_q, 1), -mx.inf, f32)
+    total, out = mx.zeros_like(top), mx.zeros((B, n_kv, n_q // n_kv, L_q, v.shape[-1]), f32)
+    for start in range(0, L_k, block):
+        keys = slice(start, min(start + block, L_k))
+        scores = q @ k[:, :, None, keys].astype(f32).swapaxes(-1, -2)
+        scores = _masked(scores, mask, keys, L_q, L_k, n_kv)
+        new_top = mx.maximum(top, scores.max(axis=-1, keepdims=True))
+        # A row whose keys so far are all masked keeps -inf as its top: exponentials against 0 there.
+        safe_top = mx.where(new_top == -mx.inf, 0.0, new_top)
+        probs, rescale = mx.power(2.0, scores - safe_top), mx.power(2.0, top - safe_top)
+        total = total * rescale + probs.sum(axis=-1, keepdims=True)
+        out = out * rescale + probs.astype(v.dtype).astype(f32) @ v[:, :, None, keys].astype(f32)
+        top = new_top
+        mx.eval(top, total, out)
+    return (out / total).reshape(B, n_q, L_q, -1).astype(v.dtype)
+
+
+def _masked(scores: mx.array, mask, keys: slice, L_q: int, L_k: int, n_kv: int) -> mx.array:
+    """Base-2 scores [B, n_kv, group, L_q, block] of the keys `keys` with the mask applied: None,
+    "causal" (aligned to the end of the keys) or an array broadcastable to [B, Hq, L_q, L_k]."""
+    if mask is None:
+        return scores
+    if isinstance(mask, str):
+        keep = mx.arange(keys.start, keys.stop)[None] <= mx.arange(L_k - L_q, L_k)[:, None]
+        return mx.where(keep, scores, -mx.inf)
+    mask = mask[..., keys]
+    if mask.ndim == 4:
+        heads = mask.shape[1]
+        mask = mask.reshape(mask.shape[0], n_kv if heads > 1 else 1, -1, *mask.shape[2:])
+    if mask.dtype == mx.bool_:
+        return mx.where(mask, scores, -mx.inf)
+    return scores + mask.astype(mx.float32) * LOG2_E
 
 
 def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:

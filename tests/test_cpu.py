@@ -96,7 +96,7 @@ def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
     assert type(on_cpu.model.language_model.rope) is cpu.TableRope
     assert type(gpu.model.language_model.rope) is language.Rope
     in_float32, _ = load(tiny_checkpoint, dtype="float32", backend="cpu", lazy=True)
-    assert in_float32.layers[0].self_attn.attend is gpu.layers[0].self_attn.attend  # exact there already
+    assert in_float32.layers[0].self_attn.attend is cpu.attention  # MLX's own kernel, or key blocks
 
     in_decoder = lambda path, m: path.startswith("model.language") and isinstance(m, nn.Linear)  # noqa: E731
     nn.quantize(on_cpu, group_size=64, bits=4, class_predicate=in_decoder)
@@ -159,3 +159,57 @@ def test_blocked_attention_equals_float32_attention(dtype, monkeypatch):
     reference = cpu.float32_attention(q, k, v, 0.25).astype(mx.float32)
     tolerance = 1e-6 if dtype == mx.float32 else 0
     np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=tolerance)
+
+
+def random_attention_inputs(dtype, queries=37, keys=150, heads=4, kv_heads=2, seed=3):
+    rng = np.random.default_rng(seed)
+    shapes = [(1, heads, queries, 16), (1, kv_heads, keys, 16), (1, kv_heads, keys, 16)]
+    return [mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype) for shape in shapes]
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("mask", ["none", "causal", "boolean", "additive"])
+def test_key_blocked_attention_equals_float32_attention(dtype, mask, monkeypatch):
+    """A prompt chunk of 37 queries against 150 keys (the cache before it, then itself; grouped heads) in
+    key blocks of 16, the last ragged: the running softmax gives the one-call attention, to float32
+    rounding; in bfloat16, to the rounding of the probabilities (taken against the running maximum)."""
+    q, k, v = random_attention_inputs(dtype)
+    masks = {
+        "none": None,
+        "causal": "causal",
+        "boolean": mx.array(np.random.default_rng(4).random((1, 1, 37, 150)) > 0.3),
+        "additive": mx.array(np.random.default_rng(5).standard_normal((1, 4, 37, 150)).astype(np.float32)),
+    }
+    monkeypatch.setattr(cpu, "DECODER_SCORE_BYTES", 4 * 37 * 16 * 4)
+    ours = cpu.key_blocked_attention(q, k, v, 0.25, masks[mask]).astype(mx.float32)
+    reference = cpu.float32_attention(q, k, v, 0.25, masks[mask]).astype(mx.float32)
+    tolerance = 1e-6 if dtype == mx.float32 else 4e-3  # bfloat16: one unit in the last place at 0.5..1
+    np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=tolerance)
+
+
+def test_key_blocks_bound_the_scores_of_a_chunk_against_a_long_context(monkeypatch):
+    """512 queries against 8,192 keys: 64 MiB of float32 scores in one call; the decoder's attention on
+    the CPU takes them in key blocks of 1 MiB of scores, and its peak stays within a few blocks and its
+    accumulators, with the one call's result."""
+    q, k, v = random_attention_inputs(mx.float32, queries=512, keys=8192)
+    mx.eval(q, k, v)
+    budget = 2**20
+    monkeypatch.setattr(cpu, "DECODER_SCORE_BYTES", budget)
+
+    def peak(attend):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(attend())
+        return mx.get_peak_memory() - base
+
+    def decoders():  # as the decoder calls it
+        return cpu.attention(q, k, v, cache=None, scale=0.25, mask="causal")
+
+    def one_call():
+        return cpu.float32_attention(q, k, v, 0.25, "causal")
+
+    accumulators = 3 * 4 * 512 * 16 * 4
+    assert peak(one_call) > 4 * 512 * 8192 * 4
+    assert peak(decoders) < 4 * budget + accumulators
+    np.testing.assert_allclose(np.array(decoders()), np.array(one_call()), rtol=0, atol=1e-6)

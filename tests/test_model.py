@@ -286,6 +286,19 @@ def test_a_prompt_chunk_holds_no_layers_products_past_the_layer(tiny_gpu_path):
     assert growth < kv_bytes + qkv_bytes / 2
 
 
+def prepared_with_media(model, prompt: Prompt):
+    """The prompt's images and videos encoded and placed, as stream_generate prepares them: (prepared
+    input, its cache, the encoded images, the encoded videos)."""
+    inputs = prompt.mlx_inputs()
+    images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+    videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    cache = model.make_cache()
+    prepared = model.prepare(
+        prompt.input_ids, images, inputs["image_grid_thw"], videos, inputs["video_grid_thw"], cache
+    )
+    return prepared, cache, images, videos
+
+
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_prefill_in_chunks_holds_only_the_features_and_embeds_a_chunk_at_a_time(
     backend, backends, prompts, reference_logits, monkeypatch
@@ -296,20 +309,35 @@ def test_prefill_in_chunks_holds_only_the_features_and_embeds_a_chunk_at_a_time(
     from mlx_qwen3vl.generation import prefill
 
     model, prompt = backends[backend], prompts["image_and_video"]
-    inputs = prompt.mlx_inputs()
-    images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
-    videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
     fed = []
     embedding = type(model.model.language_model.embed_tokens)
     embed = embedding.__call__
     monkeypatch.setattr(embedding, "__call__", lambda self, ids: fed.append(ids.shape[1]) or embed(self, ids))
-    cache = model.make_cache()
-    prepared = model.prepare(
-        prompt.input_ids, images, inputs["image_grid_thw"], videos, inputs["video_grid_thw"], cache
-    )
+    prepared, cache, images, videos = prepared_with_media(model, prompt)
     placed = [part.features for part in prepared.vision]
     assert placed[0] is images.features and placed[1] is videos.features  # the encoder's arrays, no copy
     logits = prefill(model, prepared, cache, step_size=8)
     length = prompt.input_ids.shape[1]
     assert fed == [8] * (length // 8) + ([length % 8] if length % 8 else [])
+    assert relative_max_diff(logits[None], reference_logits["image_and_video"][:, -1:]) < TOLERANCE
+
+
+def test_prefill_with_key_blocked_attention_matches_transformers(
+    tiny_f32, prompts, reference_logits, monkeypatch
+):
+    """On the CPU a prompt chunk's attention against a long context goes over key blocks (its scores
+    bounded, not the chunk times the context): in chunks of 8 tokens and blocks of 16 keys, the last
+    logits are transformers'."""
+    from mlx_qwen3vl import cpu
+    from mlx_qwen3vl.generation import prefill
+
+    model, prompt = tiny_f32[0], prompts["image_and_video"]
+    heads = model.config.text_config.num_attention_heads
+    monkeypatch.setattr(cpu, "DECODER_SCORE_BYTES", heads * 8 * 16 * 4)
+    blocked = []
+    in_blocks = cpu.key_blocked_attention
+    monkeypatch.setattr(cpu, "key_blocked_attention", lambda *args: blocked.append(1) or in_blocks(*args))
+    prepared, cache, _, _ = prepared_with_media(model, prompt)
+    logits = prefill(model, prepared, cache, step_size=8)
+    assert len(blocked) > len(model.layers)
     assert relative_max_diff(logits[None], reference_logits["image_and_video"][:, -1:]) < TOLERANCE
