@@ -6,7 +6,8 @@ compare both paths with the reference.
 - Quantized decoder layers send many-row float32 inputs through BLAS (`BlasQuantizedLinear`). MLX's CPU
   quantized matmul is a scalar kernel that runs at the same rate for any number of rows, while a fast
   BLAS multiplies a dequantized weight many times faster once there are a few rows (a prompt, a chat
-  turn); for one row (a decode step) the kernel is faster and reads 8x fewer bytes, so it keeps that.
+  turn); one row (a decode step) keeps the kernel, which reads the packed 4-bit weight instead of a
+  widened one.
   With the reference BLAS bundled in MLX's Linux wheel the dense product is no faster, so there nothing
   is swapped. `bench/matmul.py` measures each path.
 - The vision tower's matrices keep a bfloat16 checkpoint's dtype under float32 compute and are widened

@@ -68,7 +68,8 @@ class Batch:
         taken = [
             PromptCache([layer.extract(i) for layer in self.cache], self.cache.rope_delta[i]) for i in rows
         ]
-        keep = [i for i in range(len(self)) if i not in set(rows)]
+        leaving = set(rows)
+        keep = [i for i in range(len(self)) if i not in leaving]
         if not keep:
             self.__init__(self.model)
             return taken

@@ -226,7 +226,8 @@ class Engine:
             if over:
                 for i, cache in zip(over, self.batch.remove(over), strict=True):
                     self._give_back(self.sequences[i].prompt, self.sequences[i].fed, cache)
-                self.sequences = [s for i, s in enumerate(self.sequences) if i not in set(over)]
+                leaving = set(over)
+                self.sequences = [s for i, s in enumerate(self.sequences) if i not in leaving]
         except Exception as e:  # a bug fails the requests being decoded, never the server
             traceback.print_exc()
             for sequence in self.sequences:
