@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 # Light imports only: --help and argument errors answer before MLX and transformers are loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
-from mlx_qwen3vl.cli import ArgumentParser, fail, number, quiet_libraries
+from mlx_qwen3vl.cli import ArgumentParser, add_kv_cache_arguments, fail, number, quiet_libraries
 from mlx_qwen3vl.options import DEFAULT_MAX_TOKENS, DTYPE_NAMES, MAX_TOKENS, MEDIA, SAMPLING
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option in MEDIA.values():
         group = frames if option.name in ("fps", "nframes") else media
         group.add_argument(f"--{option.name.replace('_', '-')}", type=number(option), help=option.help)
+    add_kv_cache_arguments(p)
     return p.parse_args(argv)
 
 
@@ -384,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
         from mlx_qwen3vl.grounding import Drawings
 
         session = ChatSession(
-            model, processor, system=args.system, max_tokens=args.max_tokens, **given(args, SAMPLING)
+            model,
+            processor,
+            system=args.system,
+            max_tokens=args.max_tokens,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            **given(args, SAMPLING),
         )
         media, options = {"images": args.image, "videos": args.video}, given(args, MEDIA)
         # Pictures of what answers locate: one answer saves them only with --draw (a script's folder

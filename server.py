@@ -13,7 +13,7 @@ import argparse
 
 # Light imports only: --help and argument errors answer before MLX and transformers are loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
-from mlx_qwen3vl.cli import ArgumentParser, fail, number, quiet_libraries
+from mlx_qwen3vl.cli import ArgumentParser, add_kv_cache_arguments, fail, number, quiet_libraries
 from mlx_qwen3vl.options import DTYPE_NAMES, MAX_BATCH
 
 
@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="answers decoded together at most; more requests wait their turn (%(default)s)",
     )
+    add_kv_cache_arguments(p)
     return p.parse_args(argv)
 
 
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             cache_entries=args.cache_entries,
             cache_bytes=int(args.cache_gb * 10**9),
             max_batch=args.max_batch,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
         )
     except Qwen3VLError as e:
         fail(str(e))

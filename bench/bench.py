@@ -174,6 +174,10 @@ def main(argv=None) -> dict:
         if peer == "transformers" and args.quantize:
             print("[bench] transformers skipped: no MLX quantization there", flush=True)
             continue
+        if peer == "mlx-lm" and config.get("model_type") == "qwen3_vl_moe":
+            # mlx-lm's peer is its dense Qwen3 decoder; its qwen3_moe reads per-expert tensors, not these.
+            print("[bench] mlx-lm skipped: its peer is the dense Qwen3 decoder, this is an MoE", flush=True)
+            continue
         specs.append({**base, "system": peer, "dtype": peer_dtype, "openblas": args.peer_openblas})
 
     rounds: dict[str, list[dict]] = {s["system"]: [] for s in specs}

@@ -2,6 +2,9 @@
 path's logits for the tests' prompts and 8 decode steps after an image and a video prompt, in float32
 and bfloat16, against transformers' float32 on the CPU. Writes one JSON line per check; exits 1 when a
 check is out of its bound. Without a GPU it runs the GPU path's code on the CPU, as the tests do.
+On a GPU it also checks what `vision.fused_attention` relies on: the vision towers' head dims (64 for the
+2B / 4B, 72 for the 8B / 32B) take MLX's fused attention kernel at the tower's shapes (`force_fused`
+raises where MLX would fall back to unfused ops), equal to attention computed op by op.
 
     python bench/gpu_parity.py [OUT.json]
 
@@ -52,6 +55,23 @@ def _types(inputs: dict, ids) -> dict:
     return {"mm_token_type_ids": types}
 
 
+def vision_head_dim_checks() -> list[dict]:
+    """bfloat16, 16 heads, segments of a 16 x 16-patch image: the fused kernel against attention op by op
+    in float32 (bound: bfloat16's rounding of the inputs and output)."""
+    rng = np.random.default_rng(0)
+    checks = []
+    for head_dim in (64, 72):
+        q, k, v = (mx.array(rng.standard_normal((2, 16, 256, head_dim)), dtype=mx.bfloat16) for _ in range(3))
+        scale = head_dim**-0.5
+        fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, force_fused=True)
+        scores = (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)) * scale
+        expected = mx.softmax(scores, axis=-1) @ v.astype(mx.float32)
+        diff = float(mx.abs(fused.astype(mx.float32) - expected).max())
+        check = f"fused vision attention, head_dim {head_dim}"
+        checks.append({"dtype": "bfloat16", "check": check, "diff": diff})
+    return checks
+
+
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     results, failed = [], False
@@ -75,6 +95,11 @@ def main() -> int:
                 if result["dtype"] == dtype:
                     result.update(bound=bound, ok=result["diff"] < bound, device=str(mx.default_device()))
                     failed |= not result["ok"]
+    if mx.default_device() == mx.gpu:
+        for result in vision_head_dim_checks():
+            result.update(bound=2e-2, ok=result["diff"] < 2e-2, device=str(mx.default_device()))
+            failed |= not result["ok"]
+            results.append(result)
     text = "\n".join(json.dumps(r) for r in results)
     print(text)
     if out:

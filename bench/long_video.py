@@ -4,6 +4,7 @@ frame count grows.
     python bench/long_video.py decode --save                    # 10-minute and 1-hour 720p files
     python bench/long_video.py vision --preset tiny --compare mlx-vlm --save
     python bench/long_video.py vision --preset 4b --vision-blocks 1 --save
+    python bench/long_video.py ttft --preset 4b --layers 1 --vision-blocks 1 --compare mlx-vlm --save
 
 - decode: `load_video` at the default sampling (2 frames a second, at most 768 frames) of synthetic 720p
   files at 30 fps: mp4v (OpenCV's writer, a keyframe every 12 frames) and H.264 (x264 through PyAV, its
@@ -20,6 +21,13 @@ frame count grows.
   sets an unlimited budget; mlx-vlm runs its `vision_tower` over the whole input, as its generation does.
   Each (system, frame count) runs in its own process; a run whose peak, extrapolated from the system's
   smaller runs, would exceed `--max-gb` is not started.
+- ttft: a question about the synthetic 1-hour and 10-minute mp4v files (above) answered through each
+  system's `stream_generate` at our default sampling (2 frames a second, at most 768; mlx-vlm is given
+  `fps=2, max_frames=768`, its own default keeping 16 frames), float32: the time from the call to the first
+  token (reading the file, the vision tower, the prefill of the whole prompt) and the peak memory: MLX's
+  (weights, activations, KV cache) and the process's resident size (frames read into numpy included).
+  Each run is its own process with its address space capped at `--max-gb` (RLIMIT_AS), so a system
+  that needs more fails with an allocation error instead of taking the machine's memory.
 
 Both systems bind MLX's float32 matmuls to the system OpenBLAS (this package's import does it).
 """
@@ -27,7 +35,6 @@ Both systems bind MLX's float32 matmuls to the system OpenBLAS (this package's i
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import subprocess
@@ -41,7 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import presets  # noqa: E402
-from measure import machine  # noqa: E402
+from measure import run_record, save_record  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 1280, 720, 30
 PIECE_SECONDS = 25  # 750 frames: three of x264's default keyframe intervals
@@ -51,13 +58,17 @@ FRAME_COUNTS = (16, 256, 768)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["decode", "vision"])
+    p.add_argument("what", choices=["decode", "vision", "ttft"])
     p.add_argument("--preset", default="tiny", choices=sorted(presets.PRESETS))
+    p.add_argument("--layers", type=int, default=1, help="decoder layers (ttft)")
     p.add_argument("--vision-blocks", type=int)
-    p.add_argument("--compare", default="", help="mlx-vlm, for the vision figure")
+    p.add_argument("--lengths", default=",".join(LENGTHS), help="ttft: which synthetic files")
+    p.add_argument("--compare", default="", help="mlx-vlm, for the vision and ttft figures")
     p.add_argument("--frames", default=",".join(map(str, FRAME_COUNTS)))
     p.add_argument("--budget-gb", type=float, help="our vision budget (default: the package's)")
-    p.add_argument("--max-gb", type=float, default=10.0, help="do not start a run predicted above this")
+    p.add_argument(
+        "--max-gb", type=float, default=10.0, help="vision: start no run predicted above it; ttft: a cap"
+    )
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--cache", type=Path, default=presets.CACHE_ROOT)
     p.add_argument("--label", default="")
@@ -335,35 +346,135 @@ def render_vision(output: dict) -> str:
     return "\n".join(lines)
 
 
+# ---- time to first token ---------------------------------------------------------------------------------
+
+QUESTION = "What happens in this video?"
+
+
+def ttft_worker(spec: dict) -> dict:
+    """One system answering about one file, in this process: time to the first token, peak memory."""
+    import resource
+
+    import mlx.core as mx
+
+    if spec["system"] == "mlx-vlm":
+        from mlx_vlm import load, stream_generate
+        from mlx_vlm.prompt_utils import apply_chat_template
+
+        model, processor = load(spec["checkpoint"])
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+        prompt = apply_chat_template(processor, model.config, QUESTION, num_images=0, video=spec["video"])
+
+        def answer():  # our default sampling (qwen-vl-utils'), where mlx-vlm's own keeps 16 frames
+            return stream_generate(
+                model, processor, prompt, video=spec["video"], max_tokens=1, fps=2.0, max_frames=768
+            )
+
+    else:
+        from mlx_qwen3vl import load, stream_generate
+
+        model, processor = load(spec["checkpoint"], dtype="float32")
+
+        def answer():
+            return stream_generate(model, processor, QUESTION, videos=[spec["video"]], max_tokens=1)
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    first = next(iter(answer()))
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "prompt_tokens": first.prompt_tokens,
+        "peak_gb": mx.get_peak_memory() / 1e9,
+        "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+    }
+
+
+def capped(gigabytes: float):
+    """For subprocess.run's preexec_fn: the child's address space limited to `gigabytes`."""
+    import resource
+
+    limit = int(gigabytes * 1e9)
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def ttft(args) -> dict:
+    files = long_files(args.cache / "long-video")
+    checkpoint = presets.checkpoint(args.preset, args.layers, args.vision_blocks, root=args.cache, fast=True)
+    systems = ["ours"] + [s for s in args.compare.split(",") if s]
+    results: dict = {}
+    for length in args.lengths.split(","):
+        results[length] = {}
+        for system in systems:
+            spec = {"system": system, "video": str(files[f"mp4v {length}"]), "checkpoint": str(checkpoint)}
+            command = [sys.executable, __file__, "ttft", "--worker", json.dumps(spec)]
+            cap = capped(args.max_gb)
+            run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, preexec_fn=cap)
+            if run.returncode:
+                lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
+                results[length][system] = {"error": lines[-1][:200]}
+            else:
+                results[length][system] = json.loads(run.stdout.strip().splitlines()[-1])
+            print(f"[ttft] {length}, {system}: {results[length][system]}", flush=True)
+    return {"checkpoint": checkpoint.name, "cap_gb": args.max_gb, "results": results}
+
+
+def render_ttft(output: dict) -> str:
+    results = output["results"]["results"]
+    systems = list(next(iter(results.values())))
+    lines = [
+        f"## A question about a long video: time to first token and peak memory "
+        f"({output['results']['checkpoint']}, float32, {output['backend']})",
+        "",
+        f"{output['date']}; {output['machine'].get('cpu', '?')} ({output['machine']['cpus']} CPUs); "
+        f"synthetic 1280x720 mp4v files at {FPS} fps, sampled at 2 frames a second, at most 768; one run "
+        f"each, each in its own process, its address space capped at {output['results']['cap_gb']:g} GB.",
+        "",
+        "| video | system | prompt tokens | time to first token | MLX peak | resident peak |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for length, row in results.items():
+        for system in systems:
+            r = row[system]
+            if "seconds" in r:
+                lines.append(
+                    f"| {length} | {system} | {r['prompt_tokens']:,} | {r['seconds']:.1f} s | "
+                    f"{r['peak_gb']:.2f} GB | {r['rss_gb']:.2f} GB |"
+                )
+            else:
+                lines.append(f"| {length} | {system} | | failed: {r['error']} | | |")
+    return "\n".join(lines)
+
+
+FIGURES = {"decode": (decode, render_decode), "vision": (vision, render_vision), "ttft": (ttft, render_ttft)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import mlx_qwen3vl  # noqa: F401  (before mlx.core is imported: binds the system OpenBLAS)
 
     if args.worker:
-        print(json.dumps(vision_worker(json.loads(args.worker))))
+        worker = vision_worker if args.what == "vision" else ttft_worker
+        print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    run, render = FIGURES[args.what]
     if args.render:
         output = json.loads(args.render.read_text())
-        print(render_decode(output) if args.what == "decode" else render_vision(output))
+        print(render(output))
         return output
-    from measure import backend
-
-    results = decode(args) if args.what == "decode" else vision(args)
-    output = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "backend": backend()[0],
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-    }
-    text = render_decode(output) if args.what == "decode" else render_vision(output)
+    results = run(args)
+    output = run_record(args, results)
+    text = render(output)
     print(text)
     if args.save:
-        name = "video-decode" if args.what == "decode" else f"{results['checkpoint']}_video-vision-memory"
-        stem = f"{output['date'][:10]}_{output['backend']}_{name}" + (f"_{args.label}" if args.label else "")
-        (HERE / "results" / f"{stem}.json").write_text(json.dumps(output, indent=1, default=str))
-        (HERE / "results" / f"{stem}.md").write_text(text + "\n")
-        print(f"[long_video] saved bench/results/{stem}.json and .md")
+        name = {
+            "decode": "video-decode",
+            "vision": f"{results.get('checkpoint')}_video-vision-memory",
+            "ttft": f"{results.get('checkpoint')}_float32_long-video-ttft",
+        }[args.what]
+        save_record(output, text, name, args.label)
     return output
 
 

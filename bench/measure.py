@@ -17,6 +17,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 GROUP_SIZE = 64
+ROUTER_BITS = 8
 
 
 def summary(samples: list[float]) -> dict:
@@ -171,18 +172,23 @@ def quantize(model, bits: int, skip: tuple[str, ...]) -> int:
     """MLX affine quantization (group size 64) of every Linear and Embedding outside the `skip` prefixes
     whose input width divides by the group size, as mlx-lm's and mlx-vlm's converters do (they also
     quantize the embedding, which is the lm_head of tied models). Returns the number of layers quantized.
-    The activations keep the dtype of the non-quantized parameters (scales included)."""
+    The activations keep the dtype of the non-quantized parameters (scales included).
+    MoE models: the experts (mlx-lm's and mlx-vlm's `SwitchLinear`, one per projection) too, and each
+    router (`mlp.gate`) at 8 bits, as this package's converter and mlx-vlm's quant_predicate keep it."""
     import mlx.nn as nn
 
     count = 0
 
-    def predicate(path: str, module) -> bool:
+    def predicate(path: str, module) -> bool | dict:
         nonlocal count
-        if path.startswith(skip) or not isinstance(module, (nn.Linear, nn.Embedding)):
+        experts = type(module).__name__ == "SwitchLinear"
+        if path.startswith(skip) or not (experts or isinstance(module, (nn.Linear, nn.Embedding))):
             return False
         if module.weight.shape[-1] % GROUP_SIZE:
             return False
         count += 1
+        if path.endswith("mlp.gate") and isinstance(module, nn.Linear):
+            return {"group_size": GROUP_SIZE, "bits": ROUTER_BITS}
         return True
 
     nn.quantize(model, group_size=GROUP_SIZE, bits=bits, class_predicate=predicate)
@@ -283,3 +289,33 @@ def backend() -> tuple[str, str | None]:
     if mx.default_device() == mx.cpu:
         return "cpu", name
     return ("cuda" if mx.cuda.is_available() else "metal"), name
+
+
+def run_record(args, results) -> dict:
+    """A bench run as saved: when, where, the arguments, the results. The load average is kept because
+    other processes on the cores make the times noisy."""
+    import datetime
+    import os
+    from pathlib import Path
+
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average": os.getloadavg()[0],
+        "backend": backend()[0],
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+    }
+
+
+def save_record(record: dict, text: str, name: str, label: str = "") -> str:
+    """bench/results/<date>_<backend>_<name>[_<label>].json and .md; the stem written."""
+    import json
+    from pathlib import Path
+
+    stem = f"{record['date'][:10]}_{record['backend']}_{name}" + (f"_{label}" if label else "")
+    results = Path(__file__).resolve().parent / "results"
+    (results / f"{stem}.json").write_text(json.dumps(record, indent=1, default=str))
+    (results / f"{stem}.md").write_text(text + "\n")
+    print(f"[bench] saved bench/results/{stem}.json and .md")
+    return stem

@@ -23,7 +23,8 @@ from checkpoints import TINY  # noqa: E402  (tests/checkpoints.py: the tiny test
 
 CACHE_ROOT = Path(os.environ.get("MLX_QWEN3VL_BENCH_CACHE", "~/.cache/mlx-qwen3vl-bench")).expanduser()
 
-# Overrides of the published 4B config.json (SPEC §1.1); 2B and 8B from SPEC §1.2.
+# Overrides of the published 4B config.json (SPEC §1.1); 2B, 8B and 32B from SPEC §1.2, 30B-A3B from its
+# published config.json (the README's MoE section).
 PRESETS: dict[str, dict] = {
     "tiny": TINY,
     "2b": {
@@ -53,6 +54,58 @@ PRESETS: dict[str, dict] = {
             "num_heads": 16,
             "intermediate_size": 4304,
             "out_hidden_size": 4096,
+            "deepstack_visual_indexes": [8, 16, 24],
+        },
+    },
+    "32b": {
+        "tie_word_embeddings": False,
+        "text_config": {
+            "hidden_size": 5120,
+            "num_hidden_layers": 64,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 8,
+            "intermediate_size": 25600,
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "depth": 27,
+            "hidden_size": 1152,
+            "num_heads": 16,
+            "intermediate_size": 4304,
+            "out_hidden_size": 5120,
+            "deepstack_visual_indexes": [8, 16, 24],
+        },
+    },
+    # Qwen/Qwen3-VL-30B-A3B-Instruct: 128 experts of width 768, 8 per token, in every layer; the 8B's
+    # vision tower with a 2048-wide merger. `intermediate_size` (the dense MLP) is unused without
+    # mlp_only_layers.
+    "30b-a3b": {
+        "model_type": "qwen3_vl_moe",
+        "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+        "tie_word_embeddings": False,
+        "text_config": {
+            "model_type": "qwen3_vl_moe_text",
+            "hidden_size": 2048,
+            "num_hidden_layers": 48,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 4,
+            "head_dim": 128,
+            "intermediate_size": 6144,
+            "num_experts": 128,
+            "num_experts_per_tok": 8,
+            "moe_intermediate_size": 768,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_moe",
+            "depth": 27,
+            "hidden_size": 1152,
+            "num_heads": 16,
+            "intermediate_size": 4304,
+            "out_hidden_size": 2048,
             "deepstack_visual_indexes": [8, 16, 24],
         },
     },
@@ -114,8 +167,25 @@ def build(target: Path, config: dict, seed: int = 0) -> Path:
     top = {k: v for k, v in config.items() if k not in sections}
     # A copy: transformers' config classes pop keys (rope_scaling's rope_theta) from the dicts they get.
     build_checkpoint(target, copy.deepcopy({**sections, **top}), seed=seed)
+    if config.get("model_type") == "qwen3_vl_moe":
+        hub_expert_layout_files(target)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return target
+
+
+def hub_expert_layout(tensors: dict) -> dict:
+    """MoE expert tensors in the published files' orientation, [E, hidden, 2 * I] and [E, I, hidden]:
+    transformers 5 saves them transposed ([E, out, in]), which mlx-vlm 0.7.10's sanitize misreads (it
+    splits and transposes the hub's layout). Our loader reads both (mlx_qwen3vl/moe.py)."""
+    suffixes = (".experts.gate_up_proj", ".experts.down_proj")
+    return {k: v.transpose(1, 2).contiguous() if k.endswith(suffixes) else v for k, v in tensors.items()}
+
+
+def hub_expert_layout_files(target: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(target.glob("*.safetensors")):
+        save_file(hub_expert_layout(load_file(str(file))), str(file), metadata={"format": "pt"})
 
 
 def fast_build(target: Path, config: dict, seed: int = 0) -> Path:
@@ -124,12 +194,12 @@ def fast_build(target: Path, config: dict, seed: int = 0) -> Path:
     normal(0, initializer_range) in bfloat16, biases 0, norm weights 1 + normal(0, 0.1), and written with
     safetensors as one file. For the GPU machine, where every minute counts."""
     import torch
-    from checkpoints import copy_model_files
+    from checkpoints import MODEL_CLASSES, copy_model_files
     from safetensors.torch import save_file
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
+    config_class, model_class = MODEL_CLASSES[config.get("model_type", "qwen3_vl")]
     with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**copy.deepcopy(config)))
+        model = model_class(config_class(**copy.deepcopy(config)))
     std = config["text_config"].get("initializer_range", 0.02)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -145,7 +215,7 @@ def fast_build(target: Path, config: dict, seed: int = 0) -> Path:
             value = std * torch.randn(param.shape, generator=generator, dtype=torch.bfloat16)
         tensors[name] = value.to(torch.bfloat16).contiguous()
     target.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    save_file(hub_expert_layout(tensors), str(target / "model.safetensors"), metadata={"format": "pt"})
     copy_model_files(target)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return target

@@ -19,7 +19,15 @@ import mlx.core as mx
 from .errors import Qwen3VLError
 from .generation import GenerationResponse, check_context, describe, encode_media, reading, stream_tokens
 from .model import Model
-from .options import DEFAULT_MAX_TOKENS, LOGPROBS, SamplingOptions, check_max_tokens, check_stop
+from .options import (
+    DEFAULT_KV_GROUP_SIZE,
+    DEFAULT_MAX_TOKENS,
+    LOGPROBS,
+    KVCacheOptions,
+    SamplingOptions,
+    check_max_tokens,
+    check_stop,
+)
 from .processor import (
     Processor,
     collect_media,
@@ -53,7 +61,8 @@ class ChatSession:
     exactly the tokens of `tokens`), `last` (the final response of the last answer, with its statistics),
     `prefilled` (how many tokens the last turn had to prefill). `tools`: function definitions offered to
     the model for the whole conversation; answer a call by passing `{"role": "tool", "content": ...}`
-    messages to `ask`."""
+    messages to `ask`. `kv_bits` (8 or 4) and `kv_group_size`: the cache holds keys and values quantized
+    (`stream_generate`), for the whole conversation."""
 
     def __init__(
         self,
@@ -63,9 +72,12 @@ class ChatSession:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         prefill_step_size: int | None = None,
         tools: list | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
         **sampling,
     ):
         self.model, self.processor = model, processor
+        self.kv_cache = KVCacheOptions(kv_bits, kv_group_size)
         self.system = system
         self.max_tokens = check_max_tokens(max_tokens)
         self.prefill_step_size = prefill_step_size
@@ -78,7 +90,7 @@ class ChatSession:
     def clear(self) -> None:
         """Forget the conversation and its cache (the system prompt and the tools stay)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = self.model.make_cache()
+        self.cache = self.model.make_cache(self.kv_cache)
         self.segments: list[Segment] = []
         self.last: GenerationResponse | None = None
         self.prefilled = 0

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import NoReturn
 
-from .options import NumberOption
+from .options import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, NumberOption
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -33,6 +33,25 @@ def number(option: NumberOption):
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
+
+
+def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kv-bits and --kv-group-size (options.KVCacheOptions), for chat.py and server.py alike."""
+    group = parser.add_argument_group("KV cache")
+    group.add_argument(
+        "--kv-bits",
+        type=int,
+        choices=KV_BITS,
+        help="keep the KV cache's keys and values quantized to this many bits: less memory per token of "
+        "context (default: unquantized)",
+    )
+    group.add_argument(
+        "--kv-group-size",
+        type=int,
+        choices=KV_GROUP_SIZES,
+        default=DEFAULT_KV_GROUP_SIZE,
+        help="values per quantization scale and bias (%(default)s)",
+    )
 
 
 def quiet_libraries() -> None:

@@ -66,6 +66,82 @@ class VisionConfig:
 
 
 @dataclass
+class YarnScaling:
+    """YaRN's settings (rope_type "yarn"), the way Qwen extends Qwen3-VL's context past the 256K it was
+    trained on (to 1M). transformers' `_compute_yarn_parameters` reads the same keys with the same
+    defaults; rope.py builds the frequency table and attention factor from them."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    @classmethod
+    def from_dict(cls, rope: dict[str, Any], text: dict[str, Any]) -> YarnScaling:
+        """From the merged rope settings and the rest of text_config. As in transformers: a top-level
+        original_max_position_embeddings wins, else the rope's own, else max_position_embeddings; a
+        missing factor is max_position_embeddings over the original length; beta 0 or None is the default."""
+        rope = {k: v for k, v in rope.items() if v is not None}
+        max_positions = text.get("max_position_embeddings", 262144)
+        original = text.get("original_max_position_embeddings") or rope.get(
+            "original_max_position_embeddings", max_positions
+        )
+        factor = rope.get("factor", max_positions / original)
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
+            raise Qwen3VLError(f"config.json: yarn factor {factor!r} must be a number >= 1")
+        optional = ("attention_factor", "mscale", "mscale_all_dim", "truncate")
+        settings = {k: rope[k] for k in optional if k in rope}
+        for beta in ("beta_fast", "beta_slow"):
+            if rope.get(beta):
+                settings[beta] = float(rope[beta])
+        return cls(float(factor), int(original), **settings)
+
+
+@dataclass
+class MoeConfig:
+    """The sparse MLP of Qwen3-VL-MoE (model_type "qwen3_vl_moe": 30B-A3B, 235B-A22B): a router picks
+    num_experts_per_tok of num_experts small MLPs per token. Layers in mlp_only_layers, and all but every
+    decoder_sparse_step-th layer, keep a dense MLP of intermediate_size (transformers'
+    Qwen3VLMoeTextDecoderLayer). The router always renormalises its top-k weights: transformers'
+    Qwen3-VL-MoE router reads no norm_topk_prob (unlike Qwen3-MoE's), and neither does this one."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, text: dict[str, Any]) -> MoeConfig:
+        params = dict(text)
+        # transformers 5's save_pretrained writes num_experts under its attribute-map name.
+        if "num_local_experts" in params:
+            params.setdefault("num_experts", params["num_local_experts"])
+        params["mlp_only_layers"] = list(params.get("mlp_only_layers") or [])  # null means none
+        config = _from_known_keys(cls, params, "text_config")
+        if config.decoder_sparse_step < 1:
+            raise Qwen3VLError(f"config.json: decoder_sparse_step {config.decoder_sparse_step} must be >= 1")
+        if config.num_experts > 0 and not 1 <= config.num_experts_per_tok <= config.num_experts:
+            raise Qwen3VLError(
+                f"config.json: num_experts_per_tok {config.num_experts_per_tok} must be between 1 and "
+                f"num_experts ({config.num_experts})"
+            )
+        return config
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (from 0) has the experts rather than the dense MLP."""
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+@dataclass
 class TextConfig:
     hidden_size: int
     intermediate_size: int
@@ -80,10 +156,27 @@ class TextConfig:
     max_position_embeddings: int = 262144
     hidden_act: str = "silu"
     attention_bias: bool = False
+    # The rope's context extension (rope_type "yarn"); None: the rope as trained (rope_type "default").
+    yarn: YarnScaling | None = None
+    # The experts of a MoE model (model_type "qwen3_vl_moe"); None: every layer's MLP is dense.
+    moe: MoeConfig | None = None
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt and answer) the model takes: max_position_embeddings, or with YaRN
+        the extended window (factor x the trained length) when the file did not raise
+        max_position_embeddings itself (Qwen's recipe for 1M tokens raises both)."""
+        if self.yarn is None:
+            return self.max_position_embeddings
+        extended = int(self.yarn.factor * self.yarn.original_max_position_embeddings)
+        return max(self.max_position_embeddings, extended)
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any]) -> TextConfig:
+    def from_dict(cls, params: dict[str, Any], sparse: bool = False) -> TextConfig:
+        """From text_config; `sparse`: a MoE model's, whose expert settings it also reads."""
         params = dict(params)
+        if sparse:
+            params["moe"] = MoeConfig.from_dict(params)
         # 5.x layout: everything in rope_parameters; 4.57 layout: rope_theta + rope_scaling.
         rope = dict(params.get("rope_scaling") or {})
         rope.update(params.get("rope_parameters") or {})
@@ -93,9 +186,12 @@ class TextConfig:
                 "config.json: text_config has neither rope_theta nor rope_parameters.rope_theta"
             )
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
+        if rope_type == "yarn":
+            params["yarn"] = YarnScaling.from_dict(rope, params)
+        elif rope_type != "default":
             raise Qwen3VLError(
-                f"config.json: rope_type {rope_type!r} is not supported (Qwen3-VL uses 'default')"
+                f"config.json: rope_type {rope_type!r} is not supported (Qwen3-VL uses 'default', "
+                "or 'yarn' to extend its context)"
             )
         if not rope.get("mrope_interleaved", True):
             raise Qwen3VLError(
@@ -118,6 +214,8 @@ class TextConfig:
 
 
 SUPPORTED_MODEL_TYPE = "qwen3_vl"
+# Qwen3-VL-MoE: the same model with experts in the decoder's MLPs (MoeConfig).
+MOE_MODEL_TYPE = "qwen3_vl_moe"
 
 
 @dataclass
@@ -134,14 +232,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelConfig:
         model_type = params.get("model_type")
-        if model_type == "qwen3_vl_moe":
+        if model_type not in (SUPPORTED_MODEL_TYPE, MOE_MODEL_TYPE):
             raise Qwen3VLError(
-                "config.json: model_type 'qwen3_vl_moe' (Qwen3-VL MoE, e.g. 30B-A3B) is not supported; "
-                "use a dense Qwen3-VL model (2B, 4B, 8B or 32B)"
-            )
-        if model_type != SUPPORTED_MODEL_TYPE:
-            raise Qwen3VLError(
-                f"config.json: model_type {model_type!r} is not Qwen3-VL (expected {SUPPORTED_MODEL_TYPE!r})"
+                f"config.json: model_type {model_type!r} is not Qwen3-VL (expected {SUPPORTED_MODEL_TYPE!r} "
+                f"or {MOE_MODEL_TYPE!r})"
             )
         for key in ("text_config", "vision_config"):
             if not isinstance(params.get(key), dict):
@@ -150,6 +244,6 @@ class ModelConfig:
         text = params["text_config"]
         # transformers ties lm_head by the top-level flag; older files repeat it in text_config.
         params.setdefault("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        params["text_config"] = TextConfig.from_dict(text)
+        params["text_config"] = TextConfig.from_dict(text, sparse=model_type == MOE_MODEL_TYPE)
         params["vision_config"] = VisionConfig.from_dict(params["vision_config"])
         return _from_known_keys(cls, params, "config.json")

@@ -33,6 +33,7 @@ from .loading import (
     read_weights,
 )
 from .model import Model
+from .moe import SparseMoeBlock
 from .options import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
 from .staging import Target, check_replaceable, clean_leftovers, is_model_file, staged
 
@@ -45,6 +46,12 @@ FLOAT_VISION_MODULES = ("model.visual.pos_embed", "model.visual.patch_embed.proj
 # The embedding is also the output projection of the tied 2B/4B models; mixed recipes keep both at
 # their high bit width, as mlx-lm's recipes do for lm_head.
 HIGH_PRECISION_MODULES = ("model.language_model.embed_tokens", "lm_head")
+# The MoE router (each sparse layer's `mlp.gate`, experts x hidden: tiny) at 8 bits whatever the bits or
+# recipe, as mlx-lm's and mlx-vlm's Qwen3(-VL)-MoE `quant_predicate`s keep it: it chooses experts by
+# small differences between their logits, which a coarse quantization would flip. (mlx-vlm 0.7.10's
+# converter does not consult its language model's predicate and writes the routers at the model's bits;
+# load() reads either, by the packed shapes.)
+ROUTER_BITS = 8
 # Files of the source directory that are not copied: the weights, and what the converter writes itself.
 REWRITTEN_FILES = ("config.json", "model.safetensors.index.json", "*.safetensors", "README.md")
 
@@ -84,13 +91,16 @@ def quantization_plan(
     group_size = settings["group_size"]
     recipe_params = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
     plan = {}
+    routers = {f"{path}.gate" for path, module in model.named_modules() if isinstance(module, SparseMoeBlock)}
     for path, module in model.named_modules():
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             continue
         in_vision = path.startswith("model.visual.")
         if in_vision and (not quantize_vision or path in FLOAT_VISION_MODULES):
             continue
-        if recipe is None or in_vision:
+        if path in routers:
+            plan[path] = {**settings, "bits": ROUTER_BITS}
+        elif recipe is None or in_vision:
             # The recipes rank decoder layers by sensitivity; the vision tower has no such ranking.
             plan[path] = dict(settings)
         elif path in HIGH_PRECISION_MODULES:

@@ -12,19 +12,22 @@ compare both paths with the reference.
   is swapped. `bench/matmul.py` measures each path.
 - The vision tower's matrices keep a bfloat16 checkpoint's dtype under float32 compute and are widened
   per call (`WideningLinear`): exact, half the tower's memory.
-- Exponentials in base 2. On x86, MLX's `mx.exp` (and tanh, sigmoid) is a scalar polynomial while
-  `mx.power(2, x)` is vectorised, at the same accuracy (both ~2e-6 relative to float64): the GELU, the
+- Exponentials in base 2. On x86, MLX's `mx.exp` (and tanh, sigmoid, erf) is a scalar polynomial while
+  `mx.power(2, x)` is vectorised, at the same accuracy (both ~2e-6 relative to float64): the GELUs, the
   SiLU gate and the softmax of the float32 attention fold log2(e) into their argument, as flash
   attention kernels do.
 - Attention with float32 accumulation for bfloat16 activations (`float32_attention`): MLX's CPU fallback
   computes scores and softmax in the activation dtype, which puts ~45% of bfloat16 attention outputs 1
   ulp or more away from PyTorch's kernel; in float32 the fallback is exact and stays. The vision tower's
   long segments are attended in query blocks, bounding their scores' memory, with numpy in float32
-  (`numpy_attention`: its exponentials use the vector units). The decoder's attention of a prompt chunk
-  against a long context goes over key blocks with a running softmax (`key_blocked_attention`), so its
-  scores stay one block's, not the chunk's against the whole context.
+  (`numpy_attention`: its exponentials use the vector units), one block per core at a time, each with
+  its products on its own core through the system OpenBLAS (`_blas.sgemm`). The decoder's attention of
+  a prompt chunk against a long context goes over key blocks with a running softmax
+  (`key_blocked_attention`), so its scores stay one block's, not the chunk's against the whole context.
 - The decoder's rope through cos/sin tables for every position (`TableRope`): the CPU builds MLX's fused
   rope as ~30 nodes with their temporaries per call, the tables once per forward.
+- Unquantized MoE experts with bfloat16 weights or activations are multiplied in float32
+  (`Float32SwitchLinear`): MLX's CPU `gather_mm` supports float32 only.
 - Work split into blocks to bound memory is evaluated one block at a time (`concatenate_evaluated`).
   MLX allocates an operation's output when it dispatches it, ahead of its execution, so blocks built
   lazily in one graph would all be resident at once.
@@ -45,6 +48,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from . import _blas, vision
 from .language import MLP, Attention, Rope, TextModel, apply_rope
@@ -84,12 +88,14 @@ def specialize(model: nn.Module, dtype: mx.Dtype) -> None:
             become(module, BlasQuantizedLinear)
         elif type(module) is nn.Linear and in_vision and ".patch_embed." not in f".{name}.":
             become(module, WideningLinear)  # the patch embedding sets the tower's compute dtype: kept
+        elif type(module) is SwitchLinear:
+            become(module, Float32SwitchLinear)
         elif isinstance(module, MLP):
             module.activation = silu_gate
         elif isinstance(module, Attention):
             module.attend = attention
-        elif isinstance(module, vision.VisionMLP) and module.act is vision.gelu_tanh:
-            module.act = gelu_tanh
+        elif isinstance(module, (vision.VisionMLP, vision.PatchMerger)):
+            module.act = GELUS.get(module.act, module.act)
         elif isinstance(module, vision.VisionAttention):
             module.attend = segment_attention_in_blocks
         elif isinstance(module, TextModel) and type(module.rope) is Rope:
@@ -130,6 +136,32 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return times_sigmoid(y, _GELU_TANH_FACTOR * (y + 0.044715 * (y * y * y))).astype(x.dtype)
 
 
+# gelu_erf(x) = x * Phi(x) = x * erfc(-x / sqrt(2)) / 2, erfc(z) = t exp(-z^2 + P(t)) for z >= 0 with
+# t = 1 / (1 + z / 2) (Numerical Recipes' Chebyshev fit `erfcc`, relative error below 1.2e-7 for every z)
+# and erfc(-z) = 2 - erfc(z): one vectorised power of 2 where MLX's CPU `mx.erf` is a scalar loop,
+# slower than the whole expression.
+_ERFC_POLYNOMIAL = (
+    -1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
+    0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277,
+)  # fmt: skip
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_erf(x: mx.array) -> mx.array:
+    y = x.astype(mx.float32)
+    z = mx.abs(y) * (1 / math.sqrt(2))
+    t = 1 / (1 + 0.5 * z)
+    poly = _ERFC_POLYNOMIAL[-1]
+    for c in reversed(_ERFC_POLYNOMIAL[:-1]):
+        poly = c + t * poly
+    half_erfc = (0.5 * t) * mx.power(2.0, LOG2_E * (poly - z * z))  # erfc(|y| / sqrt(2)) / 2
+    return (y * mx.where(y < 0, half_erfc, 1 - half_erfc)).astype(x.dtype)
+
+
+# The model's activations -> this module's versions (`specialize`).
+GELUS = {vision.gelu_tanh: gelu_tanh, vision.gelu_erf: gelu_erf}
+
+
 # ---- layers ---------------------------------------------------------------------------------------
 
 
@@ -168,6 +200,25 @@ class BlasQuantizedLinear(nn.QuantizedLinear):
             bits=self.bits,
             mode=self.mode,
         )
+
+
+class Float32SwitchLinear(SwitchLinear):
+    """An unquantized MoE expert projection (mlx-lm's SwitchLinear) for activations or weights narrower
+    than float32: MLX's CPU `gather_mm` takes float32 only, so both are widened for the product (exact)
+    and the result rounded once to the activations' dtype, as a float32-accumulating kernel would. The
+    widened copy of the weights is made per call: a bfloat16 MoE model unquantized on the CPU is a test
+    configuration; the quantized experts (`gather_qmm`) take any dtype and are not swapped."""
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        if x.dtype == mx.float32 and self.weight.dtype == mx.float32:
+            return super().__call__(x, indices, sorted_indices)
+        y = mx.gather_mm(
+            x.astype(mx.float32),
+            self.weight.astype(mx.float32).swapaxes(-1, -2),
+            rhs_indices=indices,
+            sorted_indices=sorted_indices,
+        )
+        return y.astype(x.dtype)
 
 
 class WideningLinear(nn.Linear):
@@ -234,18 +285,45 @@ def float32_attention(q, k, v, scale: float, mask=None) -> mx.array:
 
 
 def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
-    """The decoder's attention (`Attention.attend`). A quantized KV cache keeps mlx-lm's own quantized
-    attention. Scores larger than DECODER_SCORE_BYTES (a prompt chunk against a long context) go over
-    key blocks (`key_blocked_attention`); others in one call: MLX's fused kernel in float32, whose CPU
-    fallback is exact there, float32 accumulation for narrower activations (`float32_attention`)."""
+    """The decoder's attention (`Attention.attend`). Scores larger than DECODER_SCORE_BYTES (a prompt
+    chunk against a long context) go over key blocks (`key_blocked_attention`); others in one call: MLX's
+    fused kernel in float32, whose CPU fallback is exact there, float32 accumulation for narrower
+    activations (`float32_attention`).
+
+    A quantized KV cache (k and v packed, mlx-lm's QuantizedKVCache): a decode step reads the packed cache
+    directly (`quantized_decode_attention`). A prompt chunk takes the layer's keys and values dequantized
+    into the paths above: MLX's quantized matmul is a scalar kernel on the CPU (module docstring), several
+    times slower than these for many queries, and mlx-lm's quantized attention would hold the chunk's
+    whole scores against the context. The same stored values either way; what a chunk holds for a moment
+    is one layer's keys and values in the activation dtype."""
     if hasattr(cache, "bits"):
-        return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
+        if q.shape[2] == 1 and mask is None:
+            return quantized_decode_attention(q, k, v, cache, scale)
+        k, v = (mx.dequantize(*packed, group_size=cache.group_size, bits=cache.bits) for packed in (k, v))
+        return attention(q, k, v, cache=None, scale=scale, mask=mask)
     batch, heads, queries, _ = q.shape
     if batch * heads * queries * k.shape[2] * 4 > DECODER_SCORE_BYTES:
         return key_blocked_attention(q, k, v, scale, mask)
     if q.dtype == mx.float32:
         return scaled_dot_product_attention(q, k, v, cache=cache, scale=scale, mask=mask)
     return float32_attention(q, k, v, scale, mask)
+
+
+def quantized_decode_attention(q, k, v, cache, scale: float) -> mx.array:
+    """One query per sequence against a quantized cache's packed keys and values (mlx-lm's
+    `quantized_scaled_dot_product_attention`), with the scores, softmax and accumulation in float32 as in
+    `float32_attention`: for bfloat16 activations mlx-lm's computes the scores in bfloat16. q [B, Hq, 1,
+    d]; k, v: (packed, scales, biases), each [B, Hkv, Lk, ...]."""
+    B, n_q, _, d = q.shape
+    n_kv, dtype, f32 = k[0].shape[1], q.dtype, mx.float32
+    settings = {"group_size": cache.group_size, "bits": cache.bits}
+    q = q.reshape(B, n_kv, n_q // n_kv, 1, d).astype(f32) * (scale * LOG2_E)
+    k, v = ([x[:, :, None] for x in packed] for packed in (k, v))  # shared by the group's query heads
+    scores = mx.quantized_matmul(q, *k, transpose=True, **settings)
+    probs = mx.power(2.0, scores - scores.max(axis=-1, keepdims=True))
+    total = probs.sum(axis=-1, keepdims=True)
+    out = mx.quantized_matmul(probs.astype(dtype).astype(f32), *v, transpose=False, **settings) / total
+    return out.reshape(B, n_q, 1, -1).astype(dtype)
 
 
 def key_blocked_attention(q, k, v, scale: float, mask=None) -> mx.array:
@@ -320,36 +398,66 @@ def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
 
 
 def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Float32 non-causal attention of q, k, v [segments, heads, length, d] with numpy, a head at a time in
-    query blocks of at most ATTENTION_SCORE_BYTES of scores. The vision tower's long segments spend their
-    time in the softmax's exponentials (N^2 per head), which numpy computes with the CPU's vector units
-    (MLX's CPU backend one value at a time), each block's rows shared among the cores; the row sums come
-    out of the P @ V product (v with a column of ones). The products go through numpy's BLAS, a head at a
-    time so that each is a large product (with all heads at once, a block would have few rows). MLX's
-    buffers are read in place."""
+    """Float32 non-causal attention of q, k, v [segments, heads, length, d] with numpy and BLAS, in tasks of
+    one head's query block, at most ATTENTION_SCORE_BYTES of scores in all. The vision tower's long
+    segments spend their time in the two products and the softmax's exponentials, which numpy computes
+    with the CPU's vector units (MLX's CPU backend one value at a time). With the system OpenBLAS, each
+    of CORES threads takes tasks in turn and runs their products on its own core
+    (`_blas.single_threaded`): a block's scores stay in that core's cache from the first product through
+    the softmax to the second, and no product waits for the library's threads to meet, which costs most
+    when other processes share the cores. Otherwise the tasks run one after another with numpy's own
+    products. MLX's buffers are read in place; the output is written in the layout the caller wants."""
     mx.eval(q, k, v)
-    qn, kn, vn = np.asarray(q), np.asarray(k), np.asarray(v)
-    count, heads, length, d = qn.shape
-    out = np.empty((count, heads, length, vn.shape[-1]), np.float32)
-    block = max(1, ATTENTION_SCORE_BYTES // (length * 4))
-    for c in range(count):
-        for h in range(heads):
-            keys = np.ascontiguousarray(kn[c, h].T)
-            values = np.concatenate([vn[c, h], np.ones((length, 1), np.float32)], axis=-1)
-            for start in range(0, length, block):
-                end = min(start + block, length)
-                scores = (qn[c, h, start:end] * np.float32(scale)) @ keys  # [block, length]
-                rows = -(-(end - start) // CORES)
-                list(_threads().map(_exponentials, np.split(scores, range(rows, end - start, rows))))
-                weighted = scores @ values  # its last column: each row's sum of exponentials
-                out[c, h, start:end] = weighted[:, :-1] / weighted[:, -1:]
-    return mx.array(out)
+    qn, kn, vn = (_unit_stride_rows(np.asarray(x)) for x in (q, k, v))
+    count, heads, length, _ = qn.shape
+    out = np.empty((count, length, heads, vn.shape[-1]), np.float32)
+    workers = CORES if _blas.loaded else 1
+    rows = max(1, ATTENTION_SCORE_BYTES // (workers * length * 4))
+    tasks = iter([(c, h, s) for c in range(count) for h in range(heads) for s in range(0, length, rows)])
+    product = _blas.sgemm if _blas.loaded else _numpy_product
+    key_norms = _row_norms(kn).max(axis=-1) * scale  # [segments, heads]
+
+    def work(_) -> None:
+        scores = np.empty((min(rows, length), length), np.float32)
+        for c, h, start in tasks:  # one iterator shared by the workers: each task is taken once
+            end = min(start + rows, length)
+            block, target, queries = scores[: end - start], out[c, start:end, h], qn[c, h, start:end]
+            product(queries, kn[c, h], block, scale, transpose_b=True)
+            # The softmax is the same for any shift of a row; the row's largest score is subtracted only
+            # where a score could lie outside +-SAFE_EXPONENT (|q.k| <= |q| |k|).
+            if _row_norms(queries).max() * key_norms[c, h] > SAFE_EXPONENT:
+                block -= block.max(axis=-1, keepdims=True)
+            np.exp(block, out=block)
+            product(block, vn[c, h], target)
+            target /= block.sum(axis=-1, keepdims=True)
+
+    if workers == 1:
+        work(0)
+    else:
+        with _blas.single_threaded():
+            list(_threads().map(work, range(workers)))
+    return mx.array(out).transpose(0, 2, 1, 3)
 
 
-def _exponentials(scores: np.ndarray) -> None:
-    """exp(scores - row max), in place (a softmax before its division)."""
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
+# Scores within +-64 need no shift before their exponentials: each is then a normal float32 (no overflow, no
+# precision lost below the normal range), and their sum over any segment stays finite.
+SAFE_EXPONENT = 64.0
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("...i,...i->...", x, x))
+
+
+def _unit_stride_rows(x: np.ndarray) -> np.ndarray:
+    """x, copied unless the elements within its rows are adjacent and its rows apart (what BLAS needs; a
+    broadcast array's rows share their elements)."""
+    row = x.shape[-1] * x.itemsize
+    return x if x.strides[-1] == x.itemsize and x.strides[-2] >= row else np.ascontiguousarray(x)
+
+
+def _numpy_product(a, b, out, alpha: float = 1.0, transpose_b: bool = False) -> None:
+    """`_blas.sgemm` through numpy's matmul."""
+    np.matmul(a * np.float32(alpha), b.T if transpose_b else b, out=out)
 
 
 CORES = os.cpu_count() or 1
@@ -357,4 +465,4 @@ CORES = os.cpu_count() or 1
 
 @cache
 def _threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="mlx-qwen3vl-softmax")
+    return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="mlx-qwen3vl-attention")

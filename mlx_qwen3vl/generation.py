@@ -20,8 +20,10 @@ from .answer import Answer, AnswerText, TokenLogprobs
 from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import (
+    DEFAULT_KV_GROUP_SIZE,
     DEFAULT_MAX_TOKENS,
     LOGPROBS,
+    KVCacheOptions,
     SamplingOptions,
     check_max_tokens,
     check_stop,
@@ -284,7 +286,10 @@ def describe(encoded: list, progress) -> None:
 
 
 def check_context(model: Model, cache: PromptCache, new_tokens: int, max_tokens: int) -> None:
-    limit = model.config.text_config.max_position_embeddings
+    """Refuse, before any work, a prompt whose tokens plus max_tokens would pass the model's context
+    (`TextConfig.context_length`: extended by YaRN where config.json sets it up). Tokens, not rope
+    positions, are counted: an image takes fewer positions than tokens, and the KV cache holds tokens."""
+    limit = model.config.text_config.context_length
     if cache.offset + new_tokens + max_tokens > limit:
         raise Qwen3VLError(
             f"the prompt ({cache.offset + new_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
@@ -312,6 +317,8 @@ def stream_generate(
     json_schema=None,
     logprobs: int | None = None,
     tools: list | None = None,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     prefill_step_size: int | None = None,
     progress=None,
     **processor_options,
@@ -323,7 +330,9 @@ def stream_generate(
     20): each response's `logprobs` holds its token's log-probability and that many most likely
     alternatives (`TokenLogprobs`). `tools` (function definitions, OpenAI's form): the template offers
     them, and the calls the model makes come as `tool_calls`. A Thinking model's reasoning comes as
-    `reasoning`, apart from the answer's `text`."""
+    `reasoning`, apart from the answer's `text`. `kv_bits` (8 or 4): the KV cache holds keys and values
+    quantized in groups of `kv_group_size` (32, 64 or 128), for a long prompt's memory (README, "KV-cache
+    quantization")."""
     # Every option is checked before any media is read or encoded.
     sampling = SamplingOptions(
         temperature=temperature,
@@ -345,10 +354,10 @@ def stream_generate(
     if json_schema is not None:
         grammar = check_schema(json_schema)
         constraint = JsonConstraint(grammar, processor.tokenizer, model.config.text_config.vocab_size)
+    cache = model.make_cache(KVCacheOptions(kv_bits, kv_group_size))
     inputs, encoded = processor.prepare(
         prompt, images, videos, tools=tools, reading=reading(progress), **processor_options
     )
-    cache = model.make_cache()
     ids = inputs["input_ids"]
     check_context(model, cache, ids.shape[1], max_tokens)
     describe(encoded, progress)

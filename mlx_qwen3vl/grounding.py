@@ -14,6 +14,11 @@ The formats, as Qwen's cookbooks (github.com/QwenLM/Qwen3-VL, `cookbooks/`) show
   same 0-1000 scale, e.g. `<div class="text" data-bbox="91 101 346 127">...</div>`. "qwenvl markdown":
   Markdown where each image and table is preceded by a comment `<!-- Image (x1, y1, x2, y2) -->` or
   `<!-- Table (x1, y1, x2, y2) -->`.
+- XML points, the pointing format of Qwen2.5-VL's `spatial_understanding.ipynb` that prompts asking for
+  "XML format <points x y>object</points>" still get: `<points x1="..." y1="..." x2="..." y2="..."
+  alt="label">phrase</points>`, one or more numbered coordinate pairs, and the single `<point x="..."
+  y="..." alt="...">`. Qwen2.5-VL's values were absolute pixels of the resized input; Qwen3-VL's
+  coordinates are relative everywhere, so these are read on the same 0-1000 scale as the JSON ones.
 
 `ocr.ipynb` and `mobile_agent.ipynb` divide by 999 instead of 1000 ("the screen's resolution is
 999x999"); the grounding and document cookbooks divide by 1000, which this module follows: the two differ
@@ -60,10 +65,16 @@ class Detection:
 def parse(text: str, image_size: tuple[int, int]) -> list[Detection]:
     """Everything `text` locates, in pixels of an image of `image_size` (width, height): the original
     image as the model saw it (EXIF orientation applied, as `image.load_image` gives it), before the
-    processor's resizing. JSON entries first, then HTML elements, then Markdown comments, each in order."""
+    processor's resizing. JSON entries first, then HTML elements, Markdown comments and XML points, each in
+    order."""
     width, height = _checked_size(image_size)
     answer = text.rpartition("</think>")[2]  # a thinking model's reasoning may hold draft coordinates
-    found = [*_json_entries(answer), *_html_elements(answer), *_markdown_comments(answer)]
+    found = [
+        *_json_entries(answer),
+        *_html_elements(answer),
+        *_markdown_comments(answer),
+        *_xml_points(answer),
+    ]
     return [_in_pixels(*entry, width, height) for entry in found]
 
 
@@ -180,6 +191,28 @@ _MARKDOWN_COMMENT = re.compile(rf"<!--\s*([A-Za-z][\w ]*?)\s*\({','.join([_NUMBE
 def _markdown_comments(text: str) -> Iterator[tuple]:
     for match in _MARKDOWN_COMMENT.finditer(text):
         yield match[1], tuple(float(v) for v in match.groups()[1:]), None, {}
+
+
+_XML_POINTS = re.compile(r"<(points?)\b([^<>]*?)/?>(?:([^<]*)</\1\s*>)?", re.IGNORECASE)
+_XML_ATTRIBUTE = re.compile(r"""([A-Za-z_][\w-]*)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+
+
+def _xml_points(text: str) -> Iterator[tuple]:
+    """Each coordinate pair of each `<points ...>` / `<point ...>` element, labelled by `alt`, else by the
+    element's text. Read with regular expressions rather than an XML parser: the elements sit inside
+    free text, often unclosed when the answer was cut off, which a strict parser refuses."""
+    for match in _XML_POINTS.finditer(text):
+        attributes = {
+            m[1].lower(): m[2] if m[2] is not None else m[3] for m in _XML_ATTRIBUTE.finditer(match[2])
+        }
+        phrase = " ".join((match[3] or "").split())
+        label = attributes.get("alt", "").strip() or phrase
+        pairs = [("x", "y")] if "x" in attributes else []
+        pairs += [(f"x{i}", f"y{i}") for i in range(1, len(attributes) + 1) if f"x{i}" in attributes]
+        for x, y in pairs:
+            point = _numbers([attributes[x], attributes.get(y)], 2)
+            if point:
+                yield label, None, point, {"text": phrase} if phrase and phrase != label else {}
 
 
 def _in_pixels(label, box, point, attributes, width, height) -> Detection:

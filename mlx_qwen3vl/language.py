@@ -15,7 +15,8 @@ import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
 from .config import TextConfig
-from .rope import inv_freq, rope_periods
+from .moe import SparseMoeBlock
+from .rope import rope_periods, text_inv_freq
 
 # Absolute MRoPE positions of a prompt or chunk, [3, B, L] on the host; or, for text that continues
 # from an offset (every axis equal and consecutive), that offset alone: an int, or one per batch row.
@@ -48,12 +49,18 @@ class Rope:
     """Rotary embedding of the decoder for any positions. Text (equal axes, consecutive) takes MLX's
     fused rope, one graph node per tensor; inputs with images or videos take the interleaved MRoPE with
     cos/sin tables. Both rotate with the reference's float32 frequency table (rope.py): the fused kernel
-    divides 1 by its `freqs`, chosen so that this gives the table exactly."""
+    divides 1 by its `freqs`, chosen so that this gives the table exactly.
+
+    With YaRN (a context extended past the trained length) the table is YaRN's, and the reference
+    multiplies cos and sin by an attention factor, which scales the rotated q and k alike: the tables
+    carry it as the reference's do; the fused kernel has no output scale, so its result is multiplied
+    by it (the same value up to one float32 rounding)."""
 
     def __init__(self, config: TextConfig):
         self.dims = config.head_dim
-        self.periods = mx.array(rope_periods(config.rope_theta, config.head_dim))
-        self.inv_freq = mx.array(inv_freq(config.rope_theta, config.head_dim))
+        table, self.attention_scaling = text_inv_freq(config)
+        self.periods = mx.array(rope_periods(table))
+        self.inv_freq = mx.array(table)
         self.axes = mx.array(mrope_axes(config.head_dim, config.mrope_section))
 
     def at(self, positions: Positions, length: int, dtype: mx.Dtype):
@@ -62,7 +69,7 @@ class Rope:
         if offset is not None:
             if isinstance(offset, np.ndarray):
                 offset = mx.array(offset.astype(np.int32))
-            return partial(
+            fused = partial(
                 mx.fast.rope,
                 dims=self.dims,
                 traditional=False,
@@ -71,6 +78,9 @@ class Rope:
                 offset=offset,
                 freqs=self.periods,
             )
+            if self.attention_scaling == 1.0:
+                return fused
+            return lambda x: fused(x) * self.attention_scaling  # a Python float keeps x's dtype
         cos, signed_sin = self.tables(mx.array(positions), dtype)
         return partial(apply_rope, cos=cos, signed_sin=signed_sin)
 
@@ -81,7 +91,10 @@ class Rope:
         rounding to `dtype`)."""
         per_freq = position_ids.astype(mx.float32)[self.axes]  # [d/2, B, L]
         angles = per_freq.transpose(1, 2, 0) * self.inv_freq  # [B, L, d/2]
-        cos, sin = mx.cos(angles).astype(dtype), mx.sin(angles).astype(dtype)
+        cos, sin = mx.cos(angles), mx.sin(angles)
+        if self.attention_scaling != 1.0:  # YaRN: scaled in float32, before the cast, as the reference does
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        cos, sin = cos.astype(dtype), sin.astype(dtype)
         cos = mx.concatenate([cos, cos], axis=-1)
         sin = mx.concatenate([-sin, sin], axis=-1)
         return cos[:, None], sin[:, None]
@@ -208,10 +221,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, index: int):
         super().__init__()
         self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        sparse = config.moe is not None and config.moe.is_sparse(index)
+        self.mlp = SparseMoeBlock(config, silu_gate) if sparse else MLP(config)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -225,14 +239,25 @@ class TextModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rope = Rope(config)
 
     def fuse_projections(self) -> None:
         for layer in self.layers:
             layer.self_attn.fuse()
-            layer.mlp.fuse()
+            if isinstance(layer.mlp, MLP):  # not the experts: SwitchGLU multiplies gate and up apart
+                layer.mlp.fuse()
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """The checkpoint's decoder tensors (keys relative to this module) in this tree: a MoE layer's
+        MLP maps its experts' layouts (moe.py); the other tensors are named as the modules."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer.mlp, SparseMoeBlock):
+                prefix = f"layers.{i}.mlp."
+                own = {k[len(prefix) :]: weights.pop(k) for k in list(weights) if k.startswith(prefix)}
+                weights.update({prefix + k: v for k, v in layer.mlp.sanitize(own).items()})
+        return weights
 
     def __call__(
         self,

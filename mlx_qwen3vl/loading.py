@@ -14,6 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.utils import infer_quant_config
 
 from .backend import Backend
@@ -158,7 +159,7 @@ def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype
       get float32."""
     kept, widening, wide = set(), set(), set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
+        if isinstance(module, (nn.QuantizedLinear, QuantizedSwitchLinear)):  # the experts' too
             kept.add(name)
         if getattr(module, "keeps_stored_dtype", False):
             widening.add(name)

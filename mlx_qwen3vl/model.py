@@ -8,15 +8,17 @@ The forward contract follows transformers' argument names:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 from .config import ModelConfig
 from .errors import Qwen3VLError
 from .language import Positions, TextModel
+from .options import KVCacheOptions
 from .positions import batch_rope_index
 from .vision import VisionLayout, VisionModel
 
@@ -133,8 +135,15 @@ class Model(nn.Module):
     def layers(self):
         return self.model.language_model.layers
 
-    def make_cache(self) -> PromptCache:
-        return PromptCache([KVCache() for _ in self.layers])
+    def make_cache(self, kv: KVCacheOptions | None = None) -> PromptCache:
+        """An empty cache; with `kv.bits`, mlx-lm's QuantizedKVCache, which quantizes each token's keys and
+        values as they are written (its attention reads them quantized: `scaled_dot_product_attention`)."""
+        if kv is None or kv.bits is None:
+            return PromptCache([KVCache() for _ in self.layers])
+        head_dim = self.config.text_config.head_dim
+        if head_dim % kv.group_size:
+            raise Qwen3VLError(f"kv_group_size={kv.group_size} does not divide the head size {head_dim}")
+        return PromptCache([QuantizedKVCache(kv.group_size, kv.bits) for _ in self.layers])
 
     def vision_pieces(self, grid_thw) -> list[tuple[int, int, VisionLayout]]:
         """The pieces `encode_vision` encodes one at a time for these grids: as many whole images and
@@ -291,12 +300,18 @@ class Model(nn.Module):
         if self.config.tie_word_embeddings:
             # transformers omits lm_head; if present it equals the embedding (quantized: with its scales).
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
-        prefix = "model.visual."
-        vision = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-        weights = {k: v for k, v in weights.items() if not k.startswith(prefix)}
-        vision = VisionModel.sanitize(vision, channels_last=mlx_vlm)
-        weights.update({prefix + k: v for k, v in vision.items()})
-        return weights
+        weights = _sanitized_part(
+            weights, "model.visual.", partial(VisionModel.sanitize, channels_last=mlx_vlm)
+        )
+        return _sanitized_part(weights, "model.language_model.", self.model.language_model.sanitize)
+
+
+def _sanitized_part(weights: dict[str, mx.array], prefix: str, sanitize) -> dict[str, mx.array]:
+    """The weights with those under `prefix` passed, relative to it, through the owning module's sanitize."""
+    part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    weights = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+    weights.update({prefix + k: v for k, v in sanitize(part).items()})
+    return weights
 
 
 # mlx-vlm's module tree puts the decoder under `language_model.model` and the lm_head beside it.

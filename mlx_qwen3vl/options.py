@@ -114,6 +114,36 @@ MEDIA = _options(
 )
 
 
+# KV-cache quantization (mlx-lm's QuantizedKVCache): keys and values stored as MLX's affine 8- or 4-bit
+# values in groups of `group_size` along the head dimension, with a scale and a bias per group (64:
+# mlx-lm's default).
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
+
+
+def _choice(name: str, value, allowed: tuple[int, ...], note: str = "") -> int:
+    """A whole number among `allowed`, or a Qwen3VLError naming the option and its choices."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value not in allowed:
+        choices = ", ".join(str(a) for a in allowed[:-1]) + f" or {allowed[-1]}"
+        raise Qwen3VLError(f"{name}={value!r:.40} is not supported: must be {choices}{note}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class KVCacheOptions:
+    """How the KV cache stores keys and values: `bits` 8 or 4 (None: unquantized, in the activation
+    dtype), in groups of `group_size`."""
+
+    bits: int | None = None
+    group_size: int = DEFAULT_KV_GROUP_SIZE
+
+    def __post_init__(self):
+        if self.bits is not None:
+            object.__setattr__(self, "bits", _choice("kv_bits", self.bits, KV_BITS, " (None: unquantized)"))
+        object.__setattr__(self, "group_size", _choice("kv_group_size", self.group_size, KV_GROUP_SIZES))
+
+
 def check_max_tokens(value) -> int:
     return MAX_TOKENS.check(value)
 

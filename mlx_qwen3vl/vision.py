@@ -161,7 +161,13 @@ def apply_vision_rope(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.ar
 
 def fused_attention(q, k, v, scale: float) -> mx.array:
     """q, k, v [segments, heads, length, head_dim]: MLX's fused kernel, which never materialises the
-    scores."""
+    scores. It takes both of the towers' head dims as they are: 64 (2B, 4B) and 72 (8B, 32B: 1152 wide,
+    16 heads). With the MLX this package requires (>= 0.32.4), Metal's full-attention kernel has head_dim
+    72 (ml-explore/mlx#4330, in 0.32.2) for segments longer than 8 patches (an image or frame pair at the
+    default sizes has at least 16; shorter ones have tiny scores and take MLX's unfused ops), and on CUDA
+    cuDNN takes any multiple of 8 up to 128 in bfloat16 / float16 (float32 on CUDA is unfused for every
+    head dim). Zero-padding 72 to 80 would be exact too, but only adds work and a copy here.
+    `bench/gpu_parity.py` asks for the fused kernel at both head dims on a lent GPU."""
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 

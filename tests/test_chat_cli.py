@@ -95,6 +95,14 @@ def test_piped_question_with_an_image(tiny_checkpoint, tiny_bf16, red_image, tmp
     assert expected != generate(*tiny_bf16, question, **options)
 
 
+def test_kv_bits_quantize_the_cache_of_the_answer(tiny_checkpoint, tiny_bf16, tmp_path):
+    args = ("--model", str(tiny_checkpoint), "--prompt", "Hi", "--kv-bits", "4", "--kv-group-size", "32")
+    result = run_chat(tmp_path, *args, *GREEDY)
+    assert result.returncode == 0, result.stderr
+    expected = generate(*tiny_bf16, "Hi", max_tokens=5, temperature=0, kv_bits=4, kv_group_size=32)
+    assert result.stdout == expected + "\n"
+
+
 def test_a_thinking_models_reasoning_is_shown_first_or_hidden(tiny_thinking, tmp_path):
     expected = generate(*load(tiny_thinking), "Hi", max_tokens=5, temperature=0)
     assert expected == "" and expected.reasoning  # the random model never closes its reasoning
@@ -149,13 +157,14 @@ def bad_argument(name: str, problem: str) -> str:
         (["--presence-penalty", "nan"],
          bad_argument("presence-penalty", "nan is out of range: must be a number")),
         (["--top-k", "2.5"], bad_argument("top-k", "'2.5' is not a whole number")),
+        (["--kv-bits", "3"], bad_argument("kv-bits", "invalid choice: 3 (choose from 4, 8)")),
         (["--image", "{tmp}/large.png"],
          "{tmp}/large.png: corrupt or truncated image (cannot load this image)"),
         (["--image", "{tmp}/bomb.png"], "{tmp}/bomb.png: too large to decode safely "
          "(900,000,000 pixels, over the limit of 178,956,970); downscale it first"),
     ],
     ids=["missing model", "missing image", "max tokens 0", "temperature inf", "presence nan", "top-k 2.5",
-         "large image", "decompression bomb"],
+         "kv-bits 3", "large image", "decompression bomb"],
 )  # fmt: skip
 def test_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, args, problem):
     # A 90-megapixel PNG without pixel data: Pillow warns about its size, then cannot decode it.

@@ -97,7 +97,7 @@ def test_dense_family_configs_build_models_with_checkpoint_shapes(size, layout):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "qwen3_vl_moe"}, "MoE"),
+        ({"model_type": "qwen3_vl_moe"}, "text_config lacks num_experts"),  # a dense config called MoE
         ({"model_type": "qwen2_5_vl"}, "not Qwen3-VL"),
         ({"model_type": None}, "not Qwen3-VL"),
         ({"text_config": None}, "missing the text_config"),
@@ -117,3 +117,61 @@ def test_non_interleaved_mrope_is_refused():
     params["text_config"]["rope_scaling"]["mrope_interleaved"] = False
     with pytest.raises(Qwen3VLError, match="non-interleaved"):
         ModelConfig.from_dict(params)
+
+
+# Qwen's recipe for a context of 1M tokens (YaRN over the 256K the model was trained on).
+YARN_1M = {
+    "rope_type": "yarn",
+    "mrope_section": [24, 20, 20],
+    "mrope_interleaved": True,
+    "factor": 3.0,
+    "original_max_position_embeddings": 262144,
+}
+
+
+def with_yarn(rope_scaling: dict, **text) -> dict:
+    params = published_config()
+    params["text_config"].update(rope_scaling=rope_scaling, **text)
+    return params
+
+
+def test_yarn_is_read_in_both_layouts_and_sets_the_context():
+    params = with_yarn(YARN_1M, max_position_embeddings=1_000_000)
+    config = ModelConfig.from_dict(params)
+    assert config == ModelConfig.from_dict(as_transformers_5_layout(params))
+    yarn = config.text_config.yarn
+    assert (yarn.factor, yarn.original_max_position_embeddings, yarn.beta_fast, yarn.beta_slow) == (
+        3.0,
+        262144,
+        32.0,
+        1.0,
+    )
+    assert config.text_config.context_length == 1_000_000
+    # Without max_position_embeddings raised, the context is the extended window: factor x trained length.
+    assert ModelConfig.from_dict(with_yarn(YARN_1M)).text_config.context_length == 3 * 262144
+    assert ModelConfig.from_dict(published_config()).text_config.yarn is None
+
+
+def test_yarn_defaults_follow_transformers():
+    """No original length: max_position_embeddings (transformers' standardisation); no factor: the
+    ratio of the two; beta 0 or null: the defaults 32 / 1."""
+    rope = {"rope_type": "yarn", "factor": None, "beta_fast": 0, "beta_slow": None}
+    yarn = ModelConfig.from_dict(with_yarn(rope)).text_config.yarn
+    assert (yarn.factor, yarn.original_max_position_embeddings) == (1.0, 262144)
+    assert (yarn.beta_fast, yarn.beta_slow, yarn.truncate) == (32.0, 1.0, True)
+    shorter = with_yarn({**rope, "original_max_position_embeddings": 65536})
+    assert ModelConfig.from_dict(shorter).text_config.yarn.factor == 4.0
+
+
+@pytest.mark.parametrize(
+    "rope_scaling, message",
+    [
+        ({"rope_type": "linear", "factor": 2.0}, "rope_type 'linear' is not supported"),
+        ({"type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported"),
+        ({**YARN_1M, "factor": 0.5}, "yarn factor 0.5 must be a number >= 1"),
+        ({**YARN_1M, "factor": "3"}, "yarn factor '3' must be a number >= 1"),
+    ],
+)
+def test_other_rope_scalings_are_refused(rope_scaling, message):
+    with pytest.raises(Qwen3VLError, match=message):
+        ModelConfig.from_dict(with_yarn(rope_scaling))

@@ -19,7 +19,7 @@ import pytest
 from checkpoints import TINY, build_checkpoint, config_with
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_qwen3vl import Qwen3VLError, load
+from mlx_qwen3vl import Qwen3VLError, load, stream_generate
 from mlx_qwen3vl.convert import convert
 from mlx_qwen3vl.loading import read_config, weight_files
 from mlx_qwen3vl.staging import foreign_entries
@@ -655,3 +655,53 @@ def test_fused_projections_give_the_separate_layers_numbers(converted, prompts, 
     attention = [("qkv_proj" in layer.self_attn) for layer in mixed.layers]
     assert attention == [True, True, False, False]  # layers 2 and 3 keep v_proj at 6 bits
     assert all("gate_up_proj" in layer.mlp for layer in mixed.layers)
+
+
+UNTIED = {
+    **TINY,
+    "tie_word_embeddings": False,
+    "text_config": {**TINY["text_config"], "tie_word_embeddings": False},
+}
+
+
+def quantized_in_memory(path: Path, settings: dict, backend: str):
+    """The source model loaded, then quantized as the converter plans it (nn.quantize on the loaded model,
+    not the converter's per-tensor path) and specialised again for its backend."""
+    from mlx_qwen3vl.backend import Backend
+    from mlx_qwen3vl.convert import quantization_plan
+
+    model, processor = load(path, dtype="bfloat16", backend=backend)
+    plan = quantization_plan(model, settings)
+    nn.quantize(model, class_predicate=lambda name, module: plan.get(name, False))
+    Backend.choose(backend, "bfloat16").specialize(model)
+    return model, processor
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_4bit_conversion_generates_as_the_model_quantized_in_memory(tied, tiny_checkpoint, tmp_path):
+    """Both embedding layouts (tied like the 2B / 4B, an lm_head of its own like the 8B / 32B): the
+    converter's 4-bit output loads, quantizes what the in-memory quantization of the same model does (the
+    lm_head only where untied, the embedding in both), and generates its greedy tokens. bfloat16
+    compute, so both sides quantize the checkpoint's own values and keep bfloat16 scales; equal
+    log-probabilities at every step, not only equal tokens (a random model repeats itself)."""
+    from mlx_qwen3vl.convert import quantization_settings
+
+    source = tiny_checkpoint if tied else build_checkpoint(tmp_path / "untied", UNTIED)
+    assert read_config(source).tie_word_embeddings is tied
+    converted_dir = convert(source, tmp_path / "q4", q_bits=4, progress=False)
+    stored = {k for f in weight_files(converted_dir) for k in mx.load(str(f))}
+    assert "model.language_model.embed_tokens.scales" in stored
+    assert ("lm_head.scales" in stored) is not tied and ("lm_head.weight" in stored) is not tied
+
+    options = {"max_tokens": 4, "temperature": 0, "logprobs": 5}
+    for backend in ("cpu", "gpu"):
+        loaded, processor = load(converted_dir, dtype="bfloat16", backend=backend)
+        in_memory, _ = quantized_in_memory(source, quantization_settings(bits=4), backend)
+        answers = [
+            [
+                (r.token, r.logprobs.logprob, r.logprobs.top)
+                for r in stream_generate(m, processor, "Hi", **options)
+            ]
+            for m in (loaded, in_memory)
+        ]
+        assert len(answers[0]) == 4 and answers[0] == answers[1]

@@ -90,6 +90,7 @@ def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
     assert layer.mlp.activation is cpu.silu_gate and gpu.layers[0].mlp.activation is language.silu_gate
     assert layer.self_attn.attend is cpu.attention  # bfloat16 on the CPU: float32 accumulation
     assert block.mlp.act is cpu.gelu_tanh and gpu.model.visual.blocks[0].mlp.act is vision.gelu_tanh
+    assert on_cpu.model.visual.merger.act is cpu.gelu_erf and gpu.model.visual.merger.act is vision.gelu_erf
     assert block.attn.attend is cpu.segment_attention_in_blocks
     assert type(block.attn.qkv) is cpu.WideningLinear
     assert type(on_cpu.model.visual.patch_embed.proj) is nn.Linear  # sets the tower's compute dtype
@@ -112,6 +113,17 @@ def test_gelu_tanh_equals_pytorch_tanh_approximation():
     x = x.astype(np.float32)
     reference = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
     for gelu in (vision.gelu_tanh, cpu.gelu_tanh):
+        np.testing.assert_allclose(np.array(gelu(mx.array(x))), reference, rtol=2e-6, atol=1e-6)
+
+
+def test_gelu_erf_equals_pytorch_exact_gelu():
+    """Both forms of the mergers' exact GELU (the CPU's through erfc with a power of 2) against PyTorch's
+    gelu in float64 (its float32 kernel is itself up to ~1e-6 away from it), over the range activations
+    take, and at the extremes (no overflow to nan)."""
+    x = np.concatenate([np.linspace(-12, 12, 200001), [-1e30, -1e4, -88.0, 0.0, 88.0, 1e4, 1e30]])
+    x = x.astype(np.float32)
+    reference = torch.nn.functional.gelu(torch.from_numpy(x).double()).numpy()
+    for gelu in (vision.gelu_erf, cpu.gelu_erf):
         np.testing.assert_allclose(np.array(gelu(mx.array(x))), reference, rtol=2e-6, atol=1e-6)
 
 
@@ -151,14 +163,40 @@ def test_query_blocks_bound_the_memory_of_a_large_segment(monkeypatch):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_blocked_attention_equals_float32_attention(dtype, monkeypatch):
     """The vision tower's attention on the CPU (numpy in float32, MLX in query blocks otherwise) against
-    the exact float32 attention, over segments of several blocks, the last one ragged."""
-    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 3 * 100 * 4 * 7)
+    the exact float32 attention, over segments of several blocks, the last one ragged: numpy's 2 workers
+    in blocks of 21 query rows, MLX in blocks of 14."""
+    monkeypatch.setattr(cpu, "CORES", 2)
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 2 * 3 * 100 * 4 * 7)
     rng = np.random.default_rng(2)
     q, k, v = (mx.array(rng.standard_normal((2, 3, 100, 16)).astype(np.float32)).astype(dtype) for _ in "qkv")
     ours = cpu.segment_attention_in_blocks(q, k, v, 0.25).astype(mx.float32)
     reference = cpu.float32_attention(q, k, v, 0.25).astype(mx.float32)
     tolerance = 1e-6 if dtype == mx.float32 else 0
     np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=tolerance)
+
+
+def test_vision_attention_without_the_system_openblas(monkeypatch):
+    """Where MLX has no system OpenBLAS (macOS, or none installed), the same query blocks run one after
+    another with numpy's products, and give the exact attention too."""
+    from mlx_qwen3vl import _blas
+
+    monkeypatch.setattr(_blas, "loaded", None)
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 300 * 4 * 7)
+    rng = np.random.default_rng(5)
+    q, k, v = (mx.array(rng.standard_normal((2, 3, 300, 16)).astype(np.float32)) for _ in "qkv")
+    ours = cpu.segment_attention_in_blocks(q, k, v, 0.25)
+    reference = cpu.float32_attention(q, k, v, 0.25)
+    np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=2e-6)
+
+
+def test_vision_attention_of_scores_beyond_the_exponent_range():
+    """Scores of several hundred (float32's exponentials overflow beyond 88): the CPU's float32 path
+    shifts such rows by their largest score, as the exact attention does, and gives its result."""
+    rng = np.random.default_rng(4)
+    q, k, v = (mx.array(rng.standard_normal((2, 2, 200, 16)).astype(np.float32)) for _ in "qkv")
+    ours = cpu.segment_attention_in_blocks(q, k, v, 10.0)
+    reference = cpu.float32_attention(q, k, v, 10.0)
+    np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=1e-4)
 
 
 def random_attention_inputs(dtype, queries=37, keys=150, heads=4, kv_heads=2, seed=3):

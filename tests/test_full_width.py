@@ -1,49 +1,113 @@
-"""The real 4B widths with few layers: text 2560 (32 query / 8 kv heads of 128, so head_dim differs from
-hidden / heads), vision 1024 x 16 heads, 4096-wide mergers into 2560, three DeepStack taps."""
+"""Each dense model's real widths with few layers, against transformers on both backends: catches what
+the tiny widths cannot (head_dim != hidden / heads, GQA groups of 2 to 8, large mergers, and the 8B / 32B
+vision towers' head_dim 72).
+
+- 2B: text 2048 (16 query / 8 kv heads of 128), vision 1024 x 16 heads, merger into 2048, tied lm_head;
+- 4B: text 2560 (32 / 8 heads of 128), vision 1024 x 16 heads, merger into 2560, tied;
+- 8B: text 4096 (32 / 8 heads of 128), vision 1152 x 16 heads of 72, merger into 4096, untied;
+- 32B: text 5120 (64 / 8 heads of 128, MLP 25600), vision 1152 x 16 heads of 72, into 5120, untied.
+
+Every width is the published one; depths are 1-3 layers / 3-4 blocks (tests/checkpoints.py). The untied
+8B and 32B take a 4096-token vocabulary (their vision markers renumbered to its last four ids,
+`checkpoints.with_vocabulary`): the published 151936 rows in both the embedding and lm_head would be
+most of the memory and time of a test that is about the layers. The 2B and 4B keep the full vocabulary,
+tied as published. The transformers reference runs once per model and is freed before ours is loaded,
+so one model's weights are in memory at a time (the 32B's one layer: 2 GB in float32).
+"""
+
+import gc
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from checkpoints import FULL_WIDTH_4B, build_checkpoint, reference_model
+from checkpoints import (
+    FULL_WIDTH_2B,
+    FULL_WIDTH_4B,
+    FULL_WIDTH_8B,
+    FULL_WIDTH_32B,
+    build_checkpoint,
+    reference_model,
+    with_vocabulary,
+)
 from compare import relative_max_diff
-from prompts import make_prompts
+from prompts import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, Prompt, make_prompts
 
 from mlx_qwen3vl import load
+from mlx_qwen3vl.processor import load_tokenizer
 
 TOLERANCE = 1e-4
+SMALL_VOCABULARY = 4096
+
+# name: (config overrides, text hidden size, vision head_dim)
+MODELS = {
+    "2b": (FULL_WIDTH_2B, 2048, 64),
+    "4b": (FULL_WIDTH_4B, 2560, 64),
+    "8b": (with_vocabulary(FULL_WIDTH_8B, SMALL_VOCABULARY), 4096, 72),
+    "32b": (with_vocabulary(FULL_WIDTH_32B, SMALL_VOCABULARY), 5120, 72),
+}
+
+
+def compact_vocabulary(prompt: Prompt, vocab_size: int) -> Prompt:
+    """The prompt in a `vocab_size`-token vocabulary: the vision markers as `with_vocabulary` numbers
+    them, every other token folded into the rest (the layers do not care which tokens they embed)."""
+    ids = prompt.input_ids
+    markers = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+    if vocab_size > max(markers):  # the published vocabulary
+        return prompt
+    compact = ids % (vocab_size - len(markers))
+    for offset, marker in enumerate(markers):
+        compact = np.where(ids == marker, vocab_size - len(markers) + offset, compact)
+    return Prompt(compact, **{k: v for k, v in vars(prompt).items() if k != "input_ids"})
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def checkpoint(request, checkpoint_root):
+    path = build_checkpoint(checkpoint_root / f"full_width_{request.param}", MODELS[request.param][0])
+    yield request.param, path
+    shutil.rmtree(path)  # the 32B's layer alone is a GB on disk
 
 
 @pytest.fixture(scope="module")
-def full_width_checkpoint(checkpoint_root):
-    return build_checkpoint(checkpoint_root / "full_width_4b", FULL_WIDTH_4B)
-
-
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
-def full_width(request, full_width_checkpoint):
-    """Both backends: the CPU's, and the GPU path run on the CPU."""
-    model, processor = load(full_width_checkpoint, dtype="float32", backend=request.param)
-    return model, processor, reference_model(full_width_checkpoint, torch.float32)
-
-
-@pytest.mark.parametrize("case", ["image_and_video"])
-def test_full_width_logits_and_vision_match_transformers(case, full_width):
-    model, processor, reference = full_width
-    config = model.config
-    assert (config.text_config.hidden_size, config.text_config.head_dim) == (2560, 128)
-    assert config.text_config.num_attention_heads * config.text_config.head_dim != 2560
-    prompt = make_prompts(processor.tokenizer)[case]
-    logits = model(prompt.input_ids, **prompt.mlx_inputs())
+def expected(checkpoint):
+    """transformers' float32 logits and image features for the image + video prompt, computed once per
+    model; the reference model (not kept in `reference_model`'s cache) is freed on return."""
+    path = checkpoint[1]
+    reference = reference_model.__wrapped__(path, torch.float32)
+    prompt = make_prompts(load_tokenizer(path))["image_and_video"]
+    inputs = prompt.torch_inputs()  # mm_token_type_ids from the published ids: the same positions
+    vocab = reference.config.text_config.vocab_size
+    inputs["input_ids"] = torch.tensor(compact_vocabulary(prompt, vocab).input_ids)
     with torch.no_grad():
-        ref = reference(**prompt.torch_inputs()).logits.numpy()
-    assert relative_max_diff(logits, ref) < TOLERANCE
-
-    encoded = model.encode_vision(prompt.pixel_values, prompt.image_grid_thw)
-    features, deepstack = encoded.features, encoded.deepstack
-    with torch.no_grad():
-        ref_vision = reference.model.visual(
+        logits = reference(**inputs).logits.numpy()
+        vision = reference.model.visual(
             torch.tensor(prompt.pixel_values), grid_thw=torch.tensor(prompt.image_grid_thw)
         )
-    assert features.shape == (int(np.prod(prompt.image_grid_thw)) // 4, 2560)
-    assert relative_max_diff(features, ref_vision.pooler_output.numpy()) < TOLERANCE
-    for ours, ref_ds in zip(deepstack, ref_vision.deepstack_features, strict=True):
-        assert relative_max_diff(ours, ref_ds.numpy()) < TOLERANCE
+    result = {
+        "logits": logits,
+        "features": vision.pooler_output.numpy(),
+        "deepstack": [d.numpy() for d in vision.deepstack_features],
+    }
+    del reference, vision
+    gc.collect()
+    return result
+
+
+# Both backends: the CPU's, and the GPU path run on the CPU; loaded in the test, so that each model's
+# checkpoint and reference are built once for both.
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_full_width_logits_and_vision_match_transformers(expected, checkpoint, backend):
+    model, processor = load(checkpoint[1], dtype="float32", backend=backend)
+    _, hidden, vision_head_dim = MODELS[checkpoint[0]]
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.hidden_size, text.head_dim, vision.head_dim) == (hidden, 128, vision_head_dim)
+    prompt = make_prompts(processor.tokenizer)["image_and_video"]
+    prompt = compact_vocabulary(prompt, text.vocab_size)
+    logits = model(prompt.input_ids, **prompt.mlx_inputs())
+    assert relative_max_diff(logits, expected["logits"]) < TOLERANCE
+
+    encoded = model.encode_vision(prompt.pixel_values, prompt.image_grid_thw)
+    assert encoded.features.shape == (int(np.prod(prompt.image_grid_thw)) // 4, hidden)
+    assert relative_max_diff(encoded.features, expected["features"]) < TOLERANCE
+    for ours_ds, ref_ds in zip(encoded.deepstack, expected["deepstack"], strict=True):
+        assert relative_max_diff(ours_ds, ref_ds) < TOLERANCE

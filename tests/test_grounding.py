@@ -147,6 +147,32 @@ def test_qwenvl_markdown_comments():
     ]
 
 
+def test_xml_points_each_pair_labelled_by_alt_or_text():
+    text = (
+        'Here: <points x1="100" y1="200" x2="500.5" y2="1000" alt="cakes">two cakes</points>, '
+        '<point x=\'250\' y=\'0\'>the knife</point> and <POINTS X1="1200" Y1="-5" alt="far"/>'
+    )
+    assert parse(text, (2000, 1000)) == [
+        Detection("cakes", point=(200.0, 200.0), attributes={"text": "two cakes"}),
+        Detection("cakes", point=(1001.0, 1000.0), attributes={"text": "two cakes"}),
+        Detection("the knife", point=(500.0, 0.0)),
+        Detection("far", point=(2000.0, 0.0)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<points x1="100" y1="20',  # cut off inside the element
+        '<points x1="ten" y1="20">x</points>',  # not a number
+        '<points x1="100">no y</points>',  # a pair without its y
+        '<pointer x="1" y="2">not a point</pointer>',
+    ],
+)
+def test_broken_xml_points_give_nothing(text):
+    assert parse(text, SIZE) == []
+
+
 def test_describe_counts_boxes_and_points():
     assert grounding.describe(EXPECTED) == "2 boxes and 1 point"
     assert grounding.describe(EXPECTED[:1]) == "1 box"

@@ -24,10 +24,12 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from mlx_lm.models.cache import QuantizedKVCache
 from PIL import Image
 from scripted import say
 
 from mlx_qwen3vl import generate, load, stream_generate
+from mlx_qwen3vl.options import KVCacheOptions
 from mlx_qwen3vl.processor import normalize_messages
 from mlx_qwen3vl.serving.app import create_app
 from mlx_qwen3vl.serving.engine import Engine
@@ -46,9 +48,9 @@ def free_port() -> int:
 class Server:
     """create_app + uvicorn in a thread of this process, so tests can look at the engine."""
 
-    def __init__(self, checkpoint: Path, **policy):
+    def __init__(self, checkpoint: Path, engine_options: dict | None = None, **policy):
         model, processor = load(checkpoint, dtype="float32")
-        self.engine = Engine(model, processor)
+        self.engine = Engine(model, processor, **(engine_options or {}))
         self.engine.start()
         self.port = free_port()
         app = create_app(self.engine, "tiny", api_key=KEY, policy=MediaPolicy(**policy))
@@ -250,6 +252,40 @@ def test_concurrent_requests_equal_the_same_requests_one_at_a_time(server, local
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda q: ask(server, [{"role": "user", "content": q}]), questions))
     assert answers == expected
+
+
+def test_a_quantized_kv_cache_decodes_together_and_continues_conversations(tiny_checkpoint, local):
+    """--kv-bits: every request's cache is quantized. mlx-lm has no batched form of that cache, so the
+    answers advance together a forward pass each (serving/batch.py); they equal the package's with the
+    same cache, and a conversation continues from its stored quantized cache."""
+    quantized = Server(tiny_checkpoint, engine_options={"kv_cache": KVCacheOptions(8)})
+    try:
+        questions = [f"Question number {i}?" for i in range(6)]
+        expected = [generate(*local, q, kv_bits=8, **GREEDY) for q in questions]
+        with ThreadPoolExecutor(len(questions)) as pool:
+            answers = list(pool.map(lambda q: ask(quantized, [{"role": "user", "content": q}]), questions))
+        assert answers == expected
+        assert quantized.engine.widest > 1
+        for question, answer in zip(questions, expected, strict=True):  # from the caches given back
+            assert ask(quantized, [{"role": "user", "content": question}]) == answer
+            assert quantized.engine.reused > 0
+
+        image = png(5, (160, 96))
+        messages = [user(image_part(data_url(image)), "Describe it.")]
+        first = ask(quantized, messages)
+        messages += [{"role": "assistant", "content": first}, user("And the colours?")]
+        second = ask(quantized, messages)
+        assert quantized.engine.reused > 60  # the first turn's prompt, image included
+        entries = quantized.engine.store.entries
+        assert entries and all(isinstance(c, QuantizedKVCache) for e in entries for c in e.cache)
+        fresh_messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And the colours?"},
+        ]
+        assert second == generate(*local, fresh_messages, images=[image], kv_bits=8, **GREEDY)
+    finally:
+        quantized.close()
 
 
 def test_concurrent_requests_with_their_own_settings_are_decoded_together_as_alone(server):

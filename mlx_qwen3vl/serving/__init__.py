@@ -5,6 +5,8 @@ decodes the answers of concurrent requests together (batch.py)."""
 
 from __future__ import annotations
 
+from ..options import DEFAULT_KV_GROUP_SIZE, KVCacheOptions
+
 
 def serve(
     model_path: str,
@@ -18,9 +20,13 @@ def serve(
     cache_entries: int = 8,
     cache_bytes: int = 2 * 10**9,
     max_batch: int = 8,
+    kv_bits: int | None = None,
+    kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     log_level: str = "info",
 ) -> None:
-    """Load the model once and serve it until interrupted: up to `max_batch` answers decoded together."""
+    """Load the model once and serve it until interrupted: up to `max_batch` answers decoded together.
+    `kv_bits` (8 or 4): every request's KV cache holds keys and values quantized (`stream_generate`); its
+    answers then advance together a forward pass each (serving/batch.py)."""
     import uvicorn
 
     from ..loading import load
@@ -28,9 +34,15 @@ def serve(
     from .engine import Engine
     from .media import MediaPolicy
 
+    kv_cache = KVCacheOptions(kv_bits, kv_group_size)  # checked before the model loads
     model, processor = load(model_path, dtype=dtype)
     engine = Engine(
-        model, processor, cache_entries=cache_entries, cache_bytes=cache_bytes, max_batch=max_batch
+        model,
+        processor,
+        cache_entries=cache_entries,
+        cache_bytes=cache_bytes,
+        max_batch=max_batch,
+        kv_cache=kv_cache,
     )
     engine.start()
     policy = MediaPolicy(max_bytes=max_media_bytes, allow_local_files=allow_local_files)

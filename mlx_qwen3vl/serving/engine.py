@@ -31,11 +31,12 @@ from ..generation import (
     token_sampler,
 )
 from ..model import Model, PromptCache
+from ..options import KVCacheOptions
 from ..positions import batch_rope_index
 from ..processor import EncodedMedia, Processor, media_defaults, stack_media
 from ..structured import JsonConstraint, check_schema, grammar_tokenizer
 from ..tools import ToolCall
-from .batch import Batch
+from .batch import make_batch
 from .media import Fetched, VideoFile
 from .prompt_cache import Key, PromptCacheStore
 from .protocol import Request, logprob_entry
@@ -114,14 +115,16 @@ class Engine:
         cache_entries: int = 8,
         cache_bytes: int = 2 * 10**9,
         max_batch: int = 8,
+        kv_cache: KVCacheOptions | None = None,
     ):
         self.model, self.processor = model, processor
-        self.store = PromptCacheStore(model, cache_entries, cache_bytes)
+        self.kv_cache = kv_cache or KVCacheOptions()
+        self.store = PromptCacheStore(model, cache_entries, cache_bytes, self.kv_cache)
         self.decoded: OrderedDict[tuple, EncodedMedia] = OrderedDict()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="mlx-qwen3vl-engine", daemon=True)
         self.max_batch = max_batch
-        self.batch = Batch(model)
+        self.batch = make_batch(model, self.kv_cache)
         self.sequences: list[Sequence] = []  # one per row of the batch, in its order
         self.reused = 0  # prompt tokens the last request found in the cache (for tests and logs)
         self.widest = 0  # the most rows decoded together so far (for tests and logs)
@@ -232,7 +235,7 @@ class Engine:
             traceback.print_exc()
             for sequence in self.sequences:
                 sequence.job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
-            self.sequences, self.batch = [], Batch(self.model)
+            self.sequences, self.batch = [], make_batch(self.model, self.kv_cache)
 
     def _take(self, sequence: Sequence, token: int, distribution) -> bool:
         """A sequence's next token (already fed to its cache): send what it adds to the answer. True when

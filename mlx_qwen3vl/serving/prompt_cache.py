@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model import Model, PromptCache
+from ..options import KVCacheOptions
 
 Key = tuple[int, str | None]
 
@@ -49,10 +50,18 @@ def usable_prefix(length: int, prompt_length: int, blocks: list[tuple[int, int]]
 
 
 class PromptCacheStore:
-    """At most `entries` caches of at most `max_bytes` in all, least recently used out first."""
+    """At most `entries` caches of at most `max_bytes` in all (as held: quantized ones count their packed
+    size), least recently used out first; new caches are of the kind `kv_cache` says."""
 
-    def __init__(self, model: Model, entries: int = 8, max_bytes: int = 2 * 10**9):
+    def __init__(
+        self,
+        model: Model,
+        entries: int = 8,
+        max_bytes: int = 2 * 10**9,
+        kv_cache: KVCacheOptions | None = None,
+    ):
         self.model = model
+        self.kv_cache = kv_cache
         self.capacity = entries
         self.max_bytes = max_bytes
         self.entries: list[Entry] = []  # most recent last
@@ -69,7 +78,7 @@ class PromptCacheStore:
             if length > best_length:
                 best, best_length = entry, length
         if best is None:
-            return self.model.make_cache(), 0
+            return self.model.make_cache(self.kv_cache), 0
         self.entries.remove(best)
         cache = best.cache
         for layer in cache:
