@@ -22,10 +22,14 @@ frame count grows.
   Each (system, frame count) runs in its own process; a run whose peak, extrapolated from the system's
   smaller runs, would exceed `--max-gb` is not started.
 - ttft: a question about the synthetic 1-hour and 10-minute mp4v files (above) answered through each
-  system's `stream_generate` at our default sampling (2 frames a second, at most 768; mlx-vlm is given
-  `fps=2, max_frames=768`, its own default keeping 16 frames), float32: the time from the call to the first
-  token (reading the file, the vision tower, the prefill of the whole prompt) and the peak memory: MLX's
-  (weights, activations, KV cache) and the process's resident size (frames read into numpy included).
+  system's `stream_generate` at 2 frames a second, at most 768 (our default; mlx-vlm is given `fps=2,
+  max_frames=768`, its own default keeping 16 frames), each frame sized by the system's default: ours
+  qwen-vl-utils' (128000 x 32^2 x 0.9 pixels shared among the frames, at least 128 x 32^2 each),
+  mlx-vlm transformers' processor's (25,165,824 pixels shared, 7x fewer tokens here);
+  `--video-options` sets ours to mlx-vlm's sizes for a run of equal work. Float32: the time from the call
+  to the first token (reading the file, the vision tower, the prefill of the whole prompt) and the peak
+  memory: MLX's (weights, activations, KV cache) and the process's resident size (frames read into numpy
+  included).
   Each run is its own process with its address space capped at `--max-gb` (RLIMIT_AS), so a system
   that needs more fails with an allocation error instead of taking the machine's memory.
 
@@ -63,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=1, help="decoder layers (ttft)")
     p.add_argument("--vision-blocks", type=int)
     p.add_argument("--lengths", default=",".join(LENGTHS), help="ttft: which synthetic files")
+    p.add_argument(
+        "--video-options",
+        default="{}",
+        help='ttft: our video options as JSON, e.g. {"min_pixels": 4096, "max_pixels": 40960} for frames '
+        "the size of mlx-vlm's (transformers' processor shares 25,165,824 pixels among the frames)",
+    )
     p.add_argument("--compare", default="", help="mlx-vlm, for the vision and ttft figures")
     p.add_argument("--frames", default=",".join(map(str, FRAME_COUNTS)))
     p.add_argument("--budget-gb", type=float, help="our vision budget (default: the package's)")
@@ -377,7 +387,8 @@ def ttft_worker(spec: dict) -> dict:
         model, processor = load(spec["checkpoint"], dtype="float32")
 
         def answer():
-            return stream_generate(model, processor, QUESTION, videos=[spec["video"]], max_tokens=1)
+            options = spec.get("options", {})
+            return stream_generate(model, processor, QUESTION, [], [spec["video"]], max_tokens=1, **options)
 
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -409,6 +420,7 @@ def ttft(args) -> dict:
         results[length] = {}
         for system in systems:
             spec = {"system": system, "video": str(files[f"mp4v {length}"]), "checkpoint": str(checkpoint)}
+            spec["options"] = json.loads(args.video_options) if system == "ours" else {}
             command = [sys.executable, __file__, "ttft", "--worker", json.dumps(spec)]
             cap = capped(args.max_gb)
             run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, preexec_fn=cap)
@@ -424,13 +436,17 @@ def ttft(args) -> dict:
 def render_ttft(output: dict) -> str:
     results = output["results"]["results"]
     systems = list(next(iter(results.values())))
+    options = output["config"].get("video_options", "{}")
     lines = [
         f"## A question about a long video: time to first token and peak memory "
         f"({output['results']['checkpoint']}, float32, {output['backend']})",
         "",
         f"{output['date']}; {output['machine'].get('cpu', '?')} ({output['machine']['cpus']} CPUs); "
-        f"synthetic 1280x720 mp4v files at {FPS} fps, sampled at 2 frames a second, at most 768; one run "
-        f"each, each in its own process, its address space capped at {output['results']['cap_gb']:g} GB.",
+        f"synthetic 1280x720 mp4v files at {FPS} fps, sampled at 2 frames a second, at most 768, each frame "
+        "sized by the system's default (ours qwen-vl-utils', mlx-vlm transformers' processor's)"
+        + (f", ours with {options}" if options != "{}" else "")
+        + "; one run each, each in its own process, its address space capped at "
+        f"{output['results']['cap_gb']:g} GB.",
         "",
         "| video | system | prompt tokens | time to first token | MLX peak | resident peak |",
         "|---|---|---:|---:|---:|---:|",

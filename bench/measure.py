@@ -181,7 +181,7 @@ def quantize(model, bits: int, skip: tuple[str, ...]) -> int:
 
     def predicate(path: str, module) -> bool | dict:
         nonlocal count
-        experts = type(module).__name__ == "SwitchLinear"
+        experts = type(module).__name__.endswith("SwitchLinear")  # also cpu.py's Float32SwitchLinear
         if path.startswith(skip) or not (experts or isinstance(module, (nn.Linear, nn.Embedding))):
             return False
         if module.weight.shape[-1] % GROUP_SIZE:
