@@ -21,7 +21,6 @@ widths; a trained model's keys and values have their own statistics.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(1, str(ROOT))
 
 import presets  # noqa: E402
 from inputs import noise_image, prompt_ids  # noqa: E402
-from measure import run_record, save_record  # noqa: E402
+from measure import finish  # noqa: E402
 
 FULL_DEPTH = {"2b": 28, "4b": 36, "8b": 36, "tiny": 4}  # the published decoder depths
 VISION_START = 151652
@@ -241,17 +240,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import mlx_qwen3vl  # noqa: F401  (before mlx.core is imported: binds the system OpenBLAS)
 
-    if args.render:
-        output = json.loads(args.render.read_text())
-        print(render(output))
-        return output
-    results = run(args)
-    output = run_record(args, results)
-    text = render(output)
-    print(text)
-    if args.save:
-        save_record(output, text, "kv-cache", args.label)
-    return output
+    return finish(args, run, render, lambda _: "kv-cache")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT))
 
 import presets  # noqa: E402
-from measure import run_record, save_record  # noqa: E402
+from measure import finish  # noqa: E402
 
 WIDTH, HEIGHT, FPS = 1280, 720, 30
 PIECE_SECONDS = 25  # 750 frames: three of x264's default keyframe intervals
@@ -476,22 +476,12 @@ def main(argv=None) -> dict:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
     run, render = FIGURES[args.what]
-    if args.render:
-        output = json.loads(args.render.read_text())
-        print(render(output))
-        return output
-    results = run(args)
-    output = run_record(args, results)
-    text = render(output)
-    print(text)
-    if args.save:
-        name = {
-            "decode": "video-decode",
-            "vision": f"{results.get('checkpoint')}_video-vision-memory",
-            "ttft": f"{results.get('checkpoint')}_float32_long-video-ttft",
-        }[args.what]
-        save_record(output, text, name, args.label)
-    return output
+    names = {
+        "decode": lambda _: "video-decode",
+        "vision": lambda results: f"{results['checkpoint']}_video-vision-memory",
+        "ttft": lambda results: f"{results['checkpoint']}_float32_long-video-ttft",
+    }
+    return finish(args, run, render, names[args.what])
 
 
 if __name__ == "__main__":

@@ -319,3 +319,20 @@ def save_record(record: dict, text: str, name: str, label: str = "") -> str:
     (results / f"{stem}.md").write_text(text + "\n")
     print(f"[bench] saved bench/results/{stem}.json and .md")
     return stem
+
+
+def finish(args, run, render, name) -> dict:
+    """A bench script's end: print a saved run again (`--render`), or run, print and (`--save`) save it
+    under `name(results)`."""
+    import json
+
+    if args.render:
+        output = json.loads(args.render.read_text())
+        print(render(output))
+        return output
+    output = run_record(args, run(args))
+    text = render(output)
+    print(text)
+    if args.save:
+        save_record(output, text, name(output["results"]), args.label)
+    return output

@@ -23,6 +23,15 @@ from checkpoints import TINY  # noqa: E402  (tests/checkpoints.py: the tiny test
 
 CACHE_ROOT = Path(os.environ.get("MLX_QWEN3VL_BENCH_CACHE", "~/.cache/mlx-qwen3vl-bench")).expanduser()
 
+# The vision tower of the 8B, the 32B and the 30B-A3B (SPEC §1.2), each with its own merger width.
+VISION_27X1152 = {
+    "depth": 27,
+    "hidden_size": 1152,
+    "num_heads": 16,
+    "intermediate_size": 4304,
+    "deepstack_visual_indexes": [8, 16, 24],
+}
+
 # Overrides of the published 4B config.json (SPEC §1.1); 2B, 8B and 32B from SPEC §1.2, 30B-A3B from its
 # published config.json (the README's MoE section).
 PRESETS: dict[str, dict] = {
@@ -49,12 +58,8 @@ PRESETS: dict[str, dict] = {
             "tie_word_embeddings": False,
         },
         "vision_config": {
-            "depth": 27,
-            "hidden_size": 1152,
-            "num_heads": 16,
-            "intermediate_size": 4304,
+            **VISION_27X1152,
             "out_hidden_size": 4096,
-            "deepstack_visual_indexes": [8, 16, 24],
         },
     },
     "32b": {
@@ -68,12 +73,8 @@ PRESETS: dict[str, dict] = {
             "tie_word_embeddings": False,
         },
         "vision_config": {
-            "depth": 27,
-            "hidden_size": 1152,
-            "num_heads": 16,
-            "intermediate_size": 4304,
+            **VISION_27X1152,
             "out_hidden_size": 5120,
-            "deepstack_visual_indexes": [8, 16, 24],
         },
     },
     # Qwen/Qwen3-VL-30B-A3B-Instruct: 128 experts of width 768, 8 per token, in every layer; the 8B's
@@ -101,12 +102,8 @@ PRESETS: dict[str, dict] = {
         },
         "vision_config": {
             "model_type": "qwen3_vl_moe",
-            "depth": 27,
-            "hidden_size": 1152,
-            "num_heads": 16,
-            "intermediate_size": 4304,
+            **VISION_27X1152,
             "out_hidden_size": 2048,
-            "deepstack_visual_indexes": [8, 16, 24],
         },
     },
 }

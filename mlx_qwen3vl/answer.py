@@ -102,7 +102,7 @@ class AnswerText:
             self.logprobs = token_logprobs(token, distribution, self.top)
         self.detokenizer.add_token(token)
         text = self.detokenizer.text
-        self.cut = first_marker(text, self.stops)
+        self.cut = first_marker(text, self.stops, self.shown)
         if self.cut is not None:
             return self._end("stop_string")
         if self.count == self.max_tokens:
