@@ -12,8 +12,9 @@ frame count grows.
   repeated with shifted timestamps up to 10 minutes and 1 hour, so an hour-long file takes seconds to
   write and every frame of it still has to be decoded. "grab every frame" is the reading without the
   keyframe index (a seek only past gaps longer than 250 frames: the reading before the index was added);
-  "keyframe index" is `load_video` as it is (keyframes read from the packets, a seek wherever one lies
-  ahead). Both give the same frames (checked).
+  "keyframe index" reads the keyframes from the packets and seeks wherever one lies ahead, with one
+  capture, or "in parts": `load_video` as it is, several captures at once (video.READERS), each over a
+  contiguous part of the planned frames. All give the same frames (checked).
 - vision: the vision tower on the pixel rows of a 1280x720 video sampled to 16, 256 and 768 frames at the
   default per-frame sizes (the processor's grids; random pixel values), until the features are
   evaluated: MLX's peak memory (weights included) and the time. "ours" encodes in pieces that fit the
@@ -39,6 +40,7 @@ Both systems bind MLX's float32 matmuls to the system OpenBLAS (this package's i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -154,17 +156,24 @@ def long_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def read_seconds(path: Path, keyframe_index: bool):
+# How each reading is set up (video.py's attributes replaced for its run): the reading before the keyframe
+# index; the index with one capture; the index with the file's frames read in parts by several captures
+# at once (load_video as it is).
+WAYS = {
+    "grab every frame": {"_keyframes": lambda _: None},
+    "keyframe index, one capture": {"READERS": 1},
+    "keyframe index, in parts": {},
+}
+
+
+def read_seconds(path: Path, way: str):
     from unittest import mock
 
     from mlx_qwen3vl import video
 
-    start = time.perf_counter()
-    if keyframe_index:
+    with mock.patch.multiple(video, **WAYS[way]) if WAYS[way] else contextlib.nullcontext():
+        start = time.perf_counter()
         frames = video.load_video(path).frames
-    else:
-        with mock.patch.object(video, "_keyframes", lambda _: None):
-            frames = video.load_video(path).frames
     return time.perf_counter() - start, frames
 
 
@@ -175,14 +184,15 @@ def decode(args) -> dict:
     for name, path in long_files(args.cache / "long-video").items():
         row = {"file_mb": path.stat().st_size / 1e6}
         for run in range(args.runs):
-            # Alternate the order, so that neither way always reads a file the other left in the page cache.
-            ways = [("grab every frame", False), ("keyframe index", True)][:: 1 if run % 2 else -1]
+            # Alternate the order, so that no way always reads a file another left in the page cache.
             outputs = {}
-            for way, index in ways:
-                seconds, outputs[way] = read_seconds(path, index)
+            for way in list(WAYS)[:: 1 if run % 2 else -1]:
+                seconds, outputs[way] = read_seconds(path, way)
                 row.setdefault(way, []).append(seconds)
-            assert np.array_equal(*outputs.values()), f"{name}: the two ways read different frames"
-            row["frames"] = list(outputs.values())[0].shape
+            first = next(iter(outputs.values()))
+            same = all(np.array_equal(first, o) for o in outputs.values())
+            assert same, f"{name}: the ways read different frames"
+            row["frames"] = first.shape
         print(f"[decode] {name}: {row}", flush=True)
         results[name] = row
     return results
@@ -196,13 +206,14 @@ def render_decode(output: dict) -> str:
         f"median of {output['config']['runs']} run(s) each, alternating; files at {FPS} fps, "
         f"{PIECE_SECONDS}-second pieces repeated (every frame still decoded).",
         "",
-        "| file | frames kept | grab every frame | keyframe index | speedup |",
-        "|---|---:|---:|---:|---:|",
+        "| file | frames kept | " + " | ".join(WAYS) + " | speedup |",
+        "|---|---:|" + "---:|" * (len(WAYS) + 1),
     ]
     for name, row in output["results"].items():
-        before, after = (statistics.median(row[w]) for w in ("grab every frame", "keyframe index"))
+        seconds = [statistics.median(row[way]) for way in WAYS if way in row]
         kept = f"{row['frames'][0]} of {LENGTHS[name.split()[1]] * FPS:,}"
-        lines.append(f"| {name} | {kept} | {before:.1f} s | {after:.1f} s | {before / after:.1f}x |")
+        times = " | ".join(f"{s:.1f} s" for s in seconds)
+        lines.append(f"| {name} | {kept} | {times} | {seconds[0] / seconds[-1]:.1f}x |")
     return "\n".join(lines)
 
 

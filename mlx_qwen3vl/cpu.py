@@ -21,9 +21,11 @@ compare both paths with the reference.
   ulp or more away from PyTorch's kernel; in float32 the fallback is exact and stays. The vision tower's
   long segments are attended in query blocks, bounding their scores' memory, with numpy in float32
   (`numpy_attention`: its exponentials use the vector units), one block per core at a time, each with
-  its products on its own core through the system OpenBLAS (`_blas.sgemm`). The decoder's attention of
-  a prompt chunk against a long context goes over key blocks with a running softmax
-  (`key_blocked_attention`), so its scores stay one block's, not the chunk's against the whole context.
+  its products on its own core through the system OpenBLAS (`_blas.sgemm`); so is the decoder's
+  attention of a float32 prompt chunk, causal, with grouped-query heads. Other prompt chunks against a
+  long context (bfloat16, a batch's padding mask) go over key blocks with a running softmax
+  (`key_blocked_attention`). Either way the scores held are a block's, not the chunk's against the
+  whole context.
 - The decoder's rope through cos/sin tables for every position (`TableRope`): the CPU builds MLX's fused
   rope as ~30 nodes with their temporaries per call, the tables once per forward.
 - Unquantized MoE experts with bfloat16 weights or activations are multiplied in float32
@@ -74,8 +76,9 @@ ATTENTION_SCORE_BYTES = 32 * 2**20
 # chunk against a long context is a multiple of the chunk's share of the KV cache. Blocks of this size
 # are also faster than the whole (less memory traffic).
 DECODER_SCORE_BYTES = 32 * 2**20
-# From about this many patches per segment, numpy's vectorised exponentials outweigh the Python calls it
-# makes per head (`numpy_attention`); shorter segments (small images) stay in MLX.
+# From about this many patches per segment (or prompt tokens per chunk), numpy's vectorised exponentials
+# outweigh the Python calls it makes per head (`numpy_attention`); shorter segments (small images) and
+# chunks (a chat turn's few tokens, a decode step) stay in MLX.
 NUMPY_ATTENTION_LENGTH = 192
 
 
@@ -285,10 +288,12 @@ def float32_attention(q, k, v, scale: float, mask=None) -> mx.array:
 
 
 def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
-    """The decoder's attention (`Attention.attend`). Scores larger than DECODER_SCORE_BYTES (a prompt
-    chunk against a long context) go over key blocks (`key_blocked_attention`); others in one call: MLX's
-    fused kernel in float32, whose CPU fallback is exact there, float32 accumulation for narrower
-    activations (`float32_attention`).
+    """The decoder's attention (`Attention.attend`). A float32 prompt chunk of NUMPY_ATTENTION_LENGTH
+    tokens or more, causal, with numpy (`numpy_attention`: its scores bounded, its exponentials
+    vectorised, a block per core). Otherwise scores larger than DECODER_SCORE_BYTES (a short chunk
+    against a long context, bfloat16, a batch's mask) go over key blocks (`key_blocked_attention`); others
+    in one call: MLX's fused kernel in float32, whose CPU fallback is exact there, float32 accumulation
+    for narrower activations (`float32_attention`).
 
     A quantized KV cache (k and v packed, mlx-lm's QuantizedKVCache): a decode step reads the packed cache
     directly (`quantized_decode_attention`). A prompt chunk takes the layer's keys and values dequantized
@@ -302,6 +307,9 @@ def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
         k, v = (mx.dequantize(*packed, group_size=cache.group_size, bits=cache.bits) for packed in (k, v))
         return attention(q, k, v, cache=None, scale=scale, mask=mask)
     batch, heads, queries, _ = q.shape
+    causal = isinstance(mask, str)
+    if q.dtype == mx.float32 and queries >= NUMPY_ATTENTION_LENGTH and (mask is None or causal):
+        return numpy_attention(q, k, v, scale, causal)
     if batch * heads * queries * k.shape[2] * 4 > DECODER_SCORE_BYTES:
         return key_blocked_attention(q, k, v, scale, mask)
     if q.dtype == mx.float32:
@@ -397,12 +405,15 @@ def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
     return mx.concatenate(segments, axis=0) if count > 1 else segments[0]
 
 
-def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Float32 non-causal attention of q, k, v [segments, heads, length, d] with numpy and BLAS, in tasks of
-    one head's query block, at most ATTENTION_SCORE_BYTES of scores in all. The vision tower's long
-    segments spend their time in the two products and the softmax's exponentials, which numpy computes
-    with the CPU's vector units (MLX's CPU backend one value at a time). With the system OpenBLAS, each
-    of CORES threads takes tasks in turn and runs their products on its own core
+def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
+    """Float32 attention of q [segments, heads, Lq, d] over k, v [segments, kv_heads, Lk, d] (kv_heads
+    dividing heads: grouped-query attention) with numpy and BLAS, in tasks of one head's query block, at
+    most ATTENTION_SCORE_BYTES of scores in all. `causal`: the queries are the last Lq of the Lk
+    positions (a prompt chunk after the cached context), each seeing the keys up to its own.
+
+    Long attention spends its time in the two products and the softmax's exponentials, which numpy
+    computes with the CPU's vector units (MLX's CPU backend one value at a time). With the system
+    OpenBLAS, each of CORES threads takes tasks in turn and runs their products on its own core
     (`_blas.single_threaded`): a block's scores stay in that core's cache from the first product through
     the softmax to the second, and no product waits for the library's threads to meet, which costs most
     when other processes share the cores. Otherwise the tasks run one after another with numpy's own
@@ -410,25 +421,30 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.a
     mx.eval(q, k, v)
     qn, kn, vn = (_unit_stride_rows(np.asarray(x)) for x in (q, k, v))
     count, heads, length, _ = qn.shape
+    group, keys = heads // kn.shape[1], kn.shape[2]
+    past = keys - length  # causal: the positions before the first query's
     out = np.empty((count, length, heads, vn.shape[-1]), np.float32)
     workers = CORES if _blas.loaded else 1
-    rows = max(1, ATTENTION_SCORE_BYTES // (workers * length * 4))
+    rows = max(1, ATTENTION_SCORE_BYTES // (workers * keys * 4))
     tasks = iter([(c, h, s) for c in range(count) for h in range(heads) for s in range(0, length, rows)])
     product = _blas.sgemm if _blas.loaded else _numpy_product
-    key_norms = _row_norms(kn).max(axis=-1) * scale  # [segments, heads]
+    key_norms = _row_norms(kn).max(axis=-1) * scale  # [segments, kv heads]
 
     def work(_) -> None:
-        scores = np.empty((min(rows, length), length), np.float32)
+        scores = np.empty((min(rows, length), keys), np.float32)
         for c, h, start in tasks:  # one iterator shared by the workers: each task is taken once
-            end = min(start + rows, length)
-            block, target, queries = scores[: end - start], out[c, start:end, h], qn[c, h, start:end]
-            product(queries, kn[c, h], block, scale, transpose_b=True)
+            end, kv = min(start + rows, length), h // group
+            seen = past + end if causal else keys  # the keys any query of the block sees
+            block, target, queries = scores[: end - start, :seen], out[c, start:end, h], qn[c, h, start:end]
+            product(queries, kn[c, kv, :seen], block, scale, transpose_b=True)
+            if causal:  # the keys after each query's own position
+                np.copyto(block[:, past + start :], -np.inf, where=_after_diagonal(end - start))
             # The softmax is the same for any shift of a row; the row's largest score is subtracted only
             # where a score could lie outside +-SAFE_EXPONENT (|q.k| <= |q| |k|).
-            if _row_norms(queries).max() * key_norms[c, h] > SAFE_EXPONENT:
+            if _row_norms(queries).max() * key_norms[c, kv] > SAFE_EXPONENT:
                 block -= block.max(axis=-1, keepdims=True)
             np.exp(block, out=block)
-            product(block, vn[c, h], target)
+            product(block, vn[c, kv, :seen], target)
             target /= block.sum(axis=-1, keepdims=True)
 
     if workers == 1:
@@ -437,6 +453,12 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.a
         with _blas.single_threaded():
             list(_threads().map(work, range(workers)))
     return mx.array(out).transpose(0, 2, 1, 3)
+
+
+@cache
+def _after_diagonal(size: int) -> np.ndarray:
+    """[size, size], True above the diagonal."""
+    return np.triu(np.ones((size, size), dtype=bool), 1)
 
 
 # Scores within +-64 need no shift before their exponentials: each is then a normal float32 (no overflow, no

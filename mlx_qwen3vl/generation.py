@@ -60,16 +60,18 @@ def prefill(
     """Feed a prepared prompt through the cache in chunks of `step_size` tokens (memory stays bounded
     for long prompts); returns the logits [1, vocab] of its last position, computed with the last chunk
     (not in a separate one-token step, which on the CPU would cost a whole decode step more: a few new
-    tokens of a chat turn take about as long as one through the quantized BLAS path)."""
+    tokens of a chat turn take about as long as one through the quantized BLAS path). A chunk before the
+    last is taken through the last layer only as far as its keys and values, all that the cache keeps of
+    it: lazy evaluation would skip the rest, but on the CPU attention evaluates its blocks as it goes."""
     total = prompt.length
     step_size = step_size or default_prefill_step(model)
     for start in range(0, total, step_size):
         end = min(start + step_size, total)
         with mx.stream(generation_stream):
-            logits = model.decode(prompt.chunk(start, end), cache, last_only=True)[:, -1]
+            logits = model.decode(prompt.chunk(start, end), cache, outputs=1 if end == total else 0)
         if end == total:
-            return logits
-        mx.eval([c.state for c in cache])  # only the cache: earlier chunks' logits are never computed
+            return logits[:, -1]
+        mx.eval([c.state for c in cache])
         if progress:
             progress(Progress("prefill", end, total))
     raise Qwen3VLError("the prompt is empty")

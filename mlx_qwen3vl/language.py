@@ -179,13 +179,24 @@ class Attention(nn.Module):
             v = mx.contiguous(v)
         return q, k, v
 
-    def __call__(self, x, rope, mask, cache=None) -> mx.array:
+    def __call__(self, x, rope, mask, cache=None, queries: int | None = None) -> mx.array:
+        """Attention of x's positions, or of its last `queries` only (all of them still written to the
+        cache): what the last layer computes when only the final position's output is wanted."""
         q, k, v = self.project(x)
         q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        if queries is not None:
+            q = q[:, :, q.shape[2] - queries :]
+            if isinstance(mask, mx.array):  # "causal" is aligned to the end of the keys already
+                mask = mask[..., mask.shape[-2] - queries :, :]
         out = self.attend(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(merge_heads(out))
+
+    def write_cache(self, x, rope, cache) -> None:
+        """Only x's keys and values into the cache: a layer whose outputs nothing reads."""
+        _, k, v = self.project(x)
+        cache.update_and_fetch(rope(self.k_norm(k)), v)
 
 
 @partial(mx.compile, shapeless=True)
@@ -229,8 +240,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def __call__(self, x, rope, mask, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def __call__(self, x, rope, mask, cache=None, outputs: int | None = None) -> mx.array:
+        """The layer's output for x's positions, or for its last `outputs` only (all of them still in
+        the cache; 0: the cache alone)."""
+        if outputs == 0:
+            self.self_attn.write_cache(self.input_layernorm(x), rope, cache)
+            return x[:, :0]
+        residual = x if outputs is None else x[:, x.shape[1] - outputs :]
+        h = residual + self.self_attn(self.input_layernorm(x), rope, mask, cache, outputs)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -266,17 +283,28 @@ class TextModel(nn.Module):
         cache: list | None = None,
         visual_index: mx.array | None = None,
         deepstack: list[mx.array] | None = None,
+        outputs: int | None = None,
     ) -> mx.array:
         """inputs_embeds [B, L, H] at `positions`. `deepstack[j]` (rows for the flat positions
-        `visual_index` of [B * L]) is added to the output of decoder layer j (SPEC §4.5)."""
+        `visual_index` of [B * L]) is added to the output of decoder layer j (SPEC §4.5).
+
+        `outputs`: the hidden states of the last `outputs` positions only (None: all). The last layer
+        then computes only those (0: it writes its keys and values to the cache, as a prompt chunk
+        before the last needs), unless a DeepStack feature is added after it (a truncated model)."""
         h = inputs_embeds
         B, L, H = h.shape
         rope = self.rope.at(positions, L, h.dtype)
         cache = cache if cache is not None else [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         deepstack = deepstack or []
+        last = len(self.layers) - 1
         for j, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
-            h = layer(h, rope, mask, layer_cache)
-            if j < len(deepstack):
+            trimmed = j == last and outputs is not None and (outputs == 0 or j >= len(deepstack))
+            h = layer(h, rope, mask, layer_cache, outputs if trimmed else None)
+            if j < len(deepstack) and not trimmed:
                 h = h.reshape(B * L, H).at[visual_index].add(deepstack[j].astype(h.dtype)).reshape(B, L, H)
+        if outputs == 0:
+            return h
+        if outputs is not None:
+            h = h[:, h.shape[1] - outputs :]
         return self.norm(h)

@@ -238,16 +238,17 @@ class Model(nn.Module):
         positions = positions + offset + rope_delta[None, :, None]
         return PreparedInput(input_ids, positions, rope_delta + prompt_delta, vision)
 
-    def decode(self, prepared: PreparedInput, cache: PromptCache | None = None, last_only: bool = False):
+    def decode(self, prepared: PreparedInput, cache: PromptCache | None = None, outputs: int | None = None):
         """Run the decoder over a prepared prompt (or chunk), feeding it to the cache; logits for every
-        position, or for the last one only (what generation needs: the vocabulary projection is the
-        largest matmul)."""
+        position, or for the last `outputs` only: generation needs the last one's, and none for a prompt
+        chunk before the last (None returned), so that the last layer and the vocabulary projection (the
+        largest matmul) are computed for those alone."""
         h, visual_index, deepstack = self._embed(prepared)
-        h = self.model.language_model(h, prepared.positions, cache, visual_index, deepstack)
+        h = self.model.language_model(h, prepared.positions, cache, visual_index, deepstack, outputs)
         if isinstance(cache, PromptCache):
             cache.rope_delta = prepared.rope_delta
-        if last_only:
-            h = h[:, -1:]
+        if outputs == 0:
+            return None
         if self.config.tie_word_embeddings:
             return self.model.language_model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
+import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +45,12 @@ TOTAL_PIXELS = 128000 * FACTOR * FACTOR * 0.9  # its MODEL_SEQ_LEN default, 90% 
 SEEK_LEAD = 16
 SEEK_COST_FRAMES = 8
 SEEK_GAP = 250
+# A long file is read by several captures at once, each decoding a contiguous part of the planned frames
+# into its own rows of the output: OpenCV decodes one capture on about one core, and releases the GIL
+# while it does. At most READERS of them, each spanning at least READER_MIN_FRAMES frames of the file, so
+# that a short clip does not pay for opening captures and seeking to decode a few frames more at once.
+READERS = min(4, os.cpu_count() or 1)
+READER_MIN_FRAMES = 1500
 
 
 @dataclass
@@ -218,7 +227,8 @@ def load_video(
     container's; a frame list is shown at that rate (default LIST_FPS). A list is taken as already
     sampled, as qwen-vl-utils takes it: every frame kept, an odd count padded with the last frame, unless
     `options` ask for sampling (fps, nframes, video_start, video_end). `progress(done, total)` sees each
-    kept frame of a file as it is read (an hour-long file takes a while)."""
+    kept frame of a file as it is read (an hour-long file takes a while; such a file is read by several
+    threads at once, which call it one at a time)."""
     options = options or VideoOptions()
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not fps > 0):
         raise Qwen3VLError(f"source fps={fps!r}: must be a number > 0")
@@ -258,8 +268,14 @@ def _load_file(source: str | Path, options: VideoOptions, fps: float | None, pro
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         plan = _plan(str(path), total_frames, source_fps, height, width, options)
-        decoded = _decode(capture, plan.indices, _keyframes(path) if _may_seek(plan.indices) else None)
-        video = _collect(str(path), decoded, plan, source_fps, progress=progress)
+        parts = _reading_parts(plan.indices)
+        keyframes = _keyframes(path) if parts > 1 or _may_seek(plan.indices) else None
+        if parts > 1 and keyframes is not None:  # each part starts with a seek: keyframes needed
+            capture.release()
+            video = _collect_in_parts(path, plan, keyframes, parts, source_fps, progress)
+        else:
+            decoded = _decode(capture, plan.indices, keyframes)
+            video = _collect(str(path), decoded, plan, source_fps, progress=progress)
         video.source_size = (width, height)
         return video
     finally:
@@ -289,6 +305,11 @@ def _may_seek(indices: Sequence[int]) -> bool:
     """Whether a gap between planned frames is long enough for a seek to pay (then the keyframes are worth
     knowing)."""
     return bool(np.diff([0, *indices]).max() > SEEK_LEAD + SEEK_COST_FRAMES)
+
+
+def _reading_parts(indices: Sequence[int]) -> int:
+    """How many captures read these planned frames at once (READERS)."""
+    return max(1, min(READERS, len(indices) // 2, (indices[-1] - indices[0]) // READER_MIN_FRAMES))
 
 
 def _keyframes(path: Path) -> list[int] | None:
@@ -415,13 +436,72 @@ def _collect(
     that ends early keeps what it gave (at least 2 frames of a file); an odd count repeats the last
     frame, as the processor would, at the last frame's time (transformers' timestamps) or, `pad_next`,
     one frame later (a list of frames numbered 0..n, as qwen-vl-utils pads it)."""
-    frames = np.empty((len(plan.indices) + 1, plan.height, plan.width, 3), np.uint8)
+    frames = _frame_rows(plan)
     indices = []
     for index, rgb in decoded:
         frames[len(indices)] = resize_rgb(rgb, plan.height, plan.width)
         indices.append(index)
         if progress:
             progress(len(indices), len(plan.indices))
+    return _finished(name, frames, indices, plan, source_fps, pad_next)
+
+
+def _frame_rows(plan: FramePlan) -> np.ndarray:
+    """The output's frames, one row more than planned for the padding of an odd count."""
+    return np.empty((len(plan.indices) + 1, plan.height, plan.width, 3), np.uint8)
+
+
+def _collect_in_parts(
+    path: Path, plan: FramePlan, keyframes: list[int], parts: int, source_fps: float, progress=None
+) -> Video:
+    """`_collect` of a file read by `parts` captures at once (READERS), each decoding a contiguous part of
+    the plan (its first frame reached by a seek) into its own rows of the output. The frames kept are
+    those one capture would keep: the parts in order, up to the first that ends early (a stream shorter
+    than its metadata, or broken there). An error in one part, or Ctrl-C, stops the others at their
+    next frame."""
+    frames = _frame_rows(plan)
+    bounds = [(int(part[0]), int(part[-1]) + 1) for part in np.array_split(range(len(plan.indices)), parts)]
+    read = [0] * parts
+    stop, lock = threading.Event(), threading.Lock()
+
+    def read_part(k: int) -> None:
+        start, end = bounds[k]
+        capture = _open(path)
+        try:
+            for row, (_, rgb) in enumerate(_decode(capture, plan.indices[start:end], keyframes), start):
+                if stop.is_set():
+                    return
+                frames[row] = resize_rgb(rgb, plan.height, plan.width)
+                with lock:
+                    read[k] += 1
+                    if progress:
+                        progress(sum(read), len(plan.indices))
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            capture.release()
+
+    with ThreadPoolExecutor(parts, thread_name_prefix="mlx-qwen3vl-video") as pool:
+        futures = [pool.submit(read_part, k) for k in range(parts)]
+        try:
+            for future in futures:
+                future.result()
+        finally:  # Ctrl-C reaches this thread
+            stop.set()
+    count = 0
+    for (start, end), done in zip(bounds, read, strict=True):
+        count = start + done
+        if done < end - start:
+            break
+    return _finished(str(path), frames, plan.indices[:count], plan, source_fps)
+
+
+def _finished(
+    name: str, frames: np.ndarray, indices: list[int], plan: FramePlan, source_fps: float, pad_next=False
+) -> Video:
+    """The video of the frames read into the first len(indices) rows of `frames` (`_collect`)."""
+    indices = list(indices)
     if len(indices) < (1 if pad_next else 2):
         what = "no readable video frames" if not indices else "only 1 readable frame"
         raise Qwen3VLError(

@@ -226,10 +226,10 @@ def test_key_blocked_attention_equals_float32_attention(dtype, mask, monkeypatch
 
 
 def test_key_blocks_bound_the_scores_of_a_chunk_against_a_long_context(monkeypatch):
-    """512 queries against 8,192 keys: 64 MiB of float32 scores in one call; the decoder's attention on
-    the CPU takes them in key blocks of 1 MiB of scores, and its peak stays within a few blocks and its
-    accumulators, with the one call's result."""
-    q, k, v = random_attention_inputs(mx.float32, queries=512, keys=8192)
+    """512 bfloat16 queries against 8,192 keys: 64 MiB of float32 scores in one call; the decoder's
+    attention on the CPU takes them in key blocks of 1 MiB of scores, and its peak stays within a few
+    blocks and its accumulators, with the one call's result."""
+    q, k, v = random_attention_inputs(mx.bfloat16, queries=512, keys=8192)
     mx.eval(q, k, v)
     budget = 2**20
     monkeypatch.setattr(cpu, "DECODER_SCORE_BYTES", budget)
@@ -250,4 +250,31 @@ def test_key_blocks_bound_the_scores_of_a_chunk_against_a_long_context(monkeypat
     accumulators = 3 * 4 * 512 * 16 * 4
     assert peak(one_call) > 4 * 512 * 8192 * 4
     assert peak(decoders) < 4 * budget + accumulators
-    np.testing.assert_allclose(np.array(decoders()), np.array(one_call()), rtol=0, atol=1e-6)
+    ours, reference = (np.array(attend().astype(mx.float32)) for attend in (decoders, one_call))
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=4e-3)  # bfloat16: as above
+
+
+@pytest.mark.parametrize("keys", [300, 2000])
+def test_a_float32_prompt_chunk_attends_with_numpy_in_bounded_blocks(keys, monkeypatch):
+    """A float32 prompt chunk of 300 queries after keys - 300 cached positions (grouped heads; causal, and
+    without a mask as a single-row batch passes none) goes through numpy in query blocks whose scores
+    stay within ATTENTION_SCORE_BYTES (numpy's allocations, traced), with the one call's result."""
+    import tracemalloc
+
+    q, k, v = random_attention_inputs(mx.float32, queries=300, keys=keys, seed=7)
+    mx.eval(q, k, v)
+    budget = 64 * keys * 4  # a block of 64 query rows per worker
+    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget * cpu.CORES)
+    calls, numpy_attention = [], cpu.numpy_attention
+    spy = lambda *args: calls.append(args[-1]) or numpy_attention(*args)  # noqa: E731
+    monkeypatch.setattr(cpu, "numpy_attention", spy)
+    for mask in ("causal", None):
+        tracemalloc.start()
+        ours = cpu.attention(q, k, v, cache=None, scale=0.25, mask=mask)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        output = q.size * 4
+        assert peak < cpu.CORES * budget + 2 * output
+        reference = cpu.float32_attention(q, k, v, 0.25, mask)
+        np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=1e-6)
+    assert calls == [True, False]

@@ -155,6 +155,33 @@ def test_prompts_are_fed_in_the_backends_chunks(tiny_checkpoint, backend, chunks
     assert sum(prompt_chunks) > 600 and len(prompt_chunks) == chunks
 
 
+@pytest.mark.parametrize("backend", ["gpu", "cpu"])
+def test_the_last_layer_computes_only_what_the_answer_reads(tiny_checkpoint, backend, monkeypatch):
+    """Of a prompt fed in chunks, the cache keeps every layer's keys and values, and the answer reads the
+    last position's output alone: the last layer's MLP runs once, on that one row, while the others run
+    on every chunk, and every layer's cache holds the whole prompt. (The logits are transformers': the
+    reference tests feed prompts the same way.)"""
+    from mlx_qwen3vl import load
+    from mlx_qwen3vl.language import MLP
+
+    model, _ = load(tiny_checkpoint, dtype="float32", backend=backend)
+    last = model.layers[-1].mlp
+    rows = {"last": [], "others": []}
+    call = MLP.__call__
+
+    def counted(self, x):
+        rows["last" if self is last else "others"].append(x.shape[1])
+        return call(self, x)
+
+    monkeypatch.setattr(MLP, "__call__", counted)
+    cache = model.make_cache()
+    logits = prefill(model, model.prepare(mx.arange(100, 140)), cache, step_size=16)
+    assert logits.shape == (1, model.config.text_config.vocab_size)
+    assert rows["last"] == [1]
+    assert rows["others"] == [16] * (len(model.layers) - 1) * 2 + [8] * (len(model.layers) - 1)
+    assert [c.offset for c in cache] == [40] * len(model.layers)
+
+
 def test_second_turn_reuses_the_cache_and_matches_one_pass(tiny_f32, monkeypatch):
     model, processor = tiny_f32
     session = ChatSession(model, processor, max_tokens=6, temperature=0)

@@ -612,4 +612,7 @@ def test_a_soak_of_mixed_requests_leaves_the_server_answering_in_bounded_memory(
     assert ask(server, [user("Hi")]) == expected
     grown = mx.get_active_memory() - baseline
     assert grown < 200 * 10**6, grown  # the prompt cache is bounded (entries and bytes)
-    assert not server.engine.sequences
+    deadline = time.monotonic() + 10
+    while server.engine.sequences:  # an abandoned answer leaves at its next token
+        assert time.monotonic() < deadline, len(server.engine.sequences)
+        time.sleep(0.05)

@@ -496,6 +496,64 @@ def test_a_long_file_seeks_only_where_a_keyframe_saves_decoding(h264_clip, count
     assert made[0].seeks == 0 and made[0].grabs == 600
 
 
+@pytest.fixture
+def in_parts(monkeypatch):
+    """Long files read by 3 captures at once, from 50 frames of span (the defaults need minutes of video)."""
+    monkeypatch.setattr(video_module, "READERS", 3)
+    monkeypatch.setattr(video_module, "READER_MIN_FRAMES", 50)
+
+
+def _one_capture(monkeypatch):
+    monkeypatch.setattr(video_module, "READERS", 1)
+
+
+@pytest.mark.parametrize("name", ["h264_clip", "mp4v_clip", "long_clip"])
+@pytest.mark.parametrize("kwargs", [{"nframes": 24}, {}, {"fps": 1.0, "video_start": 2.0, "video_end": 13.0}])
+def test_a_long_file_read_in_parts_gives_the_frames_of_one_capture(
+    request, name, kwargs, counting, in_parts, monkeypatch
+):
+    """Three captures, each seeking to its part of the plan (with B-frames: H.264), give the frames and
+    times of one capture reading forward, pixel for pixel."""
+    path = request.getfixturevalue(name)
+    made = counting()
+    parts = load_video(path, VideoOptions(**kwargs))
+    assert len(made) == 4 and all(capture.retrieves for capture in made[1:])  # metadata, then 3 parts
+    assert sum(capture.seeks > 0 for capture in made[1:]) >= 2  # the parts after the first
+    _one_capture(monkeypatch)
+    whole = load_video(path, VideoOptions(**kwargs))
+    np.testing.assert_array_equal(parts.frames, whole.frames)
+    assert parts.timestamps == whole.timestamps
+
+
+def test_a_stream_shorter_than_its_metadata_read_in_parts_keeps_what_one_capture_keeps(
+    long_clip, counting, in_parts, monkeypatch
+):
+    """The file claims 4000 frames and holds 2000: the parts past its end read nothing, and the frames
+    kept are one capture's: the parts in order up to the first that ended early."""
+    counting({cv2.CAP_PROP_FRAME_COUNT: 4000})
+    parts = load_video(long_clip, VideoOptions(nframes=30))
+    _one_capture(monkeypatch)
+    whole = load_video(long_clip, VideoOptions(nframes=30))
+    assert 10 < len(whole.frames) < 30
+    np.testing.assert_array_equal(parts.frames, whole.frames)
+    assert parts.timestamps == whole.timestamps
+
+
+def test_reading_in_parts_reports_progress_and_stops_every_part_on_ctrl_c(long_clip, counting, in_parts):
+    seen = []
+    load_video(long_clip, VideoOptions(nframes=60), progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(n, 60) for n in range(1, 61)]
+
+    def interrupt(done, total):
+        if done == 6:
+            raise KeyboardInterrupt
+
+    made = counting()
+    with pytest.raises(KeyboardInterrupt):
+        load_video(long_clip, VideoOptions(nframes=60), progress=interrupt)
+    assert sum(capture.retrieves for capture in made) < 12  # each part stopped at its next frame
+
+
 def test_repeated_index_repeats_the_frame(clip):
     capture = cv2.VideoCapture(clip)
     decoded = list(video_module._decode(capture, [0, 0, 3, 3]))
