@@ -195,17 +195,25 @@ def quantize(model, bits: int, skip: tuple[str, ...]) -> int:
     return count
 
 
-def weight_bytes_per_token(model, decoder_prefixes: tuple[str, ...], embedding: str, tied: bool) -> int:
+def weight_bytes_per_token(
+    model, decoder_prefixes: tuple[str, ...], embedding: str, tied: bool, text_config=None
+) -> int:
     """Bytes of parameters one decode step reads: every decoder parameter, the lm_head, and of the input
-    embedding only one row unless it is tied to the lm_head (then all of it is read by the projection)."""
+    embedding only one row unless it is tied to the lm_head (then all of it is read by the projection);
+    of a MoE layer's experts (`switch_mlp`, [experts, ...]) the chosen ones, num_experts_per_tok of
+    num_experts (read from `text_config`)."""
     from mlx.utils import tree_flatten
 
+    experts = getattr(text_config, "num_experts", 0) or 0
+    chosen = getattr(text_config, "num_experts_per_tok", 0) or 0
     total = 0
     for name, value in tree_flatten(model.parameters()):
         if not name.startswith(decoder_prefixes):
             continue
         if name.startswith(embedding) and not tied:
             total += value.nbytes // value.shape[0]
+        elif ".switch_mlp." in name and experts:
+            total += value.nbytes * chosen // experts
         else:
             total += value.nbytes
     return total

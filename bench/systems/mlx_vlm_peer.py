@@ -183,7 +183,11 @@ class System(Base):
         return decode_step_ops(step)
 
     def bytes_per_token(self) -> int:
-        tied = self.model.config.text_config.tie_word_embeddings
+        text_config = self.model.config.text_config
         return weight_bytes_per_token(
-            self.model, ("language_model",), "language_model.model.embed_tokens", tied
+            self.model,
+            ("language_model",),
+            "language_model.model.embed_tokens",
+            text_config.tie_word_embeddings,
+            text_config,
         )

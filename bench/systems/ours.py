@@ -153,4 +153,5 @@ class System(Base):
             ("model.language_model", "lm_head"),
             "model.language_model.embed_tokens",
             tied,
+            self.model.config.text_config.moe,
         )
