@@ -431,11 +431,12 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal:
     key_norms = _row_norms(kn).max(axis=-1) * scale  # [segments, kv heads]
 
     def work(_) -> None:
-        scores = np.empty((min(rows, length), keys), np.float32)
+        scores = np.empty(min(rows, length) * keys, np.float32)
         for c, h, start in tasks:  # one iterator shared by the workers: each task is taken once
             end, kv = min(start + rows, length), h // group
             seen = past + end if causal else keys  # the keys any query of the block sees
-            block, target, queries = scores[: end - start, :seen], out[c, start:end, h], qn[c, h, start:end]
+            block = scores[: (end - start) * seen].reshape(end - start, seen)  # contiguous: no copies
+            target, queries = out[c, start:end, h], qn[c, h, start:end]
             product(queries, kn[c, kv, :seen], block, scale, transpose_b=True)
             if causal:  # the keys after each query's own position
                 np.copyto(block[:, past + start :], -np.inf, where=_after_diagonal(end - start))
@@ -479,7 +480,7 @@ def _unit_stride_rows(x: np.ndarray) -> np.ndarray:
 
 def _numpy_product(a, b, out, alpha: float = 1.0, transpose_b: bool = False) -> None:
     """`_blas.sgemm` through numpy's matmul."""
-    np.matmul(a * np.float32(alpha), b.T if transpose_b else b, out=out)
+    np.matmul(a if alpha == 1.0 else a * np.float32(alpha), b.T if transpose_b else b, out=out)
 
 
 CORES = os.cpu_count() or 1
