@@ -1,7 +1,9 @@
 """The matmul paths a decoder layer can take on this backend, in GFLOP/s: dense float32 (with and without
 the system OpenBLAS), dense bfloat16, and 4-bit affine (group 64) with float32 or bfloat16 activations,
-for one token (decode) and a 64-token chunk (prefill), at the 4B model's MLP shape (2560 -> 9728); and
-this package's quantized layer with float32 activations (on the CPU, many rows go through BLAS).
+for one token (decode) and a 64-token chunk (prefill), at the 4B model's MLP shape (2560 -> 9728); the
+4-bit product with float32 activations and a bfloat16 checkpoint's scales and biases (kept so under float32
+compute, `loading.in_compute_dtype`); and this package's quantized layer with float32 activations (on the
+CPU, many rows go through BLAS).
 
     python bench/matmul.py            # both BLAS settings, each in its own process
 
@@ -19,6 +21,7 @@ import time
 K, N = 2560, 9728
 ROWS = (1, 64)  # 64 rows stand for a prefill chunk: 512 would take minutes on the slow paths
 OURS = "4-bit, mlx_qwen3vl layer"
+NARROW = "4-bit, bfloat16 scales and biases"
 
 
 def measure() -> list[dict]:
@@ -60,6 +63,13 @@ def measure() -> list[dict]:
             rows.append({"activations": name, "rows": m, "path": "dense", "gflops": flops / dense / 1e9})
             rows.append({"activations": name, "rows": m, "path": "4-bit", "gflops": flops / quant / 1e9})
             if dtype == mx.float32:
+                # A bfloat16 checkpoint's scales and biases, kept under float32 compute (what ours loads)
+                narrow = (wq, *(a.astype(mx.bfloat16) for a in (scales, biases)))
+                kept = best(
+                    lambda x=x, q=narrow: mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=4),
+                    1 if m > 1 else 5,
+                )
+                rows.append({"activations": name, "rows": m, "path": NARROW, "gflops": flops / kept / 1e9})
                 layer = QuantizedLinear(K, N, bias=False, group_size=64, bits=4)
                 layer.weight, layer.scales, layer.biases = q
                 ours = best(lambda x=x, layer=layer: layer(x), 5)
@@ -86,7 +96,7 @@ def main() -> None:
         label = "system OpenBLAS" if result["openblas"] else "MLX's bundled"
         table = {(r["activations"], r["path"], r["rows"]): r["gflops"] for r in result["rows"]}
         for activations in ("float32", "bfloat16"):
-            for path in ("dense", "4-bit", OURS):
+            for path in ("dense", "4-bit", NARROW, OURS):
                 if (activations, path, 1) not in table:
                     continue
                 one, many = table[(activations, path, 1)], table[(activations, path, ROWS[1])]

@@ -88,16 +88,16 @@ def _library() -> ctypes.CDLL:
     return library
 
 
-def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha: float = 1.0, transpose_b: bool = False):
-    """out = alpha * a @ b (b.T with transpose_b) with the system OpenBLAS (`loaded`), on the calling
-    thread's share of the library's threads. float32 2-D arrays whose rows may be strided but whose
-    elements within a row are adjacent; ctypes releases the GIL for the call."""
+def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha=1.0, transpose_b=False, beta=0.0) -> None:
+    """out = alpha * a @ b (b.T with transpose_b) + beta * out with the system OpenBLAS (`loaded`), on the
+    calling thread's share of the library's threads. float32 2-D arrays whose rows may be strided but
+    whose elements within a row are adjacent; ctypes releases the GIL for the call."""
     m, k = a.shape
     n = out.shape[1]
     ld = [max(x.strides[0] // 4, x.shape[1]) for x in (a, b, out)]  # any stride serves a single row
     _library().cblas_sgemm(
         _ROW_MAJOR, _NO_TRANS, _TRANS if transpose_b else _NO_TRANS, m, n, k, alpha,
-        a.ctypes.data, ld[0], b.ctypes.data, ld[1], 0.0, out.ctypes.data, ld[2],
+        a.ctypes.data, ld[0], b.ctypes.data, ld[1], beta, out.ctypes.data, ld[2],
     )  # fmt: skip
 
 

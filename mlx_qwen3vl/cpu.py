@@ -19,13 +19,15 @@ compare both paths with the reference.
 - Attention with float32 accumulation for bfloat16 activations (`float32_attention`): MLX's CPU fallback
   computes scores and softmax in the activation dtype, which puts ~45% of bfloat16 attention outputs 1
   ulp or more away from PyTorch's kernel; in float32 the fallback is exact and stays. The vision tower's
-  long segments are attended in query blocks, bounding their scores' memory, with numpy in float32
-  (`numpy_attention`: its exponentials use the vector units), one block per core at a time, each with
-  its products on its own core through the system OpenBLAS (`_blas.sgemm`); so is the decoder's
-  attention of a float32 prompt chunk, causal, with grouped-query heads. Other prompt chunks against a
+  long segments are attended with numpy in float32 (`numpy_attention`: its exponentials use the vector
+  units) in tiles of scores that stay in cache, one per core at a time, each with its products on its
+  own core through the system OpenBLAS (`_blas.sgemm`); so is the decoder's attention of a float32
+  prompt chunk, causal, with grouped-query heads. Other prompt chunks against a
   long context (bfloat16, a batch's padding mask) go over key blocks with a running softmax
   (`key_blocked_attention`). Either way the scores held are a block's, not the chunk's against the
   whole context.
+- The vision MLPs (the blocks' and the mergers') for many float32 rows with numpy and BLAS, a block of
+  rows per core, the GELU with numpy's vectorised exp (`numpy_mlp`).
 - The decoder's rope through cos/sin tables for every position (`TableRope`): the CPU builds MLX's fused
   rope as ~30 nodes with their temporaries per call, the tables once per forward.
 - Unquantized MoE experts with bfloat16 weights or activations are multiplied in float32
@@ -76,6 +78,16 @@ ATTENTION_SCORE_BYTES = 32 * 2**20
 # chunk against a long context is a multiple of the chunk's share of the KV cache. Blocks of this size
 # are also faster than the whole (less memory traffic).
 DECODER_SCORE_BYTES = 32 * 2**20
+# The scores one worker of `numpy_attention` holds at a time: query rows x keys, 3 MiB of float32, in the
+# cache from the product that makes them to the one that reads them, and rows enough for BLAS to run at
+# its full rate (with head dim 64 at 12K patches, tiles of 1.5-5 MiB do equally well; a segment's whole
+# rows, outside the cache, take 20% longer).
+NUMPY_TILE = (512, 1536)
+# Rows per block of the vision MLPs' numpy path (`numpy_mlp`): enough for BLAS to run at its full
+# rate (fewer cost more at the 4B widths); what a core holds beyond the output is its block's intermediate
+# activations and as much scratch (8 MiB each at the 4B widths), not the whole input's intermediate.
+# Inputs of fewer than two blocks keep MLX.
+NUMPY_MLP_ROWS = 512
 # From about this many patches per segment (or prompt tokens per chunk), numpy's vectorised exponentials
 # outweigh the Python calls it makes per head (`numpy_attention`); shorter segments (small images) and
 # chunks (a chat turn's few tokens, a decode step) stay in MLX.
@@ -99,6 +111,8 @@ def specialize(model: nn.Module, dtype: mx.Dtype) -> None:
             module.attend = attention
         elif isinstance(module, (vision.VisionMLP, vision.PatchMerger)):
             module.act = GELUS.get(module.act, module.act)
+            if type(module) in BLOCKWISE:
+                become(module, BLOCKWISE[type(module)])
         elif isinstance(module, vision.VisionAttention):
             module.attend = segment_attention_in_blocks
         elif isinstance(module, TextModel) and type(module.rope) is Rope:
@@ -240,6 +254,115 @@ class WideningLinear(nn.Linear):
         return x @ weight.T
 
 
+class BlockwiseVisionMLP(vision.VisionMLP):
+    """A vision block's MLP, many float32 rows of it through `numpy_mlp`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return numpy_mlp(self, x) if numpy_mlp_takes(self, x) else super().__call__(x)
+
+
+class BlockwisePatchMerger(vision.PatchMerger):
+    """A patch merger whose MLP takes many float32 rows through `numpy_mlp`."""
+
+    def mlp(self, x: mx.array) -> mx.array:
+        return numpy_mlp(self, x) if numpy_mlp_takes(self, x) else super().mlp(x)
+
+
+def numpy_mlp_takes(module: nn.Module, x: mx.array) -> bool:
+    """Whether `numpy_mlp` serves: float32, two blocks of rows or more, the system OpenBLAS, a GELU."""
+    rows = x.size // x.shape[-1]
+    fits = x.dtype == mx.float32 and rows >= 2 * NUMPY_MLP_ROWS
+    return fits and _blas.loaded is not None and module.act in NUMPY_GELUS
+
+
+def numpy_mlp(module: nn.Module, x: mx.array) -> mx.array:
+    """fc2(act(fc1(x))) of a vision MLP (a block's or a merger's) for many float32 rows, with the system
+    OpenBLAS and numpy: a block of NUMPY_MLP_ROWS rows at a time, a block per core
+    (`_blas.single_threaded`), the GELU in pieces that stay in cache (`_in_pieces`). MLX's CPU backend
+    computes the GELU one value at a time on one core and holds the whole intermediate (rows x
+    intermediate size) between the products. The same function, to float32 rounding."""
+    fc1, fc2, activation = module.linear_fc1, module.linear_fc2, NUMPY_GELUS[module.act]
+    params = [p.astype(mx.float32) for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
+    mx.eval(x, params)
+    w1, b1, w2, b2 = (np.asarray(p) for p in params)
+    rows = x.size // x.shape[-1]
+    xn = _unit_stride_rows(np.asarray(x).reshape(rows, -1))
+    out = np.empty((rows, w2.shape[0]), np.float32)
+    blocks = iter(range(0, rows, NUMPY_MLP_ROWS))
+
+    def work(_) -> None:
+        hidden = np.empty((NUMPY_MLP_ROWS, w1.shape[0]), np.float32)
+        scratch = [np.empty(GELU_PIECE, np.float32) for _ in range(3)]
+        for start in blocks:  # shared by the workers: each block is taken once
+            end = min(start + NUMPY_MLP_ROWS, rows)
+            h, y = hidden[: end - start], out[start:end]
+            h[...] = b1
+            _blas.sgemm(xn[start:end], w1, h, transpose_b=True, beta=1.0)
+            _in_pieces(activation, h, scratch)
+            y[...] = b2
+            _blas.sgemm(h, w2, y, transpose_b=True, beta=1.0)
+
+    with _blas.single_threaded():
+        list(_threads().map(work, range(CORES)))
+    return mx.array(out).reshape(*x.shape[:-1], -1)
+
+
+# Values per piece of `_in_pieces`: the piece and its scratch buffers (1 MiB in all) stay in a core's cache
+# through the GELU's dozen passes, and numpy's calls per piece cost little beside them.
+GELU_PIECE = 65536
+
+
+def _in_pieces(activation, h: np.ndarray, scratch: list[np.ndarray]) -> None:
+    """activation(piece, *scratch) on consecutive pieces of the contiguous array h, in place."""
+    flat = h.reshape(-1)
+    for start in range(0, flat.size, GELU_PIECE):
+        piece = flat[start : start + GELU_PIECE]
+        activation(piece, *(buffer[: piece.size] for buffer in scratch))
+
+
+def _gelu_tanh_in_place(h: np.ndarray, s: np.ndarray, *_) -> None:
+    """h * sigmoid(2u), u = sqrt(2 / pi) (h + 0.044715 h^3): `gelu_tanh` with numpy's vectorised exp. Far
+    out h^3 or the exponential overflow to inf, and the quotient is the GELU's limit, h or -0."""
+    with np.errstate(over="ignore"):
+        np.multiply(h, h, out=s)
+        s *= 0.044715
+        s += 1
+        s *= h
+        s *= -2 * math.sqrt(2 / math.pi)
+        np.exp(s, out=s)
+        s += 1
+        np.divide(h, s, out=h)
+
+
+def _gelu_erf_in_place(h: np.ndarray, z: np.ndarray, t: np.ndarray, poly: np.ndarray) -> None:
+    """h * Phi(h) = h (1/2 + sign(h) (1/2 - erfc(|h| / sqrt 2) / 2)): `gelu_erf`'s erfc fit with numpy's
+    vectorised exp. Far out z^2 overflows to inf and erfc to 0: the limits h and -0."""
+    with np.errstate(over="ignore"):
+        np.abs(h, out=z)
+        z *= 1 / math.sqrt(2)
+        np.multiply(z, 0.5, out=t)
+        t += 1
+        np.reciprocal(t, out=t)
+        poly[...] = _ERFC_POLYNOMIAL[-1]
+        for c in reversed(_ERFC_POLYNOMIAL[:-1]):
+            poly *= t
+            poly += c
+        z *= z
+        poly -= z
+        np.exp(poly, out=poly)
+        poly *= t  # erfc(|h| / sqrt 2)
+        np.subtract(1, poly, out=poly)
+        poly *= 0.5  # 1/2 - erfc / 2
+        np.copysign(poly, h, out=poly)
+        poly += 0.5
+        h *= poly
+
+
+# The vision MLPs with a numpy path for many rows (`numpy_mlp`), and their activations' numpy versions.
+BLOCKWISE = {vision.VisionMLP: BlockwiseVisionMLP, vision.PatchMerger: BlockwisePatchMerger}
+NUMPY_GELUS = {gelu_tanh: _gelu_tanh_in_place, gelu_erf: _gelu_erf_in_place}
+
+
 class TableRope(Rope):
     """The decoder's rope through cos/sin tables for every position, text included. MLX's CPU backend
     builds its fused rope as ~30 graph nodes and their temporaries for every q and k of every layer;
@@ -289,8 +412,8 @@ def float32_attention(q, k, v, scale: float, mask=None) -> mx.array:
 
 def attention(q, k, v, *, cache, scale: float, mask=None) -> mx.array:
     """The decoder's attention (`Attention.attend`). A float32 prompt chunk of NUMPY_ATTENTION_LENGTH
-    tokens or more, causal, with numpy (`numpy_attention`: its scores bounded, its exponentials
-    vectorised, a block per core). Otherwise scores larger than DECODER_SCORE_BYTES (a short chunk
+    tokens or more, causal, with numpy (`numpy_attention`: its scores in tiles, its exponentials
+    vectorised, a tile per core). Otherwise scores larger than DECODER_SCORE_BYTES (a short chunk
     against a long context, bfloat16, a batch's mask) go over key blocks (`key_blocked_attention`); others
     in one call: MLX's fused kernel in float32, whose CPU fallback is exact there, float32 accumulation
     for narrower activations (`float32_attention`).
@@ -407,46 +530,56 @@ def segment_attention_in_blocks(q, k, v, scale: float) -> mx.array:
 
 def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = False) -> mx.array:
     """Float32 attention of q [segments, heads, Lq, d] over k, v [segments, kv_heads, Lk, d] (kv_heads
-    dividing heads: grouped-query attention) with numpy and BLAS, in tasks of one head's query block, at
-    most ATTENTION_SCORE_BYTES of scores in all. `causal`: the queries are the last Lq of the Lk
-    positions (a prompt chunk after the cached context), each seeing the keys up to its own.
+    dividing heads: grouped-query attention) with numpy and BLAS, in tasks of one head's block of
+    NUMPY_TILE[0] queries, each over its keys NUMPY_TILE[1] at a time. `causal`: the queries are the last
+    Lq of the Lk positions (a prompt chunk after the cached context), each seeing the keys up to its own.
 
     Long attention spends its time in the two products and the softmax's exponentials, which numpy
-    computes with the CPU's vector units (MLX's CPU backend one value at a time). With the system
+    computes with the CPU's vector units (MLX's CPU backend one value at a time). A tile of scores stays
+    in the core's cache from the first product through its exponentials to the second, which adds its
+    share to the block's output (flash attention's recurrence; the scores of whole rows would not fit).
+    Where a score could leave float32's exponent range (|q.k| <= |q| |k| beyond SAFE_EXPONENT), each row
+    is shifted by its largest score so far, and what was summed before rescaled when that grows;
+    otherwise nothing is shifted (the softmax is the same for any shift of a row). With the system
     OpenBLAS, each of CORES threads takes tasks in turn and runs their products on its own core
-    (`_blas.single_threaded`): a block's scores stay in that core's cache from the first product through
-    the softmax to the second, and no product waits for the library's threads to meet, which costs most
+    (`_blas.single_threaded`), so no product waits for the library's threads to meet, which costs most
     when other processes share the cores. Otherwise the tasks run one after another with numpy's own
     products. MLX's buffers are read in place; the output is written in the layout the caller wants."""
     mx.eval(q, k, v)
     qn, kn, vn = (_unit_stride_rows(np.asarray(x)) for x in (q, k, v))
     count, heads, length, _ = qn.shape
-    group, keys = heads // kn.shape[1], kn.shape[2]
+    group, keys, depth = heads // kn.shape[1], kn.shape[2], vn.shape[-1]
     past = keys - length  # causal: the positions before the first query's
-    out = np.empty((count, length, heads, vn.shape[-1]), np.float32)
+    out = np.empty((count, length, heads, depth), np.float32)
     workers = CORES if _blas.loaded else 1
-    rows = max(1, ATTENTION_SCORE_BYTES // (workers * keys * 4))
+    rows, tile = NUMPY_TILE
     tasks = iter([(c, h, s) for c in range(count) for h in range(heads) for s in range(0, length, rows)])
     product = _blas.sgemm if _blas.loaded else _numpy_product
     key_norms = _row_norms(kn).max(axis=-1) * scale  # [segments, kv heads]
 
     def work(_) -> None:
-        scores = np.empty(min(rows, length) * keys, np.float32)
+        scores, weighted = np.empty(rows * tile, np.float32), np.empty((rows, depth), np.float32)
+        sums, largest = np.empty((rows, 1), np.float32), np.empty((rows, 1), np.float32)
         for c, h, start in tasks:  # one iterator shared by the workers: each task is taken once
             end, kv = min(start + rows, length), h // group
-            seen = past + end if causal else keys  # the keys any query of the block sees
-            block = scores[: (end - start) * seen].reshape(end - start, seen)  # contiguous: no copies
-            target, queries = out[c, start:end, h], qn[c, h, start:end]
-            product(queries, kn[c, kv, :seen], block, scale, transpose_b=True)
-            if causal:  # the keys after each query's own position
-                np.copyto(block[:, past + start :], -np.inf, where=_after_diagonal(end - start))
-            # The softmax is the same for any shift of a row; the row's largest score is subtracted only
-            # where a score could lie outside +-SAFE_EXPONENT (|q.k| <= |q| |k|).
-            if _row_norms(queries).max() * key_norms[c, kv] > SAFE_EXPONENT:
-                block -= block.max(axis=-1, keepdims=True)
-            np.exp(block, out=block)
-            product(block, vn[c, kv, :seen], target)
-            target /= block.sum(axis=-1, keepdims=True)
+            n, seen = end - start, past + end if causal else keys  # the keys any query of the block sees
+            queries = qn[c, h, start:end]
+            shift = _row_norms(queries).max() * key_norms[c, kv] > SAFE_EXPONENT
+            for first in range(0, seen, tile):
+                last = min(first + tile, seen)
+                block = scores[: n * (last - first)].reshape(n, last - first)  # contiguous: no copies
+                product(queries, kn[c, kv, first:last], block, scale, transpose_b=True)
+                if causal and last - 1 > past + start:  # keys after some query's own position
+                    _mask_after_positions(block, past + start - first)
+                if shift:
+                    _shift_rows(block, largest[:n], (weighted[:n], sums[:n]), first == 0)
+                np.exp(block, out=block)
+                if first == 0:
+                    np.sum(block, axis=-1, keepdims=True, out=sums[:n])
+                else:
+                    sums[:n] += block.sum(axis=-1, keepdims=True)
+                product(block, vn[c, kv, first:last], weighted[:n], beta=0.0 if first == 0 else 1.0)
+            np.divide(weighted[:n], sums[:n], out=out[c, start:end, h])
 
     if workers == 1:
         work(0)
@@ -456,10 +589,36 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal:
     return mx.array(out).transpose(0, 2, 1, 3)
 
 
+def _mask_after_positions(block: np.ndarray, offset: int) -> None:
+    """Set to -inf the scores of a tile whose key (column j) comes after its query (row i): j - i > offset.
+    Columns past the diagonal's band are set whole; the band takes a window of a cached triangle."""
+    n, cols = block.shape
+    band_start, band_end = max(offset + 1, 0), min(offset + n, cols)  # some rows see these keys
+    block[:, max(band_end, band_start) :] = -np.inf
+    if band_end > band_start:
+        triangle = _after_diagonal(n)[:, band_start - offset : band_end - offset]
+        np.copyto(block[:, band_start:band_end], -np.inf, where=triangle)
+
+
 @cache
 def _after_diagonal(size: int) -> np.ndarray:
     """[size, size], True above the diagonal."""
     return np.triu(np.ones((size, size), dtype=bool), 1)
+
+
+def _shift_rows(block: np.ndarray, largest: np.ndarray, summed: tuple[np.ndarray, ...], first: bool) -> None:
+    """Subtract from each row of a tile of scores its row's largest score so far (`largest`, updated),
+    rescaling what was summed over the row's earlier tiles (`summed`) when that grows. A row's first tile
+    holds a key it sees (key 0), so `largest` is finite from then on."""
+    if first:
+        np.max(block, axis=-1, keepdims=True, out=largest)
+    else:
+        grown = np.maximum(largest, block.max(axis=-1, keepdims=True))
+        rescale = np.exp(largest - grown)
+        for total in summed:
+            total *= rescale
+        largest[...] = grown
+    block -= largest
 
 
 # Scores within +-64 need no shift before their exponentials: each is then a normal float32 (no overflow, no
@@ -478,9 +637,13 @@ def _unit_stride_rows(x: np.ndarray) -> np.ndarray:
     return x if x.strides[-1] == x.itemsize and x.strides[-2] >= row else np.ascontiguousarray(x)
 
 
-def _numpy_product(a, b, out, alpha: float = 1.0, transpose_b: bool = False) -> None:
-    """`_blas.sgemm` through numpy's matmul."""
-    np.matmul(a if alpha == 1.0 else a * np.float32(alpha), b.T if transpose_b else b, out=out)
+def _numpy_product(a, b, out, alpha: float = 1.0, transpose_b: bool = False, beta: float = 0.0) -> None:
+    """`_blas.sgemm` through numpy's matmul, for beta 0 or 1."""
+    a, b = a if alpha == 1.0 else a * np.float32(alpha), b.T if transpose_b else b
+    if beta:
+        out += a @ b
+    else:
+        np.matmul(a, b, out=out)
 
 
 CORES = os.cpu_count() or 1

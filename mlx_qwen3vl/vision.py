@@ -245,6 +245,9 @@ class PatchMerger(nn.Module):
             x = self.norm(x.reshape(-1, self.grouped_size))
         else:
             x = self.norm(x).reshape(-1, self.grouped_size)
+        return self.mlp(x)
+
+    def mlp(self, x: mx.array) -> mx.array:
         return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 

@@ -4,13 +4,16 @@ calls to the kernel; the base-2 activations equal PyTorch's; the vision tower's 
 attention's memory; and `specialize` swaps exactly these in. (Their parity with transformers in a whole
 model is in test_model.py, test_vision.py and test_full_width.py, for both backends.)"""
 
+import warnings
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_qwen3vl import cpu, language, vision
+from mlx_qwen3vl import _blas, cpu, language, vision
 from mlx_qwen3vl.cpu import BLAS_MIN_ROWS, BlasQuantizedLinear
 
 
@@ -93,6 +96,7 @@ def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
     assert on_cpu.model.visual.merger.act is cpu.gelu_erf and gpu.model.visual.merger.act is vision.gelu_erf
     assert block.attn.attend is cpu.segment_attention_in_blocks
     assert type(block.attn.qkv) is cpu.WideningLinear
+    assert type(block.mlp) is cpu.BlockwiseVisionMLP
     assert type(on_cpu.model.visual.patch_embed.proj) is nn.Linear  # sets the tower's compute dtype
     assert type(on_cpu.model.language_model.rope) is cpu.TableRope
     assert type(gpu.model.language_model.rope) is language.Rope
@@ -114,6 +118,40 @@ def test_gelu_tanh_equals_pytorch_tanh_approximation():
     reference = torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh").numpy()
     for gelu in (vision.gelu_tanh, cpu.gelu_tanh):
         np.testing.assert_allclose(np.array(gelu(mx.array(x))), reference, rtol=2e-6, atol=1e-6)
+    in_place = x.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the exponential's overflow at the far left is expected, silently
+        cpu._gelu_tanh_in_place(in_place, np.empty_like(x))  # the numpy MLP's (cpu.numpy_mlp)
+    np.testing.assert_allclose(in_place, reference, rtol=2e-6, atol=1e-6)
+
+
+def test_the_vision_mlp_in_numpy_blocks_equals_mlx(monkeypatch):
+    """A vision block's MLP over 300 float32 rows in numpy blocks of 48 (two workers, the last block
+    ragged; the system OpenBLAS's products) against the plain MLP in MLX, bfloat16-stored weights widened
+    as the CPU keeps them; fewer rows than two blocks, and bfloat16 inputs, take MLX's path unchanged."""
+
+    class Config:
+        hidden_size, intermediate_size, hidden_act = 40, 88, "gelu_pytorch_tanh"
+
+    mlp = vision.VisionMLP(Config)
+    weights = {k: mx.array(np.random.default_rng(i).standard_normal(v.shape).astype(np.float32) * 0.3)
+               for i, (k, v) in enumerate(tree_flatten(mlp.parameters()))}  # fmt: skip
+    mlp.update(tree_unflatten([(k, v.astype(mx.bfloat16)) for k, v in weights.items()]))
+    plain = vision.VisionMLP(Config)
+    plain.update(mlp.parameters())
+    cpu.specialize(mlp, mx.float32)
+    assert type(mlp) is cpu.BlockwiseVisionMLP
+    monkeypatch.setattr(cpu, "CORES", 2)
+    monkeypatch.setattr(cpu, "NUMPY_MLP_ROWS", 48)
+    x = mx.array(np.random.default_rng(9).standard_normal((1, 300, 40)).astype(np.float32) * 3)
+    reference = np.array(vision.VisionMLP.__call__(plain, x))
+    calls, sgemm = [], _blas.sgemm
+    monkeypatch.setattr(_blas, "sgemm", lambda *args, **kw: calls.append(args) or sgemm(*args, **kw))
+    np.testing.assert_allclose(np.array(mlp(x)), reference, rtol=0, atol=2e-6 * np.abs(reference).max())
+    assert len(calls) == 2 * 7  # two products per block
+    mlp(x[:, :95])  # under two blocks
+    mlp(x.astype(mx.bfloat16))
+    assert len(calls) == 2 * 7
 
 
 def test_gelu_erf_equals_pytorch_exact_gelu():
@@ -125,12 +163,17 @@ def test_gelu_erf_equals_pytorch_exact_gelu():
     reference = torch.nn.functional.gelu(torch.from_numpy(x).double()).numpy()
     for gelu in (vision.gelu_erf, cpu.gelu_erf):
         np.testing.assert_allclose(np.array(gelu(mx.array(x))), reference, rtol=2e-6, atol=1e-6)
+    in_place = x.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # z^2's overflow at the extremes is expected, silently
+        cpu._gelu_erf_in_place(in_place, *(np.empty_like(x) for _ in range(3)))  # cpu.numpy_mlp's
+    np.testing.assert_allclose(in_place, reference, rtol=2e-6, atol=1e-6)
 
 
 def test_query_blocks_bound_the_memory_of_a_large_segment(monkeypatch):
-    """A 2048-patch segment with 64 MiB of scores in 2 MiB query blocks: the attention's peak memory
-    stays within a few blocks (not the whole matrix, nor all blocks at once), in float32 (numpy: traced
-    by tracemalloc) and in bfloat16 (MLX: its own peak)."""
+    """A 2048-patch segment with 64 MiB of scores in 2 MiB query blocks (bfloat16, MLX: its own peak) or
+    tiles of 1 MiB per core (float32, numpy: traced by tracemalloc): the attention's peak memory stays
+    within a few blocks, not the whole matrix, nor all blocks at once."""
     import tracemalloc
 
     n, heads, head_dim, budget = 2048, 4, 32, 2 * 2**20
@@ -139,6 +182,8 @@ def test_query_blocks_bound_the_memory_of_a_large_segment(monkeypatch):
     mx.eval(q, k, v)
     out_bytes = n * heads * head_dim * 4
     monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget)
+    monkeypatch.setattr(cpu, "CORES", 2)
+    monkeypatch.setattr(cpu, "NUMPY_TILE", (256, 1024))  # budget / 2 per core
 
     def mlx_peak(attend, *arrays):
         mx.synchronize()
@@ -164,9 +209,10 @@ def test_query_blocks_bound_the_memory_of_a_large_segment(monkeypatch):
 def test_blocked_attention_equals_float32_attention(dtype, monkeypatch):
     """The vision tower's attention on the CPU (numpy in float32, MLX in query blocks otherwise) against
     the exact float32 attention, over segments of several blocks, the last one ragged: numpy's 2 workers
-    in blocks of 21 query rows, MLX in blocks of 14."""
+    in tiles of 21 queries by 40 keys, MLX in blocks of 14."""
     monkeypatch.setattr(cpu, "CORES", 2)
     monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 2 * 3 * 100 * 4 * 7)
+    monkeypatch.setattr(cpu, "NUMPY_TILE", (21, 40))
     rng = np.random.default_rng(2)
     q, k, v = (mx.array(rng.standard_normal((2, 3, 100, 16)).astype(np.float32)).astype(dtype) for _ in "qkv")
     ours = cpu.segment_attention_in_blocks(q, k, v, 0.25).astype(mx.float32)
@@ -176,12 +222,12 @@ def test_blocked_attention_equals_float32_attention(dtype, monkeypatch):
 
 
 def test_vision_attention_without_the_system_openblas(monkeypatch):
-    """Where MLX has no system OpenBLAS (macOS, or none installed), the same query blocks run one after
-    another with numpy's products, and give the exact attention too."""
+    """Where MLX has no system OpenBLAS (macOS, or none installed), the same tiles run one after another
+    with numpy's products, and give the exact attention too."""
     from mlx_qwen3vl import _blas
 
     monkeypatch.setattr(_blas, "loaded", None)
-    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 300 * 4 * 7)
+    monkeypatch.setattr(cpu, "NUMPY_TILE", (7, 120))
     rng = np.random.default_rng(5)
     q, k, v = (mx.array(rng.standard_normal((2, 3, 300, 16)).astype(np.float32)) for _ in "qkv")
     ours = cpu.segment_attention_in_blocks(q, k, v, 0.25)
@@ -189,9 +235,12 @@ def test_vision_attention_without_the_system_openblas(monkeypatch):
     np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=2e-6)
 
 
-def test_vision_attention_of_scores_beyond_the_exponent_range():
+@pytest.mark.parametrize("tile", [(512, 1536), (64, 48)])
+def test_vision_attention_of_scores_beyond_the_exponent_range(tile, monkeypatch):
     """Scores of several hundred (float32's exponentials overflow beyond 88): the CPU's float32 path
-    shifts such rows by their largest score, as the exact attention does, and gives its result."""
+    shifts such rows by their largest score, as the exact attention does, and gives its result; over
+    several tiles of keys, by the largest so far, rescaling the earlier tiles' sums as it grows."""
+    monkeypatch.setattr(cpu, "NUMPY_TILE", tile)
     rng = np.random.default_rng(4)
     q, k, v = (mx.array(rng.standard_normal((2, 2, 200, 16)).astype(np.float32)) for _ in "qkv")
     ours = cpu.segment_attention_in_blocks(q, k, v, 10.0)
@@ -255,26 +304,29 @@ def test_key_blocks_bound_the_scores_of_a_chunk_against_a_long_context(monkeypat
 
 
 @pytest.mark.parametrize("keys", [300, 2000])
-def test_a_float32_prompt_chunk_attends_with_numpy_in_bounded_blocks(keys, monkeypatch):
+@pytest.mark.parametrize("scale", [0.25, 10.0])
+def test_a_float32_prompt_chunk_attends_with_numpy_in_bounded_tiles(keys, scale, monkeypatch):
     """A float32 prompt chunk of 300 queries after keys - 300 cached positions (grouped heads; causal, and
-    without a mask as a single-row batch passes none) goes through numpy in query blocks whose scores
-    stay within ATTENTION_SCORE_BYTES (numpy's allocations, traced), with the one call's result."""
+    without a mask as a single-row batch passes none) goes through numpy in tiles of 64 queries by 256
+    keys, the scores held those of a tile per core (numpy's allocations, traced), with the one call's
+    result; also with scores beyond float32's exponent range (scale 10: rows shifted tile by tile)."""
     import tracemalloc
 
     q, k, v = random_attention_inputs(mx.float32, queries=300, keys=keys, seed=7)
     mx.eval(q, k, v)
-    budget = 64 * keys * 4  # a block of 64 query rows per worker
-    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget * cpu.CORES)
+    monkeypatch.setattr(cpu, "NUMPY_TILE", (64, 256))
+    tile_bytes = 64 * 256 * 4
     calls, numpy_attention = [], cpu.numpy_attention
     spy = lambda *args: calls.append(args[-1]) or numpy_attention(*args)  # noqa: E731
     monkeypatch.setattr(cpu, "numpy_attention", spy)
     for mask in ("causal", None):
         tracemalloc.start()
-        ours = cpu.attention(q, k, v, cache=None, scale=0.25, mask=mask)
+        ours = cpu.attention(q, k, v, cache=None, scale=scale, mask=mask)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         output = q.size * 4
-        assert peak < cpu.CORES * budget + 2 * output
-        reference = cpu.float32_attention(q, k, v, 0.25, mask)
-        np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=1e-6)
+        assert peak < cpu.CORES * 2 * tile_bytes + 2 * output  # rows of 2,000 keys would need 4 tiles
+        reference = cpu.float32_attention(q, k, v, scale, mask)
+        tolerance = 1e-6 if scale < 1 else 1e-4  # scores of hundreds: their rounding
+        np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=tolerance)
     assert calls == [True, False]

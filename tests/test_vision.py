@@ -64,8 +64,10 @@ def test_segments_are_grouped_into_runs_of_equal_length():
 
 @pytest.mark.parametrize("budget", [10**9, 10_000, 200])
 def test_query_blocks_are_exact(budget, monkeypatch):
-    """The CPU's attention in query blocks of any size equals the fused kernel's on whole segments."""
+    """The CPU's attention in query blocks of any size (numpy's in tiles of 8 queries by 16 keys) equals
+    the fused kernel's on whole segments."""
     monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget)
+    monkeypatch.setattr(cpu, "NUMPY_TILE", (8, 16))
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.standard_normal((3, 2, 40, 8)).astype(np.float32)) for _ in range(3))
     ours = cpu.segment_attention_in_blocks(q, k, v, 0.35)
@@ -73,10 +75,12 @@ def test_query_blocks_are_exact(budget, monkeypatch):
 
 
 def test_large_image_in_query_blocks_matches_transformers(tiny_f32, tiny_reference, monkeypatch):
-    """A budget small enough that every block of the tower splits its queries into 8-row blocks."""
+    """Every block of the tower attends in tiles of 8 queries by 96 keys (the last ragged), and runs its
+    MLP in numpy blocks of 48 rows."""
     grids = np.array([(1, 16, 20)])
     pixels = pixel_rows(grids, seed=8)
-    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 2 * 320 * 4 * 8)
+    monkeypatch.setattr(cpu, "NUMPY_TILE", (8, 96))
+    monkeypatch.setattr(cpu, "NUMPY_MLP_ROWS", 48)
     features, deepstack = tiny_f32[0].model.visual(mx.array(pixels), grids)
     ref_features, ref_deepstack = reference_vision(tiny_reference, pixels, grids)
     assert relative_max_diff(features, ref_features) < TOLERANCE
@@ -170,7 +174,7 @@ def vision_memory(model, groups: int) -> int:
 def test_peak_memory_grows_with_the_piece_not_the_video(tiny_f32):
     """With a budget of 2 temporal groups, a video 4x longer costs no more beyond its features (but, while
     they are joined, one more copy of one feature level), and both stay within the budget; in one pass
-    the longer video costs about 4x more."""
+    the longer video costs over twice as much (4x the activations, beside what any pass holds)."""
     model = tiny_f32[0]
     budget = model.vision_budget = budget_for(model, 2 * 256)
     try:
@@ -180,7 +184,7 @@ def test_peak_memory_grows_with_the_piece_not_the_video(tiny_f32):
     feature_level = 32 * 64 * 128 * 4  # one level of the long video's features, float32
     assert long <= short + feature_level and max(short, long) <= budget
     whole_short, whole_long = vision_memory(model, 8), vision_memory(model, 32)
-    assert whole_long > 3 * whole_short and whole_long > 3 * long
+    assert whole_long > 2 * whole_short and whole_long > 3 * long
 
 
 def test_the_vision_budget_is_a_load_option_with_a_default_from_memory(tiny_checkpoint, monkeypatch):
