@@ -127,8 +127,15 @@ def test_gelu_tanh_equals_pytorch_tanh_approximation():
 
 def test_the_vision_mlp_in_numpy_blocks_equals_mlx(monkeypatch):
     """A vision block's MLP over 300 float32 rows in numpy blocks of 48 (two workers, the last block
-    ragged; the system OpenBLAS's products) against the plain MLP in MLX, bfloat16-stored weights widened
-    as the CPU keeps them; fewer rows than two blocks, and bfloat16 inputs, take MLX's path unchanged."""
+    ragged; the system OpenBLAS's products, or numpy's standing in where there is none) against the plain
+    MLP in MLX, bfloat16-stored weights widened as the CPU keeps them; fewer rows than two blocks, and
+    bfloat16 inputs, take MLX's path unchanged."""
+    import contextlib
+
+    if not _blas.loaded:
+        monkeypatch.setattr(_blas, "loaded", "numpy")
+        monkeypatch.setattr(_blas, "sgemm", cpu._numpy_product)
+        monkeypatch.setattr(_blas, "single_threaded", contextlib.nullcontext)
 
     class Config:
         hidden_size, intermediate_size, hidden_act = 40, 88, "gelu_pytorch_tanh"
