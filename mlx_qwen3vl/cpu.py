@@ -80,8 +80,8 @@ ATTENTION_SCORE_BYTES = 32 * 2**20
 DECODER_SCORE_BYTES = 32 * 2**20
 # The scores one worker of `numpy_attention` holds at a time: query rows x keys, 3 MiB of float32, in the
 # cache from the product that makes them to the one that reads them, and rows enough for BLAS to run at
-# its full rate (with head dim 64 at 12K patches, tiles of 1.5-5 MiB do equally well; a segment's whole
-# rows, outside the cache, take 20% longer).
+# its full rate (tiles from about 1.5 to 5 MiB do equally well; a segment's whole rows, which leave the
+# cache, are slower: bench/results' vision-large-image-tiles).
 NUMPY_TILE = (512, 1536)
 # Rows per block of the vision MLPs' numpy path (`numpy_mlp`): enough for BLAS to run at its full
 # rate (fewer cost more at the 4B widths); what a core holds beyond the output is its block's intermediate

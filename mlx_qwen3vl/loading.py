@@ -152,8 +152,8 @@ def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype
     - the scales and biases of quantized linear layers keep the checkpoint's dtype. A quantized matmul
       takes float32 activations with bfloat16 scales and gives the same numbers (bfloat16 widens
       exactly), so float32 compute on the CPU costs no extra memory or load time there (widened, they
-      would add 11% to a 4-bit layer's bytes). The price is MLX's one-row CPU kernel running ~5% slower
-      with them (`bench/matmul.py`): a decode step's share of it.
+      would add 11% to a 4-bit layer's bytes). The price is MLX's one-row CPU kernel running a little
+      slower with them (`bench/matmul.py` measures it), in a decode step's share of that kernel.
       A quantized embedding's do take the compute dtype: it dequantizes in its scales' dtype, and its
       output is the activations' start.
     - modules that say `keeps_stored_dtype` (cpu.WideningLinear) keep a narrower stored dtype and widen

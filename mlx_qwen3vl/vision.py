@@ -248,6 +248,7 @@ class PatchMerger(nn.Module):
         return self.mlp(x)
 
     def mlp(self, x: mx.array) -> mx.array:
+        """The grouped vectors' MLP, apart so a backend can swap it (`backend.Backend.specialize`)."""
         return self.linear_fc2(self.act(self.linear_fc1(x)))
 
 
