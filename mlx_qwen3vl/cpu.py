@@ -302,8 +302,7 @@ def numpy_mlp(module: nn.Module, x: mx.array) -> mx.array:
             y[...] = b2
             _blas.sgemm(h, w2, y, transpose_b=True, beta=1.0)
 
-    with _blas.single_threaded():
-        list(_threads().map(work, range(CORES)))
+    _on_cores(work)
     return mx.array(out).reshape(*x.shape[:-1], -1)
 
 
@@ -551,7 +550,6 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal:
     group, keys, depth = heads // kn.shape[1], kn.shape[2], vn.shape[-1]
     past = keys - length  # causal: the positions before the first query's
     out = np.empty((count, length, heads, depth), np.float32)
-    workers = CORES if _blas.loaded else 1
     rows, tile = NUMPY_TILE
     tasks = iter([(c, h, s) for c in range(count) for h in range(heads) for s in range(0, length, rows)])
     product = _blas.sgemm if _blas.loaded else _numpy_product
@@ -581,11 +579,7 @@ def numpy_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal:
                 product(block, vn[c, kv, first:last], weighted[:n], beta=0.0 if first == 0 else 1.0)
             np.divide(weighted[:n], sums[:n], out=out[c, start:end, h])
 
-    if workers == 1:
-        work(0)
-    else:
-        with _blas.single_threaded():
-            list(_threads().map(work, range(workers)))
+    _on_cores(work)
     return mx.array(out).transpose(0, 2, 1, 3)
 
 
@@ -649,6 +643,17 @@ def _numpy_product(a, b, out, alpha: float = 1.0, transpose_b: bool = False, bet
 CORES = os.cpu_count() or 1
 
 
+def _on_cores(work) -> None:
+    """work(k) on each of CORES threads, each running its products on its own core
+    (`_blas.single_threaded`) and taking tasks from a queue `work` shares; without the system OpenBLAS,
+    once, on this thread (numpy's products use the cores already)."""
+    if not _blas.loaded:
+        work(0)
+        return
+    with _blas.single_threaded():
+        list(_threads().map(work, range(CORES)))
+
+
 @cache
 def _threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="mlx-qwen3vl-attention")
+    return ThreadPoolExecutor(max_workers=CORES, thread_name_prefix="mlx-qwen3vl-numpy")

@@ -297,9 +297,11 @@ class TextModel(nn.Module):
         cache = cache if cache is not None else [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         deepstack = deepstack or []
-        last = len(self.layers) - 1
+        # The last layer computes only the outputs asked for, unless a DeepStack feature follows it
+        trims = outputs is not None and (outputs == 0 or len(deepstack) < len(self.layers))
+        trim_at = len(self.layers) - 1 if trims else -1
         for j, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
-            trimmed = j == last and outputs is not None and (outputs == 0 or j >= len(deepstack))
+            trimmed = j == trim_at
             h = layer(h, rope, mask, layer_cache, outputs if trimmed else None)
             if j < len(deepstack) and not trimmed:
                 h = h.reshape(B * L, H).at[visual_index].add(deepstack[j].astype(h.dtype)).reshape(B, L, H)
