@@ -3,13 +3,16 @@ backend is the CPU (`backend.py`). The model files (language.py, vision.py) are 
 GPU backends run; nothing here is used there. Each replacement computes the same function: the tests
 compare both paths with the reference.
 
-- Quantized decoder layers send many-row float32 inputs through BLAS (`BlasQuantizedLinear`). MLX's CPU
-  quantized matmul is a scalar kernel that runs at the same rate for any number of rows, while a fast
-  BLAS multiplies a dequantized weight many times faster once there are a few rows (a prompt, a chat
-  turn); one row (a decode step) keeps the kernel, which reads the packed 4-bit weight instead of a
-  widened one.
-  With the reference BLAS bundled in MLX's Linux wheel the dense product is no faster, so there nothing
-  is swapped. `bench/matmul.py` measures each path.
+- Quantized decoder layers (`CpuQuantizedLinear`, the tied vocabulary projection
+  `CpuQuantizedEmbedding.as_linear`, the MoE experts `CpuQuantizedSwitchLinear`) split their output rows
+  over the cores, each part's product on a CPU stream of its own (`output_rows_on_cores`): MLX's CPU
+  quantized kernel is scalar code on the one thread of its stream, so a decode step, which is mostly these
+  products, runs on one core otherwise. The parts compute exactly the kernel's numbers.
+  Many-row float32 inputs to the linear layers go through BLAS instead: the kernel runs at the same rate
+  for any number of rows, while a fast BLAS multiplies a dequantized weight many times faster once there
+  are a few rows (a prompt, a chat turn); one row (a decode step) keeps the kernel, which reads the packed
+  4-bit weight instead of a widened one. With the reference BLAS bundled in MLX's Linux wheel the dense
+  product is no faster, so there every call takes the kernel. `bench/matmul.py` measures each path.
 - The vision tower's matrices keep a bfloat16 checkpoint's dtype under float32 compute and are widened
   per call (`WideningLinear`): exact, half the tower's memory.
 - Exponentials in base 2. On x86, MLX's `mx.exp` (and tanh, sigmoid, erf) is a scalar polynomial while
@@ -44,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
@@ -52,12 +56,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from . import _blas, vision
 from .language import MLP, Attention, Rope, TextModel, apply_rope
 
 LOG2_E = math.log2(math.e)
+
+# The cores this process may run on: numpy's workers and the quantized products' streams, one per core.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 # MLX's CPU float32 matmuls go through a fast BLAS: the system OpenBLAS this package bound on import
 # (_blas.py), or Accelerate on macOS.
@@ -99,8 +106,12 @@ def specialize(model: nn.Module, dtype: mx.Dtype) -> None:
     after quantizing a loaded model in memory."""
     for name, module in model.named_modules():
         in_vision = name.startswith("model.visual.")
-        if type(module) is nn.QuantizedLinear and not in_vision and FAST_BLAS:
-            become(module, BlasQuantizedLinear)
+        if type(module) is nn.QuantizedLinear and not in_vision:
+            become(module, CpuQuantizedLinear)
+        elif type(module) is nn.QuantizedEmbedding:
+            become(module, CpuQuantizedEmbedding)
+        elif type(module) is QuantizedSwitchLinear:
+            become(module, CpuQuantizedSwitchLinear)
         elif type(module) is nn.Linear and in_vision and ".patch_embed." not in f".{name}.":
             become(module, WideningLinear)  # the patch embedding sets the tower's compute dtype: kept
         elif type(module) is SwitchLinear:
@@ -191,19 +202,20 @@ def concatenate_evaluated(blocks: Iterable[mx.array], axis: int) -> mx.array:
     return mx.concatenate(parts, axis=axis) if len(parts) > 1 else parts[0]
 
 
-class BlasQuantizedLinear(nn.QuantizedLinear):
-    """MLX's quantized linear layer, with float32 inputs of many rows multiplied through BLAS, the weight
-    dequantized in blocks of output rows of BLOCK_BYTES (module docstring). The result differs from the
-    quantized kernel's only in summation order."""
+class CpuQuantizedLinear(nn.QuantizedLinear):
+    """MLX's quantized linear layer with its products on every core (`output_rows_on_cores`), and float32
+    inputs of many rows multiplied through a fast BLAS, the weight dequantized in blocks of output rows of
+    BLOCK_BYTES (module docstring). The BLAS result differs from the kernel's only in summation order."""
 
     def __call__(self, x: mx.array) -> mx.array:
         # Cheapest test first: a decode step (one row) takes the kernel on every call.
         rows = x.size // x.shape[-1]
-        if rows < BLAS_MIN_ROWS or x.dtype != mx.float32:
-            return super().__call__(x)
-        step = max(1, BLOCK_BYTES // (4 * x.shape[-1]))
-        starts = range(0, self["weight"].shape[0], step)
-        y = concatenate_evaluated((x @ self._dequantized(s, s + step).T for s in starts), axis=-1)
+        if rows < BLAS_MIN_ROWS or x.dtype != mx.float32 or not FAST_BLAS:
+            y = quantized_product_on_cores(self, x)
+        else:
+            step = max(1, BLOCK_BYTES // (4 * x.shape[-1]))
+            starts = range(0, self["weight"].shape[0], step)
+            y = concatenate_evaluated((x @ self._dequantized(s, s + step).T for s in starts), axis=-1)
         return y + self["bias"] if "bias" in self else y
 
     def _dequantized(self, start: int, end: int) -> mx.array:
@@ -217,6 +229,94 @@ class BlasQuantizedLinear(nn.QuantizedLinear):
             bits=self.bits,
             mode=self.mode,
         )
+
+
+class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
+    """A quantized embedding whose use as the vocabulary projection (tied embeddings) runs on every core:
+    with the vocabulary's 151,936 rows it is the largest product of a decode step."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return quantized_product_on_cores(self, x)
+
+
+class CpuQuantizedSwitchLinear(QuantizedSwitchLinear):
+    """mlx-lm's quantized MoE expert projection with each chosen expert's output rows split over the
+    cores (`output_rows_on_cores`): the same gathered kernel on parts of every expert's weight."""
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        biases = self.get("biases")
+
+        def product(rows: slice) -> mx.array:
+            return mx.gather_qmm(
+                x,
+                self["weight"][:, rows],
+                self["scales"][:, rows],
+                None if biases is None else biases[:, rows],
+                rhs_indices=indices,
+                transpose=True,
+                group_size=self.group_size,
+                bits=self.bits,
+                mode=self.mode,
+                global_scale=self.global_scale,
+                sorted_indices=sorted_indices,
+            )
+
+        y = output_rows_on_cores(product, self["weight"].shape[1])
+        return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
+
+
+def quantized_product_on_cores(layer: nn.Module, x: mx.array) -> mx.array:
+    """x @ W.T for a quantized layer's packed W (a QuantizedLinear's or a QuantizedEmbedding's), without
+    its bias."""
+    biases = layer.get("biases")
+
+    def product(rows: slice) -> mx.array:
+        return mx.quantized_matmul(
+            x,
+            layer["weight"][rows],
+            layer["scales"][rows],
+            None if biases is None else biases[rows],
+            transpose=True,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            mode=layer.mode,
+        )
+
+    return output_rows_on_cores(product, layer["weight"].shape[0])
+
+
+def output_rows_on_cores(product, rows: int) -> mx.array:
+    """product(part) for CORES consecutive parts of a weight's output rows, each built on a CPU stream of
+    its own, concatenated along the last axis. MLX runs each stream's operations on a thread of that
+    stream's, so the parts' products run at once, one per core; each output value is the kernel's own.
+    The parts are views of the weight, not copies. Another device's default stream takes the whole."""
+    parts = min(CORES, rows) if mx.default_device() == mx.cpu else 1
+    if parts == 1:
+        return product(slice(0, rows))
+    bounds = [rows * k // parts for k in range(parts + 1)]
+    outputs = []
+    for k, stream in enumerate(_streams(parts)):
+        with mx.stream(stream):
+            outputs.append(product(slice(bounds[k], bounds[k + 1])))
+    return mx.concatenate(outputs, axis=-1)
+
+
+class _ThreadStreams(threading.local):
+    extra: list[mx.Stream]
+
+    def __init__(self):
+        self.extra = []
+
+
+_STREAMS = _ThreadStreams()
+
+
+def _streams(count: int) -> list[mx.Stream]:
+    """The calling thread's default CPU stream and count - 1 more, made on first need: an MLX stream
+    belongs to the thread that made it (another thread's graph cannot use it)."""
+    extra = _STREAMS.extra
+    extra.extend(mx.new_stream(mx.cpu) for _ in range(count - 1 - len(extra)))
+    return [mx.default_stream(mx.cpu), *extra[: count - 1]]
 
 
 class Float32SwitchLinear(SwitchLinear):
@@ -638,9 +738,6 @@ def _numpy_product(a, b, out, alpha: float = 1.0, transpose_b: bool = False, bet
         out += a @ b
     else:
         np.matmul(a, b, out=out)
-
-
-CORES = os.cpu_count() or 1
 
 
 def _on_cores(work) -> None:

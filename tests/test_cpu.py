@@ -1,9 +1,12 @@
 """The CPU specialisations (mlx_qwen3vl/cpu.py), each against what it replaces: the BLAS path of the
 quantized layer gives the kernel's numbers in blocks that bound the memory and leaves one-row (decode)
-calls to the kernel; the base-2 activations equal PyTorch's; the vision tower's query blocks bound the
-attention's memory; and `specialize` swaps exactly these in. (Their parity with transformers in a whole
-model is in test_model.py, test_vision.py and test_full_width.py, for both backends.)"""
+calls to the kernel; the kernel's products split over the cores are its own numbers, on a stream per
+core, without copies of the weight; the base-2 activations equal PyTorch's; the vision tower's query
+blocks bound the attention's memory; and `specialize` swaps exactly these in. (Their parity with
+transformers in a whole model is in test_model.py, test_vision.py and test_full_width.py, for both
+backends.)"""
 
+import threading
 import warnings
 
 import mlx.core as mx
@@ -12,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from mlx_qwen3vl import _blas, cpu, language, vision
-from mlx_qwen3vl.cpu import BLAS_MIN_ROWS, BlasQuantizedLinear
+from mlx_qwen3vl.cpu import BLAS_MIN_ROWS, CpuQuantizedLinear
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +37,7 @@ def quantized_layer(in_dims: int, out_dims: int, bias: bool, bits: int = 4, seed
     layer = nn.Linear(in_dims, out_dims, bias=bias)
     layer.weight = layer.weight.astype(mx.bfloat16)
     q = layer.to_quantized(group_size=64, bits=bits)
-    cpu.become(q, BlasQuantizedLinear)
+    cpu.become(q, CpuQuantizedLinear)
     mx.eval(q.parameters())
     return q
 
@@ -81,6 +85,97 @@ def test_blocks_bound_the_extra_memory(monkeypatch):
     assert mx.get_peak_memory() - base < 3 * block + 2 * output < 1024 * 4096 * 4
 
 
+def plain_switch_call(layer, x, indices, sorted_indices=False):
+    return QuantizedSwitchLinear.__call__(layer, x, indices, sorted_indices=sorted_indices)
+
+
+def quantized_experts(bias: bool, experts: int = 6, in_dims: int = 128, out_dims: int = 100):
+    layer = QuantizedSwitchLinear(in_dims, out_dims, experts, bias=bias, group_size=64, bits=4)
+    if bias:
+        layer.bias = mx.random.normal((experts, out_dims), key=mx.random.key(7))
+    cpu.become(layer, cpu.CpuQuantizedSwitchLinear)
+    mx.eval(layer.parameters())
+    return layer
+
+
+@pytest.mark.parametrize("cores", [2, 3, 8])
+def test_products_split_over_the_cores_are_the_kernels_numbers(cores, monkeypatch):
+    """Every quantized product the CPU splits by output rows (CORES not dividing them; more parts than
+    this machine has cores) equals MLX's kernel on the whole weight bit for bit: linear layers with and
+    without bias, 4 and 8 bits, float32 and bfloat16 inputs; the tied vocabulary projection; the MoE
+    experts for a decode step and for a sorted prompt."""
+    monkeypatch.setattr(cpu, "CORES", cores)
+    for bits, bias in ((4, False), (8, True)):
+        layer = quantized_layer(256, 301, bias, bits)
+        for x in (mx.random.normal((1, 1, 256)), mx.random.normal((2, 5, 256)).astype(mx.bfloat16)):
+            assert mx.array_equal(layer(x), kernel(layer, x)).item()
+    embedding = nn.Embedding(301, 128).to_quantized(group_size=64, bits=4)
+    cpu.become(embedding, cpu.CpuQuantizedEmbedding)
+    h = mx.random.normal((1, 1, 128))
+    assert mx.array_equal(embedding.as_linear(h), nn.QuantizedEmbedding.as_linear(embedding, h)).item()
+
+    experts = quantized_experts(bias=True)
+    x = mx.random.normal((1, 1, 1, 1, 128))  # a decode step as SwitchGLU shapes it, 3 of 6 experts
+    indices = mx.array([[[4, 0, 2]]])
+    assert mx.array_equal(experts(x, indices), plain_switch_call(experts, x, indices)).item()
+    x = mx.random.normal((12, 1, 128))  # a prompt's tokens, sorted by expert
+    indices = mx.sort(mx.random.randint(0, 6, (12,), key=mx.random.key(3)))[:, None]
+    ours = experts(x, indices, sorted_indices=True)
+    assert mx.array_equal(ours, plain_switch_call(experts, x, indices, True)).item()
+
+
+def test_the_parts_run_on_streams_of_their_own(monkeypatch):
+    """What lets the parts run at once: each product is built on a different stream (MLX runs a stream's
+    operations on its own thread), one part per core."""
+    monkeypatch.setattr(cpu, "CORES", 3)
+    seen = []
+    kernel_itself = mx.quantized_matmul
+
+    def spy(x, w, *args, **kwargs):
+        seen.append((str(mx.default_stream(mx.cpu)), w.shape[0]))  # Stream: equality, no hash
+        return kernel_itself(x, w, *args, **kwargs)
+
+    layer = quantized_layer(128, 301, bias=False)
+    monkeypatch.setattr(mx, "quantized_matmul", spy)
+    mx.eval(layer(mx.random.normal((1, 128))))
+    assert len({stream for stream, _ in seen}) == 3 and sorted(rows for _, rows in seen) == [100, 100, 101]
+
+
+def test_the_parts_are_views_of_the_weight():
+    """Splitting copies nothing of the weight: a one-row product over a 16 MiB packed weight holds what
+    the kernel on the whole weight holds (MLX widens the bfloat16 scales and biases for float32 inputs)
+    and the parts' outputs before their concatenation, not the weight's bytes."""
+    layer = quantized_layer(4096, 8192, bias=False)
+    x = mx.random.normal((1, 4096))
+    mx.eval(x)
+
+    def peak(product) -> int:
+        mx.synchronize()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(product())
+        return mx.get_peak_memory() - base
+
+    whole = peak(lambda: kernel(layer, x))
+    assert whole < layer["weight"].nbytes / 2
+    assert peak(lambda: layer(x)) <= whole + 2 * 8192 * 4
+
+
+def test_a_model_thread_of_its_own_splits_its_products_too():
+    """An MLX stream belongs to the thread that made it: a thread running the model (the server's
+    engine) gets streams of its own."""
+    layer = quantized_layer(128, 64, bias=False)
+    x = mx.random.normal((1, 128))
+    mx.eval(layer(x))  # this thread's streams exist now
+    results = []
+    thread = threading.Thread(
+        target=lambda: results.append(mx.array_equal(layer(x), kernel(layer, x)).item())
+    )
+    thread.start()
+    thread.join()
+    assert results == [True]
+
+
 def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
     """What the CPU backend changes in a loaded model, and that the GPU backend changes nothing."""
     from mlx_qwen3vl import load
@@ -88,7 +183,7 @@ def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
     gpu, _ = load(tiny_checkpoint, dtype="bfloat16", backend="gpu", lazy=True)
     on_cpu, _ = load(tiny_checkpoint, dtype="bfloat16", backend="cpu", lazy=True)
     kinds = {type(m) for _, m in gpu.named_modules()}
-    assert not kinds & {cpu.WideningLinear, BlasQuantizedLinear}
+    assert not kinds & {cpu.WideningLinear, CpuQuantizedLinear}
     layer, block = on_cpu.layers[0], on_cpu.model.visual.blocks[0]
     assert layer.mlp.activation is cpu.silu_gate and gpu.layers[0].mlp.activation is language.silu_gate
     assert layer.self_attn.attend is cpu.attention  # bfloat16 on the CPU: float32 accumulation
@@ -103,10 +198,11 @@ def test_specialize_swaps_in_the_cpu_versions_and_nothing_else(tiny_checkpoint):
     in_float32, _ = load(tiny_checkpoint, dtype="float32", backend="cpu", lazy=True)
     assert in_float32.layers[0].self_attn.attend is cpu.attention  # MLX's own kernel, or key blocks
 
-    in_decoder = lambda path, m: path.startswith("model.language") and isinstance(m, nn.Linear)  # noqa: E731
+    in_decoder = lambda path, m: path.startswith("model.language") and hasattr(m, "to_quantized")  # noqa: E731
     nn.quantize(on_cpu, group_size=64, bits=4, class_predicate=in_decoder)
     cpu.specialize(on_cpu, mx.bfloat16)  # again, after quantizing in memory
-    assert type(on_cpu.layers[0].mlp.down_proj) is BlasQuantizedLinear
+    assert type(on_cpu.layers[0].mlp.down_proj) is CpuQuantizedLinear
+    assert type(on_cpu.model.language_model.embed_tokens) is cpu.CpuQuantizedEmbedding  # tied: the vocabulary
 
 
 def test_gelu_tanh_equals_pytorch_tanh_approximation():
