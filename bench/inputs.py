@@ -80,10 +80,10 @@ def prepare(folder: Path, checkpoint: Path, prompt_tokens: int) -> Path:
     for seed, (name, (width, height)) in enumerate(IMAGES.items(), start=1):
         image = noise_image(width, height, seed)
         image.save(folder / f"{name}.png")
-        encoded = processor.encode_image(image)
+        encoded = processor.read_image(image)
         arrays[f"{name}_pixels"], arrays[f"{name}_grid"] = encoded.pixel_values, np.array([encoded.grid_thw])
     write_video(folder / "video16.mp4")
-    video = processor.encode_video(str(folder / "video16.mp4"), VideoOptions(nframes=VIDEO_FRAMES))
+    video = processor.read_video(str(folder / "video16.mp4"), VideoOptions(nframes=VIDEO_FRAMES))
     arrays["video16_pixels"], arrays["video16_grid"] = video.pixel_values, np.array([video.grid_thw])
     np.savez(folder / "vision.npz", **arrays)
     np.save(folder / "prompt.npy", prompt_ids(processor.tokenizer, prompt_tokens))

@@ -74,11 +74,11 @@ def run_cache(model, inputs, kv, steps: int, forced: list[int] | None):
     import mlx.core as mx
     import numpy as np
 
-    from mlx_qwen3vl.generation import encode_media, prefill
+    from mlx_qwen3vl.generation import prefill
 
     cache = model.make_cache(kv)
-    images, _ = encode_media(model, inputs)
-    prepared = model.prepare(inputs["input_ids"], images, inputs["image_grid_thw"], None, None, cache)
+    images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+    prepared = model.prepare(inputs["input_ids"], [images], cache)
     start = time.perf_counter()
     first = prefill(model, prepared, cache)
     mx.eval(first)

@@ -12,31 +12,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
-
-import mlx.core as mx
+from contextlib import closing
+from dataclasses import dataclass, field
 
 from .errors import Qwen3VLError
-from .generation import GenerationResponse, check_context, describe, encode_media, reading, stream_tokens
+from .generation import GenerationResponse, reading, run_turn
+from .media import MediaItem
+from .messages import collect_media, media_arguments, normalize_messages, template_messages
 from .model import Model
 from .options import (
     DEFAULT_KV_GROUP_SIZE,
     DEFAULT_MAX_TOKENS,
-    LOGPROBS,
+    GenerationOptions,
     KVCacheOptions,
     SamplingOptions,
     check_max_tokens,
-    check_stop,
 )
-from .processor import (
-    Processor,
-    collect_media,
-    media_arguments,
-    normalize_messages,
-    stack_media,
-    template_messages,
-)
+from .prefix_cache import PrefixCache
+from .processor import Processor
 from .tools import tool_names
+from .turn import Turn
 
 TURN_ROLES = ("user", "tool")
 VISION_START = "<|vision_start|>"  # the first token of every image or video in the prompt
@@ -45,12 +40,13 @@ VISION_START = "<|vision_start|>"  # the first token of every image or video in 
 @dataclass
 class Segment:
     """A stretch of the cache: its text (as the template writes it, one placeholder per image or video)
-    and its token ids; `rendered` by the template, or else answered by the model."""
+    and its token ids; `rendered` by the template, or else answered by the model; the images and videos
+    in it (spent: their features are in the cache)."""
 
     text: str
     ids: list[int]
     rendered: bool
-    media: bool = False
+    media: list[MediaItem] = field(default_factory=list)
 
 
 class ChatSession:
@@ -90,7 +86,7 @@ class ChatSession:
     def clear(self) -> None:
         """Forget the conversation and its cache (the system prompt and the tools stay)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
-        self.cache = self.model.make_cache(self.kv_cache)
+        self.cache = PrefixCache(self.model, self.kv_cache)
         self.segments: list[Segment] = []
         self.last: GenerationResponse | None = None
         self.prefilled = 0
@@ -126,74 +122,52 @@ class ChatSession:
         sampling = {k: v for k, v in options.items() if k in sampling_names}
         media_options = {k: v for k, v in options.items() if k not in sampling_names}
         values = {k: getattr(self.sampling, k) for k in sampling_names} | sampling
-        sampling_options = SamplingOptions(**values).with_defaults(self.processor.generation_config)
-        max_tokens = self.max_tokens if max_tokens is None else check_max_tokens(max_tokens)
-        stop = check_stop(stop)
-        if logprobs is not None:
-            LOGPROBS.check(logprobs)
+        generation = GenerationOptions(
+            self.max_tokens if max_tokens is None else max_tokens,
+            SamplingOptions(**values),
+            stop,
+            logprobs,
+            self.tools,
+        )
 
         images, videos = media_arguments(images, videos)
-        turn = self._turn(content, images, videos)
-        media = collect_media(turn, images, videos)
-        messages = self.messages + template_messages(turn)  # the pixels live in the cache
+        added = self._turn(content, images, videos)
+        sources = collect_media(added, images, videos)
+        messages = self.messages + template_messages(added)  # the pixels live in the cache
         full = self.processor.render(messages, add_generation_prompt=True, tools=self.tools)
         kept_text, kept = self._common_part(full)
-        encoded = self.processor.encode_all(media, media_options, reading(progress))
+        media = self.processor.read_all(sources, media_options, reading(progress))
         new_text = full[kept_text:]
-        ids = self.processor.tokenize(new_text, encoded)
-        # The context as it will be: what is kept of the cache, then this turn.
-        dropped = self.cache.offset - sum(len(s.ids) for s in kept)
-        check_context(self.model, self.cache, len(ids) - dropped, max_tokens)
+        new_ids = self.processor.tokenize(new_text, media)
+        earlier = [item for segment in kept for item in segment.media]
+        turn = Turn(self.processor, [i for s in kept for i in s.ids] + new_ids, earlier + media, generation)
 
-        self._cut(kept)
-        inputs = stack_media(encoded)
-        describe(encoded, progress)
-        images_f, videos_f = encode_media(self.model, inputs, progress)
-        start, delta = self.cache.offset, self.cache.rope_delta.copy()
-        prepared = self.model.prepare(
-            mx.array([ids]),
-            images_f,
-            inputs["image_grid_thw"],
-            videos_f,
-            inputs["video_grid_thw"],
-            self.cache,
-        )
         previous, self.messages = self.messages, messages
-        self.prefilled = len(ids)
-        fed: list[int] = []
         answer: list[GenerationResponse] = []
+        run = run_turn(
+            self.model, turn, self.cache, progress=progress, prefill_step_size=self.prefill_step_size
+        )
         try:
-            for response in stream_tokens(
-                self.model,
-                self.processor.tokenizer,
-                prepared,
-                mx.array(self.tokens + ids),
-                self.cache,
-                max_tokens=max_tokens,
-                sampling=sampling_options,
-                stop=stop,
-                prefill_step_size=self.prefill_step_size,
-                progress=progress,
-                on_token=fed.append,
-                logprobs=logprobs,
-                reasoning=self.processor.thinks,
-                tools=self.tools,
-            ):
-                answer.append(response)
-                if response.finish_reason:
-                    self.last = response
-                yield response
-        except BaseException:
-            # Interrupted (Ctrl-C) or failed: keep the answer so far if the prompt got in, else undo the turn.
-            if not self._recover(start, delta, len(ids), fed):
-                self.messages = previous
-            raise
+            with closing(run):
+                for response in run:
+                    if not answer:
+                        self.prefilled = response.prompt_tokens
+                    answer.append(response)
+                    if response.finish_reason:
+                        self.last = response
+                    yield response
         finally:
-            if self.cache.offset >= start + len(ids):
-                self.segments.append(Segment(new_text, ids, rendered=True, media=bool(encoded)))
-                self.segments.append(Segment(self.processor.tokenizer.decode(fed), list(fed), rendered=False))
+            start = len(turn.ids) - len(new_ids)
+            if self.cache.offset >= len(turn.ids):  # the prompt got in: the turn and its answer so far
+                spent = [item.spent() for item in media]
+                self.segments = kept + [Segment(new_text, new_ids, rendered=True, media=spent)]
+                fed = [r.token for r in answer][: self.cache.offset - len(turn.ids)]
+                self.segments.append(Segment(self.processor.tokenizer.decode(fed), fed, rendered=False))
                 if self.messages is messages:
                     self.messages = messages + [self._answer_message(answer)]
+            else:  # interrupted or failed before the prompt got in: the turn is undone
+                self.cache.trim(turn, min(start, self.cache.offset))
+                self.segments, self.messages = kept, previous
 
     def _turn(self, content, images, videos) -> list[dict]:
         """The messages a turn adds, checked."""
@@ -264,28 +238,3 @@ class ChatSession:
                 return cut, len(segment.ids) - len(ids)
             cut = segment.text.rfind("\n", 0, cut - 1) + 1  # back to the start of a line
         return 0, 0
-
-    def _cut(self, kept: list[Segment]) -> None:
-        """Keep only these segments of the cache (they end after its last image or video: the rope delta
-        stays)."""
-        tokens = sum(len(s.ids) for s in kept)
-        for c in self.cache:
-            c.trim(c.offset - tokens)
-        self.segments = kept
-
-    def _recover(self, start: int, delta, prompt_length: int, fed: list[int]) -> bool:
-        """Bring every layer's cache to one consistent length after an interruption. False: the prompt
-        did not get in, and the turn is undone."""
-        # A token can be in the cache without having been handed out (the interrupt came while its
-        # value was awaited): the cache is cut back to what `fed` records.
-        consistent = min(min(c.offset for c in self.cache), start + prompt_length + len(fed))
-        if consistent < start + prompt_length:  # the prompt did not get in whole: undo the turn
-            for c in self.cache:
-                c.trim(c.offset - start)
-            self.cache.rope_delta = delta
-            fed.clear()
-            return False
-        for c in self.cache:
-            c.trim(c.offset - consistent)
-        del fed[consistent - start - prompt_length :]
-        return True

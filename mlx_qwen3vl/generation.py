@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
-from .answer import Answer, AnswerText, TokenLogprobs
+from .answer import Answer, TokenLogprobs
 from .errors import Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import (
     DEFAULT_KV_GROUP_SIZE,
     DEFAULT_MAX_TOKENS,
-    LOGPROBS,
+    GenerationOptions,
     KVCacheOptions,
     SamplingOptions,
-    check_max_tokens,
-    check_stop,
 )
-from .structured import JsonConstraint, check_schema
-from .tools import InvalidToolCall, ToolCall, tool_names
+from .prefix_cache import PrefixCache
+from .sampling import TokenSampler
+from .tools import InvalidToolCall, ToolCall
+from .turn import Turn
 
 PREFILL_STEP_SIZE = 512  # for a model built without load() (which chooses per backend, backend.py)
 
@@ -80,43 +81,6 @@ def prefill(
 def default_prefill_step(model: Model) -> int:
     backend = getattr(model, "backend", None)
     return backend.prefill_step_size if backend is not None else PREFILL_STEP_SIZE
-
-
-class TokenSampler:
-    """Picks one sequence's next token from its logits [1, vocab]: its logits processors (with the token
-    history they read; it grows only when one reads it), then mlx-lm's sampler, or an argmax when there is
-    none (greedy); and, with `logprobs`, the model's own log-probabilities (before the processors and
-    temperature). One per sequence, so that each row of a batch samples with its own settings.
-
-    With a seed, each step draws from a key of its own, (seed, step): an answer depends on its seed alone,
-    not on what else MLX's global generator served in between (the other rows of a batch)."""
-
-    def __init__(self, prompt_tokens: mx.array, sampler=None, processors=(), logprobs=False, seed=None):
-        self.history, self.sampler, self.processors = prompt_tokens, sampler, list(processors)
-        self.logprobs, self.seed, self.steps = logprobs, seed, 0
-
-    @property
-    def greedy(self) -> bool:
-        """An argmax of the logits and nothing else: such rows of a batch are sampled together."""
-        return self.sampler is None and not self.processors and not self.logprobs
-
-    def __call__(self, logits: mx.array) -> tuple[mx.array, mx.array | None]:
-        distribution = None
-        if self.logprobs:
-            logits32 = logits.astype(mx.float32)
-            distribution = (logits32 - mx.logsumexp(logits32, axis=-1, keepdims=True))[0]
-        for processor in self.processors:
-            logits = processor(self.history, logits)
-        if self.sampler is None:
-            token = mx.argmax(logits, axis=-1)
-        else:
-            if self.seed is not None:
-                mx.random.seed((self.seed * 0x9E3779B97F4A7C15 + self.steps) % 2**64)
-            token = self.sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        self.steps += 1
-        if self.processors:
-            self.history = mx.concatenate([self.history, token])
-        return token, distribution
 
 
 def generate_step(
@@ -171,132 +135,75 @@ class GenerationResponse:
     invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
 
 
-def stream_tokens(
-    model: Model,
-    tokenizer,
-    prompt: PreparedInput,
-    prompt_tokens: mx.array,
-    cache: PromptCache,
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    sampling: SamplingOptions | None = None,
-    stop: list[str] | str | None = None,
-    stop_token_ids=None,
-    prefill_step_size: int | None = None,
-    progress=None,
-    on_token=None,
-    constraint=None,
-    logprobs: int | None = None,
-    reasoning: bool = False,
-    tools: list | None = None,
+def turn_input(model: Model, turn: Turn, cache: PrefixCache, progress=None) -> PreparedInput:
+    """The part of a turn its cache does not hold, ready for the decoder: the cache kept as far as the turn
+    can continue from it (`PrefixCache.continue_for`), and the images and videos after that point
+    described (`Progress` "media") and run through the vision tower (`Progress` "vision")."""
+    start = cache.continue_for(turn)
+    media = turn.media_from(start)
+    if progress:
+        for i, item in enumerate(media, start=1):
+            progress(Progress("media", i, len(media), item.description))
+    report = (lambda done, total: progress(Progress("vision", done, total))) if progress else None
+    vision = model.encode_media(media, report)
+    return model.prepare(turn.ids[start:], vision, cache.kv)
+
+
+def run_turn(
+    model: Model, turn: Turn, cache: PrefixCache, *, progress=None, prefill_step_size: int | None = None
 ) -> Iterator[GenerationResponse]:
-    """Stream an answer for a prepared prompt: text pieces from mlx-lm's streaming detokenizer, stop on
-    an end-of-turn token, a stop string (not shown), or max_tokens. `on_token(id)` sees every token fed
-    to the cache. `constraint`: one more logits processor (structured.JsonConstraint). `logprobs`: each
-    response carries its token's log-probability and this many alternatives'. `reasoning`: the prompt
-    leaves the model inside a reasoning block. `tools`: the tools offered, whose calls are parsed."""
-    max_tokens = check_max_tokens(max_tokens)
-    top = None if logprobs is None else LOGPROBS.check(logprobs)
-    sampling = sampling or SamplingOptions()
-    stop_ids = set(stop_token_ids if stop_token_ids is not None else tokenizer.eos_token_ids)
-    answer = AnswerText(tokenizer, check_stop(stop), stop_ids, max_tokens, top, reasoning, tools)
-    sample = token_sampler(sampling, prompt_tokens, constraint, top)
-    mx.reset_peak_memory()
-    tic = time.perf_counter()
-    prompt_tps, n = 0.0, 0
-    steps = generate_step(
-        model,
-        prompt,
-        cache,
-        max_tokens=max_tokens,
-        sample=sample,
-        prefill_step_size=prefill_step_size,
-        progress=progress,
-    )
-    # Raised on Metal for the generation (mlx-lm's), so a model that fits is not paged out.
-    with wired_limit(model, [generation_stream]):
-        for n, (token, distribution) in enumerate(steps, start=1):
-            if n == 1:
-                prompt_tps = prompt.length / (time.perf_counter() - tic)
-                tic = time.perf_counter()
-            if on_token:
-                on_token(token)
-            # One response per token, like mlx-lm; the last one says why the answer ended.
-            piece = answer.add(token, distribution)
-            elapsed = time.perf_counter() - tic
-            yield GenerationResponse(
-                piece.text,
-                token,
-                prompt.length,
-                prompt_tps,
-                n,
-                n / elapsed if elapsed else 0.0,
-                mx.get_peak_memory() / 1e9,
-                answer.finish_reason,
-                answer.logprobs,
-                piece.reasoning,
-                piece.tool_calls,
-                piece.invalid_tool_calls,
-            )
-            if answer.finish_reason:
-                return
-
-
-def token_sampler(
-    sampling: SamplingOptions, prompt_tokens: mx.array, constraint=None, logprobs: int | None = None
-) -> TokenSampler:
-    """The sampler of one answer: the options' sampler and logits processors, then the constraint."""
-    processors = sampling.logits_processors() + ([constraint] if constraint else [])
-    return TokenSampler(prompt_tokens, sampling.sampler(), processors, logprobs is not None, sampling.seed)
-
-
-def encode_media(model: Model, inputs: dict, progress=None):
-    """Run the vision tower over all images and over all videos of processor output (each in pieces that
-    fit the model's vision budget, `Model.encode_vision`). The features are evaluated here and the tower's
-    freed activations returned to the system, so the decoder's prefill does not hold them too.
-    `progress(Progress)` sees each block of each piece."""
-    present = [
-        (values, grids)
-        for values, grids in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
-        if inputs.get(values) is not None
-    ]
-    blocks = len(model.model.visual.blocks)
-    steps = [len(model.vision_pieces(inputs[grids])) * blocks for _, grids in present]
-    features = {}
-    for n, (values, grids) in enumerate(present):
-
-        def report(done: int, _, n=n):
-            progress(Progress("vision", sum(steps[:n]) + done, sum(steps)))
-
-        features[values] = model.encode_vision(inputs[values], inputs[grids], report if progress else None)
-    if features:
-        mx.eval([(e.features, e.deepstack) for e in features.values()])
-        mx.clear_cache()
-    return features.get("pixel_values"), features.get("pixel_values_videos")
+    """Answer a turn, continuing `cache` (which then holds the turn and its answer, as far as they got,
+    whatever ends the answer: its end, an exception, or the caller closing the stream). Streams text
+    pieces from mlx-lm's streaming detokenizer; stops on an end-of-turn token, a stop string (not shown),
+    or max_tokens. `progress(Progress)`: the media, the vision tower and the prompt's chunks."""
+    answer, fed = turn.answer_text(), []
+    try:
+        prompt = turn_input(model, turn, cache, progress)
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        prompt_tps = 0.0
+        steps = generate_step(
+            model,
+            prompt,
+            cache.kv,
+            max_tokens=turn.options.max_tokens,
+            sample=turn.sampler(),
+            prefill_step_size=prefill_step_size,
+            progress=progress,
+        )
+        # Raised on Metal for the generation (mlx-lm's), so a model that fits is not paged out.
+        with closing(steps), wired_limit(model, [generation_stream]):
+            for n, (token, distribution) in enumerate(steps, start=1):
+                if n == 1:
+                    prompt_tps = prompt.length / (time.perf_counter() - tic)
+                    tic = time.perf_counter()
+                fed.append(token)
+                # One response per token, like mlx-lm; the last one says why the answer ended.
+                piece = answer.add(token, distribution)
+                elapsed = time.perf_counter() - tic
+                yield GenerationResponse(
+                    piece.text,
+                    token,
+                    prompt.length,
+                    prompt_tps,
+                    n,
+                    n / elapsed if elapsed else 0.0,
+                    mx.get_peak_memory() / 1e9,
+                    answer.finish_reason,
+                    answer.logprobs,
+                    piece.reasoning,
+                    piece.tool_calls,
+                    piece.invalid_tool_calls,
+                )
+                if answer.finish_reason:
+                    return
+    finally:
+        cache.settle(turn, fed)
 
 
 def reading(progress):
-    """The processor's `reading(done, total)` reported as `Progress` "reading" (None without `progress`)."""
+    """A `Progress` callback as the processor's `reading(done, total)` (None without one)."""
     return (lambda done, total: progress(Progress("reading", done, total))) if progress else None
-
-
-def describe(encoded: list, progress) -> None:
-    """Say what each image and video became (`Progress` "media"), before the vision tower runs."""
-    if progress:
-        for i, (_, media) in enumerate(encoded, start=1):
-            progress(Progress("media", i, len(encoded), media.description))
-
-
-def check_context(model: Model, cache: PromptCache, new_tokens: int, max_tokens: int) -> None:
-    """Refuse, before any work, a prompt whose tokens plus max_tokens would pass the model's context
-    (`TextConfig.context_length`: extended by YaRN where config.json sets it up). Tokens, not rope
-    positions, are counted: an image takes fewer positions than tokens, and the KV cache holds tokens."""
-    limit = model.config.text_config.context_length
-    if cache.offset + new_tokens + max_tokens > limit:
-        raise Qwen3VLError(
-            f"the prompt ({cache.offset + new_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
-            f"model's context of {limit} tokens; shorten the input or start a new conversation"
-        )
 
 
 def stream_generate(
@@ -346,43 +253,12 @@ def stream_generate(
         frequency_penalty=frequency_penalty,
         seed=seed,
     )
-    sampling = sampling.with_defaults(processor.generation_config)
-    max_tokens, stop = check_max_tokens(max_tokens), check_stop(stop)
-    if logprobs is not None:
-        LOGPROBS.check(logprobs)
-    if tools:
-        tool_names(tools)
-    constraint = None
-    if json_schema is not None:
-        grammar = check_schema(json_schema)
-        constraint = JsonConstraint(grammar, processor.tokenizer, model.config.text_config.vocab_size)
-    cache = model.make_cache(KVCacheOptions(kv_bits, kv_group_size))
-    inputs, encoded = processor.prepare(
-        prompt, images, videos, tools=tools, reading=reading(progress), **processor_options
+    options = GenerationOptions(max_tokens, sampling, stop, logprobs, tools, json_schema)
+    cache = PrefixCache(model, KVCacheOptions(kv_bits, kv_group_size))
+    turn = Turn.from_prompt(
+        processor, prompt, images, videos, options, reading(progress), **processor_options
     )
-    ids = inputs["input_ids"]
-    check_context(model, cache, ids.shape[1], max_tokens)
-    describe(encoded, progress)
-    media, media_videos = encode_media(model, inputs, progress)
-    prepared = model.prepare(
-        ids, media, inputs["image_grid_thw"], media_videos, inputs["video_grid_thw"], cache
-    )
-    yield from stream_tokens(
-        model,
-        processor.tokenizer,
-        prepared,
-        mx.array(ids[0]),
-        cache,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        stop=stop,
-        prefill_step_size=prefill_step_size,
-        progress=progress,
-        constraint=constraint,
-        logprobs=logprobs,
-        reasoning=processor.thinks,
-        tools=tools,
-    )
+    yield from run_turn(model, turn, cache, progress=progress, prefill_step_size=prefill_step_size)
 
 
 def generate(model: Model, processor, prompt, images=None, videos=None, **options) -> Answer:

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from .config import ModelConfig
 from .errors import Qwen3VLError
 from .language import Positions, TextModel
+from .media import MediaItem, stack_media
 from .options import KVCacheOptions
 from .positions import batch_rope_index
 from .vision import VisionLayout, VisionModel
@@ -90,11 +91,14 @@ class PreparedInput:
 
 @dataclass
 class VisionFeatures:
-    """The encoder's output for a set of images or videos: merged features and DeepStack features, each
-    [tokens, hidden], in placeholder order."""
+    """The encoder's output for a set of images or of videos (`kind`): merged features and DeepStack
+    features, each [tokens, hidden], in placeholder order, and the grids (t, h, w) they came from, which
+    give the prompt's positions."""
 
     features: mx.array
     deepstack: list[mx.array]
+    grid_thw: np.ndarray  # [n, 3]
+    kind: str = "image"
 
 
 def _joined_levels(parts: list[list[mx.array]]) -> list[mx.array]:
@@ -153,16 +157,17 @@ class Model(nn.Module):
         max_patches = int(budget // visual.activation_bytes_per_patch(visual.patch_embed.proj.weight.dtype))
         return VisionLayout.from_grid_thw(grid_thw).split(max_patches)
 
-    def encode_vision(self, pixel_values, grid_thw, progress=None) -> VisionFeatures:
+    def encode_vision(self, pixel_values, grid_thw, progress=None, kind: str = "image") -> VisionFeatures:
         """Run the vision tower on images (or videos) and their grids, in `vision_pieces`; where there are
         several, each is evaluated a block at a time before the next starts, so the tower's memory is that
         of one piece however many frames a video has. The results are those of one pass, bit for bit.
         `progress(done, total)` sees the blocks done over all pieces."""
         pieces = self.vision_pieces(grid_thw)
         visual = self.model.visual
+        grid_thw = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
         if len(pieces) == 1:
             features, deepstack = visual(mx.array(pixel_values), grid_thw, progress)
-            return VisionFeatures(features, deepstack)
+            return VisionFeatures(features, deepstack, grid_thw, kind)
         blocks = len(visual.blocks)
         parts = []
         for n, (start, end, piece) in enumerate(pieces):
@@ -176,7 +181,36 @@ class Model(nn.Module):
             mx.eval(features, deepstack)
             parts.append([features, *deepstack])
         features, *deepstack = _joined_levels(parts)
-        return VisionFeatures(features, deepstack)
+        return VisionFeatures(features, deepstack, grid_thw, kind)
+
+    def encode_media(self, media: list[MediaItem], progress=None) -> list[VisionFeatures]:
+        """Run the vision tower over all images and over all videos of a prompt (each kind in one call of
+        `encode_vision`, in pieces that fit the vision budget). The features are evaluated here and the
+        tower's freed activations returned to the system, so the decoder's prefill does not hold them too.
+        `progress(done, total)` sees each block of each piece, over both kinds."""
+        inputs = stack_media(media)
+        present = [
+            (kind, inputs[values], inputs[grids])
+            for kind, values, grids in (
+                ("image", "pixel_values", "image_grid_thw"),
+                ("video", "pixel_values_videos", "video_grid_thw"),
+            )
+            if inputs[values] is not None
+        ]
+        blocks = len(self.model.visual.blocks)
+        steps = [len(self.vision_pieces(grids)) * blocks for _, _, grids in present]
+        before = np.cumsum([0, *steps])
+        encoded = []
+        for n, (kind, pixels, grids) in enumerate(present):
+
+            def report(done: int, _, n=n):
+                progress(int(before[n]) + done, int(before[-1]))
+
+            encoded.append(self.encode_vision(pixels, grids, report if progress else None, kind))
+        if encoded:
+            mx.eval([(e.features, e.deepstack) for e in encoded])
+            mx.clear_cache()
+        return encoded
 
     def __call__(
         self,
@@ -189,21 +223,15 @@ class Model(nn.Module):
     ) -> mx.array:
         """Logits [B, L, vocab] for input_ids [B, L] (or [L]). With a cache, the call continues the
         cached sequence: pass the next token(s) and the same cache (one call per decode step)."""
-        images = self.encode_vision(pixel_values, image_grid_thw) if pixel_values is not None else None
-        videos = None
+        vision = []
+        if pixel_values is not None:
+            vision.append(self.encode_vision(pixel_values, image_grid_thw, None, "image"))
         if pixel_values_videos is not None:
-            videos = self.encode_vision(pixel_values_videos, video_grid_thw)
-        prepared = self.prepare(input_ids, images, image_grid_thw, videos, video_grid_thw, cache)
-        return self.decode(prepared, cache)
+            vision.append(self.encode_vision(pixel_values_videos, video_grid_thw, None, "video"))
+        return self.decode(self.prepare(input_ids, vision, cache), cache)
 
     def prepare(
-        self,
-        input_ids,
-        images: VisionFeatures | None = None,
-        image_grid_thw=None,
-        videos: VisionFeatures | None = None,
-        video_grid_thw=None,
-        cache: PromptCache | None = None,
+        self, input_ids, vision: list[VisionFeatures] = (), cache: PromptCache | None = None
     ) -> PreparedInput:
         """Give a prompt (vision features already encoded) absolute 3-D positions after what the cache
         holds, and its vision features the positions of their placeholders. Reads the cache, never changes
@@ -216,7 +244,7 @@ class Model(nn.Module):
         B = input_ids.shape[0]
         offset = cache.offset if cache is not None else 0
         rope_delta = getattr(cache, "rope_delta", np.zeros(B, dtype=np.int64))
-        if images is None and videos is None:
+        if not vision:
             # Text: every axis at the same position, consecutive from where the cache ends.
             if isinstance(offset, mx.array):  # a batch of sequences of their own lengths (BatchKVCache)
                 return PreparedInput(input_ids, offset + mx.array(rope_delta.astype(np.int32)), rope_delta)
@@ -226,17 +254,17 @@ class Model(nn.Module):
         if cache is not None and not isinstance(cache, PromptCache):
             raise Qwen3VLError("a prompt with images or videos needs a cache made by model.make_cache()")
         ids = np.array(input_ids)
-        vision = self._place_vision(ids, images, videos)
+        grids = {encoded.kind: encoded.grid_thw for encoded in vision}
         positions, prompt_delta = batch_rope_index(
             ids,
-            image_grid_thw if images is not None else None,
-            video_grid_thw if videos is not None else None,
+            grids.get("image"),
+            grids.get("video"),
             image_token_id=self.config.image_token_id,
             video_token_id=self.config.video_token_id,
             spatial_merge_size=self.config.vision_config.spatial_merge_size,
         )
         positions = positions + offset + rope_delta[None, :, None]
-        return PreparedInput(input_ids, positions, rope_delta + prompt_delta, vision)
+        return PreparedInput(input_ids, positions, rope_delta + prompt_delta, self._place_vision(ids, vision))
 
     def decode(self, prepared: PreparedInput, cache: PromptCache | None = None, outputs: int | None = None):
         """Run the decoder over a prepared prompt (or chunk), feeding it to the cache; logits for every
@@ -257,15 +285,12 @@ class Model(nn.Module):
         """q/k/v and gate/up of every decoder layer as one matrix each, where the checkpoint allows."""
         self.model.language_model.fuse_projections()
 
-    def _place_vision(self, ids: np.ndarray, images, videos) -> list[PlacedFeatures]:
+    def _place_vision(self, ids: np.ndarray, vision: list[VisionFeatures]) -> list[PlacedFeatures]:
         """Each kind's features with the flat positions of its placeholder tokens (SPEC §4.1)."""
+        token_ids = {"image": self.config.image_token_id, "video": self.config.video_token_id}
         placed = []
-        for kind, token_id, encoded in (
-            ("image", self.config.image_token_id, images),
-            ("video", self.config.video_token_id, videos),
-        ):
-            if encoded is None:
-                continue
+        for encoded in sorted(vision, key=lambda e: e.kind != "image"):  # the images', then the videos'
+            kind, token_id = encoded.kind, token_ids[encoded.kind]
             index = np.flatnonzero(ids.reshape(-1) == token_id)
             if len(index) != encoded.features.shape[0]:
                 raise Qwen3VLError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import Qwen3VLError
 
@@ -173,10 +173,10 @@ class SamplingOptions:
     frequency_penalty: float | None = None
 
     def __post_init__(self):
-        for field in fields(self):
-            value = getattr(self, field.name)
+        for option in fields(self):
+            value = getattr(self, option.name)
             if value is not None:
-                setattr(self, field.name, SAMPLING[field.name].check(value))
+                setattr(self, option.name, SAMPLING[option.name].check(value))
 
     @classmethod
     def names(cls) -> set[str]:
@@ -219,3 +219,35 @@ class SamplingOptions:
             presence_penalty=self.presence_penalty or None,
             frequency_penalty=self.frequency_penalty or None,
         )
+
+
+@dataclass
+class GenerationOptions:
+    """How one answer is generated, checked where a request enters (before any media is read):
+    `max_tokens`, `sampling` (unset values later filled from the model's generation_config.json), `stop`
+    strings, `logprobs` (alternatives reported per token, or None), the `tools` offered (OpenAI's function
+    definitions) and a `json_schema` the answer must follow (a dict or its JSON text; kept as its
+    checked grammar)."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    tools: list | None = None
+    json_schema: object = None
+    grammar: str | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        self.max_tokens = check_max_tokens(self.max_tokens)
+        self.stop = check_stop(self.stop)
+        if self.logprobs is not None:
+            self.logprobs = LOGPROBS.check(self.logprobs)
+        if self.tools:
+            from .tools import tool_names
+
+            tool_names(self.tools)
+        self.tools = self.tools or None
+        if self.json_schema is not None:
+            from .structured import check_schema
+
+            self.grammar = check_schema(self.json_schema)

@@ -12,7 +12,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from test_generate import picture
 
 from mlx_qwen3vl import ChatSession, Qwen3VLError, cpu, generate
-from mlx_qwen3vl.generation import encode_media, prefill
+from mlx_qwen3vl.generation import prefill
 from mlx_qwen3vl.options import KVCacheOptions
 
 # Relative max difference of the logits from those with the unquantized cache, float32, over the prompt's
@@ -32,8 +32,8 @@ def logits_along(model, inputs, kv: KVCacheOptions, tokens: list[int] | None = N
     """The logits [STEPS + 1, vocab] after the prompt (prefilled in chunks of 128) and after each of
     `tokens` (default: the greedy ones of this cache), the tokens, and the cache."""
     cache = model.make_cache(kv)
-    images, _ = encode_media(model, inputs)
-    prepared = model.prepare(inputs["input_ids"], images, inputs["image_grid_thw"], None, None, cache)
+    images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+    prepared = model.prepare(inputs["input_ids"], [images], cache)
     logits = prefill(model, prepared, cache, step_size=128)
     rows, fed = [np.array(logits[0])], []
     for step in range(STEPS):

@@ -92,11 +92,11 @@ def last_logits_as_generated(model, prompt: Prompt) -> np.ndarray:
     row; then the remaining prompt tokens fed one per decode step (text positions after the image's rope
     delta: the fused rope on the GPU path)."""
     inputs = prompt.mlx_inputs()
-    images = None
+    vision = []
     if prompt.pixel_values is not None:
-        images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
+        vision.append(model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"]))
     cache = model.make_cache()
-    prepared = model.prepare(prompt.input_ids, images, inputs["image_grid_thw"], cache=cache)
+    prepared = model.prepare(prompt.input_ids, vision, cache)
     split = prepared.length - (LAST - 1)
     rows = [prefill(model, prepared.chunk(0, split), cache)]
     for token in prompt.input_ids[0, split:]:

@@ -291,11 +291,9 @@ def prepared_with_media(model, prompt: Prompt):
     input, its cache, the encoded images, the encoded videos)."""
     inputs = prompt.mlx_inputs()
     images = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
-    videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    videos = model.encode_vision(inputs["pixel_values_videos"], inputs["video_grid_thw"], kind="video")
     cache = model.make_cache()
-    prepared = model.prepare(
-        prompt.input_ids, images, inputs["image_grid_thw"], videos, inputs["video_grid_thw"], cache
-    )
+    prepared = model.prepare(prompt.input_ids, [images, videos], cache)
     return prepared, cache, images, videos
 
 

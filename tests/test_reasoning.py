@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from mlx_qwen3vl import ChatSession, generate, stream_generate
 from mlx_qwen3vl.answer import AnswerText
-from mlx_qwen3vl.processor import normalize_messages
+from mlx_qwen3vl.messages import normalize_messages
 from mlx_qwen3vl.reasoning import ReasoningSplit
 
 END_OF_TURN = 151645

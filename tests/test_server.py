@@ -28,9 +28,9 @@ from mlx_lm.models.cache import QuantizedKVCache
 from PIL import Image
 from scripted import say
 
-from mlx_qwen3vl import generate, load, stream_generate
+from mlx_qwen3vl import ChatSession, generate, load, stream_generate
 from mlx_qwen3vl.options import KVCacheOptions
-from mlx_qwen3vl.processor import normalize_messages
+from mlx_qwen3vl.messages import normalize_messages
 from mlx_qwen3vl.serving.app import create_app
 from mlx_qwen3vl.serving.engine import Engine
 from mlx_qwen3vl.serving.media import MediaPolicy
@@ -246,6 +246,40 @@ def test_a_conversation_continues_from_the_cache_with_the_same_answer(server, lo
     assert second == generate(*local, fresh_messages, images=[png(5, (160, 96))], **GREEDY)
 
 
+def test_a_chat_session_and_a_server_conversation_continue_the_same_prefix(server, local, monkeypatch):
+    """One conversation through `ChatSession` and through the server, which receives it whole each turn:
+    the second turn continues the same prefix of the same prompt and answers with the same tokens. (The
+    first answer is scripted text, so that the client's copy of it tokenizes as the model wrote it.)"""
+    image = png(7, (128, 96))
+    session = ChatSession(*local, max_tokens=6, temperature=0)
+    say(monkeypatch, local[1].tokenizer, "A square of noise.")
+    first = "".join(r.text for r in session.ask("Describe it.", images=[image]))
+    messages = [user(image_part(data_url(image)), "Describe it.")]
+    assert ask(server, messages) == first == "A square of noise."
+    monkeypatch.undo()
+
+    second = [r for r in session.ask("And the colours?")]
+    messages += [{"role": "assistant", "content": first}, user("And the colours?")]
+    response = server.client.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    assert response.choices[0].message.content == "".join(r.text for r in second)
+    prompt = response.usage.prompt_tokens
+    assert prompt == len(session.tokens) - len(second)  # the same prompt
+    assert server.engine.reused == prompt - session.prefilled > 60  # the same prefix, image included
+
+
+def test_a_changed_image_at_the_same_address_is_read_again(server, local, web):
+    """The same messages, the image behind the same URL changed: the answer is the new image's, never one
+    continued from the cache of the old (whose keys hold the old picture's digest)."""
+    address, folder = web
+    messages = [user(image_part(f"{address}/changing.png"), "What is it?")]
+    expected = {seed: generate(*local, "What is it?", images=[png(seed)], **GREEDY) for seed in (8, 9)}
+    assert expected[8] != expected[9]  # the pictures' answers tell them apart
+    for seed in (8, 9):
+        (folder / "changing.png").write_bytes(png(seed))
+        assert ask(server, messages) == expected[seed]
+        assert server.engine.reused < 10  # at most the template's opening, before the image
+
+
 def test_concurrent_requests_equal_the_same_requests_one_at_a_time(server, local):
     questions = [f"Question number {i}?" for i in range(8)]
     expected = [generate(*local, q, **GREEDY) for q in questions]
@@ -277,7 +311,7 @@ def test_a_quantized_kv_cache_decodes_together_and_continues_conversations(tiny_
         second = ask(quantized, messages)
         assert quantized.engine.reused > 60  # the first turn's prompt, image included
         entries = quantized.engine.store.entries
-        assert entries and all(isinstance(c, QuantizedKVCache) for e in entries for c in e.cache)
+        assert entries and all(isinstance(c, QuantizedKVCache) for e in entries for c in e)
         fresh_messages = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
             {"role": "assistant", "content": first},

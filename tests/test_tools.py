@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from mlx_qwen3vl import ChatSession, Qwen3VLError, generate, stream_generate
 from mlx_qwen3vl.answer import AnswerText
-from mlx_qwen3vl.processor import normalize_messages
+from mlx_qwen3vl.messages import normalize_messages
 from mlx_qwen3vl.tools import ToolCallSplit, parse_tool_calls, tool_names
 
 ZOOM = {

@@ -1,5 +1,6 @@
 """This package, through its public API (`load`, `stream_generate`, `ChatSession`) and, for the
-figures without preprocessing, the same steps `stream_generate` takes after its processor call."""
+figures without preprocessing, the turn path `stream_generate` runs (`Turn`, `turn_input`,
+`generate_step`) from media already read."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ from pathlib import Path
 
 import graph
 import mlx.core as mx
-import numpy as np
 from inputs import FOLLOW_UP, IMAGE_QUESTION, VIDEO_FRAMES
 from measure import Clock, decode_step_ops, fresh_caches, mlx_memory, quantize, weight_bytes_per_token
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import ChatSession, PromptCache, load, stream_generate
-from mlx_qwen3vl.generation import encode_media, generate_step, generation_stream, prefill
+from mlx_qwen3vl.generation import generate_step, generation_stream, prefill, turn_input
 from mlx_qwen3vl.loading import in_compute_dtype
+from mlx_qwen3vl.options import GenerationOptions
+from mlx_qwen3vl.prefix_cache import PrefixCache
+from mlx_qwen3vl.turn import Turn
 
 from .base import System as Base
 from .base import question_for, seconds_to_first
@@ -45,38 +48,37 @@ class System(Base):
         mx.synchronize(generation_stream)
         mx.synchronize()
 
-    def _process(self, media: str) -> dict:
+    def _turn(self, media: str, max_tokens: int = 2) -> Turn:
+        options = GenerationOptions(max_tokens)
         if media == "video16":
-            return self.processor(question_for(media), videos=[self.inputs.video], nframes=VIDEO_FRAMES)
-        return self.processor(question_for(media), images=[self.inputs.images[media]])
+            videos = [self.inputs.video]
+            return Turn.from_prompt(
+                self.processor, question_for(media), None, videos, options, nframes=VIDEO_FRAMES
+            )
+        return Turn.from_prompt(
+            self.processor, question_for(media), [self.inputs.images[media]], None, options
+        )
 
     def preprocess(self, media: str) -> None:
-        inputs = self._process(media)
-        grids = inputs["image_grid_thw"] if inputs["image_grid_thw"] is not None else inputs["video_grid_thw"]
-        self.info[f"{media}_prompt_tokens"] = int(inputs["input_ids"].shape[1])
-        self.info[f"{media}_grid"] = np.asarray(grids).tolist()
+        turn = self._turn(media)
+        self.info[f"{media}_prompt_tokens"] = len(turn.ids)
+        self.info[f"{media}_grid"] = [list(item.grid_thw) for item in turn.media]
 
     def vision(self, media: str) -> None:
         pixels, grid = self.inputs.vision[media]
         encoded = self.model.encode_vision(pixels, grid)
         mx.eval(encoded.features, encoded.deepstack)
 
-    def _first_token(self, inputs: dict, max_tokens: int):
+    def _first_token(self, turn: Turn):
         """stream_generate's steps after the processor: encode, place, prefill, sample."""
-        model = self.model
-        cache = model.make_cache()
-        images, videos = encode_media(model, inputs)
-        prepared = model.prepare(
-            inputs["input_ids"], images, inputs["image_grid_thw"], videos, inputs["video_grid_thw"], cache
-        )
-        return cache, generate_step(model, prepared, cache, max_tokens=max_tokens)
+        cache = PrefixCache(self.model)
+        prepared = turn_input(self.model, turn, cache)
+        return cache.kv, generate_step(self.model, prepared, cache.kv, max_tokens=turn.options.max_tokens)
 
     def text_generation(self, max_tokens: int):
-        ids = self.inputs.prompt[None]
+        turn = Turn(self.processor, self.inputs.prompt.tolist(), [], GenerationOptions(max_tokens))
         with Clock() as clock:
-            _, steps = self._first_token(
-                {"input_ids": ids, "image_grid_thw": None, "video_grid_thw": None}, max_tokens
-            )
+            _, steps = self._first_token(turn)
             tokens, times = [], []
             for token, _ in steps:
                 times.append(clock.lap())
@@ -95,8 +97,8 @@ class System(Base):
                     temperature=0.0,
                 )
             )
-        inputs = self._process(image)
-        return seconds_to_first(lambda: self._first_token(inputs, 2)[1])
+        turn = self._turn(image)
+        return seconds_to_first(lambda: self._first_token(turn)[1])
 
     def chat(self, image: str, max_tokens: int):
         session = ChatSession(self.model, self.processor, max_tokens=max_tokens, temperature=0.0)

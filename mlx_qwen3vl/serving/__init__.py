@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server for Qwen3-VL: `python server.py` (the command line), `serve()` (from
 Python). The web layer (app.py) checks requests (protocol.py) and fetches their media (media.py); the
-engine (engine.py) owns the model, continues each request from the prompt cache (prompt_cache.py) and
+engine (engine.py) owns the model, continues each request from its store of prefix caches and
 decodes the answers of concurrent requests together (batch.py)."""
 
 from __future__ import annotations

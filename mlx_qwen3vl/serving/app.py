@@ -93,7 +93,7 @@ def create_app(
                 headers={"Cache-Control": "no-cache"},
             )
         text, reasoning, calls, event = [], [], [], first
-        logprobs = None if request.logprobs is None else []
+        logprobs = None if request.options.logprobs is None else []
         while event.kind == "text":
             text.append(event.text)
             reasoning.append(event.reasoning)

@@ -22,9 +22,10 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from ..generation import TokenSampler, generation_stream
+from ..generation import generation_stream
 from ..model import Model, PromptCache
 from ..options import KVCacheOptions
+from ..sampling import TokenSampler
 
 
 class Batch:

@@ -18,27 +18,21 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import wired_limit
 
 from ..answer import AnswerText
 from ..errors import Qwen3VLError
-from ..generation import (
-    check_context,
-    encode_media,
-    generation_stream,
-    prefill,
-    token_sampler,
-)
-from ..model import Model, PromptCache
+from ..generation import generation_stream, prefill, turn_input
+from ..media import MediaItem
+from ..model import Model
 from ..options import KVCacheOptions
-from ..positions import batch_rope_index
-from ..processor import EncodedMedia, Processor, media_defaults, stack_media
-from ..structured import JsonConstraint, check_schema, grammar_tokenizer
+from ..prefix_cache import PrefixCache, PrefixCacheStore
+from ..processor import Processor, media_defaults
+from ..structured import grammar_tokenizer
 from ..tools import ToolCall
+from ..turn import Turn
 from .batch import make_batch
 from .media import Fetched, VideoFile
-from .prompt_cache import Key, PromptCacheStore
 from .protocol import Request, logprob_entry
 
 MEDIA_ENTRIES = 32  # decoded images and videos kept, by content and options
@@ -82,26 +76,14 @@ class Job:
 
 
 @dataclass
-class Prompt:
-    """A request's prompt: token ids, what each position is (`keys`), the span of each medium's tokens,
-    the rope delta at each position, and the encoded media in prompt order."""
-
-    ids: list[int]
-    keys: list[Key]
-    blocks: list[tuple[int, int]]
-    deltas: np.ndarray
-    media: list[tuple[str, EncodedMedia]]
-    digests: list[str]
-
-
-@dataclass
 class Sequence:
-    """A request being answered: its prompt, its answer so far, the tokens it fed to its cache, and the
-    log-probabilities of tokens whose text is not out yet (part of a character, or what may begin a stop
-    string), sent with the next text."""
+    """A request being answered: its turn, the cache it continues (whose layers the batch holds meanwhile),
+    its answer so far, the tokens it fed to its cache, and the log-probabilities of tokens whose text is
+    not out yet (part of a character, or what may begin a stop string), sent with the next text."""
 
     job: Job
-    prompt: Prompt
+    turn: Turn
+    cache: PrefixCache
     answer: AnswerText
     fed: list[int] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
@@ -119,8 +101,8 @@ class Engine:
     ):
         self.model, self.processor = model, processor
         self.kv_cache = kv_cache or KVCacheOptions()
-        self.store = PromptCacheStore(model, cache_entries, cache_bytes, self.kv_cache)
-        self.decoded: OrderedDict[tuple, EncodedMedia] = OrderedDict()
+        self.store = PrefixCacheStore(model, cache_entries, cache_bytes, self.kv_cache)
+        self.decoded: OrderedDict[tuple, MediaItem] = OrderedDict()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="mlx-qwen3vl-engine", daemon=True)
         self.max_batch = max_batch
@@ -176,43 +158,25 @@ class Engine:
             job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
 
     def _prefill(self, job: Job) -> None:
-        request = job.request
-        prompt = self._prompt(request, job.media)
-        constraint = None
-        if request.json_schema is not None:
-            vocab = self.model.config.text_config.vocab_size
-            constraint = JsonConstraint(check_schema(request.json_schema), self.processor.tokenizer, vocab)
-        cache, start = self.store.take(prompt.keys, prompt.blocks, prompt.deltas)
-        self.reused = start
+        turn = self._turn(job)
+        cache = self.store.take(turn)
         try:
-            check_context(self.model, cache, len(prompt.ids) - start, request.max_tokens)
-            prepared = self._prepare(prompt, start, cache)
+            prompt = turn_input(self.model, turn, cache)
+            self.reused = len(turn.ids) - prompt.length
 
             def stop_if_cancelled(_progress):  # between prompt chunks
                 if job.cancelled.is_set():
                     raise Cancelled
 
-            logits = prefill(self.model, prepared, cache, progress=stop_if_cancelled)
-            sampling = request.sampling.with_defaults(self.processor.generation_config)
-            sampler = token_sampler(sampling, mx.array(prompt.ids), constraint, request.logprobs)
+            logits = prefill(self.model, prompt, cache.kv, progress=stop_if_cancelled)
+            sampler = turn.sampler()
             with mx.stream(generation_stream):
                 token, distribution = sampler(logits)
         except BaseException:
-            self._give_back(prompt, [], cache)
+            self._give_back(turn, cache, [])
             raise
-        tokenizer = self.processor.tokenizer
-        stop_ids = set(tokenizer.eos_token_ids)
-        answer = AnswerText(
-            tokenizer,
-            request.stop,
-            stop_ids,
-            request.max_tokens,
-            request.logprobs,
-            reasoning=self.processor.thinks,
-            tools=request.tools,
-        )
-        self.sequences.append(Sequence(job, prompt, answer))
-        self.batch.add(cache, sampler, token, distribution)
+        self.sequences.append(Sequence(job, turn, cache, turn.answer_text()))
+        self.batch.add(cache.kv, sampler, token, distribution)
         self.widest = max(self.widest, len(self.sequences))
 
     def _decode_step(self) -> None:
@@ -227,8 +191,10 @@ class Engine:
                 if self._take(sequence, token, distribution)
             ]
             if over:
-                for i, cache in zip(over, self.batch.remove(over), strict=True):
-                    self._give_back(self.sequences[i].prompt, self.sequences[i].fed, cache)
+                for i, kv in zip(over, self.batch.remove(over), strict=True):
+                    sequence = self.sequences[i]
+                    sequence.cache.kv = kv
+                    self._give_back(sequence.turn, sequence.cache, sequence.fed)
                 leaving = set(over)
                 self.sequences = [s for i, s in enumerate(self.sequences) if i not in leaving]
         except Exception as e:  # a bug fails the requests being decoded, never the server
@@ -245,7 +211,7 @@ class Engine:
         if job.cancelled.is_set():
             return True
         piece = answer.add(token, distribution)
-        logprobs = job.request.logprobs is not None
+        logprobs = job.request.options.logprobs is not None
         if logprobs and answer.logprobs is not None:
             sequence.pending.append(logprob_entry(answer.logprobs, self.token_bytes))
         if piece or (sequence.pending and answer.finish_reason):
@@ -253,17 +219,15 @@ class Engine:
             job.emit(Event("text", **parts, logprobs=sequence.pending if logprobs else None))
             sequence.pending = []
         if answer.finish_reason:
-            counts = {"prompt_tokens": len(sequence.prompt.ids), "tokens": answer.count}
+            counts = {"prompt_tokens": len(sequence.turn.ids), "tokens": answer.count}
             job.emit(Event("done", finish=answer.finish_reason, **counts))
         return answer.finish_reason is not None
 
-    def _give_back(self, prompt: Prompt, fed: list[int], cache: PromptCache) -> None:
-        """Keep a cache when every layer holds the same tokens: a prefix of the prompt and what was fed
-        after it."""
-        held = prompt.keys + [(t, None) for t in fed]
-        offsets = {layer.offset for layer in cache}
-        if len(offsets) == 1 and 0 < cache.offset <= len(held):
-            self.store.give_back(held[: cache.offset], cache)
+    def _give_back(self, turn: Turn, cache: PrefixCache, fed: list[int]) -> None:
+        """Keep a request's cache for later ones: the turn and the tokens fed after it, as far as every
+        layer holds them."""
+        cache.settle(turn, fed)
+        self.store.give_back(cache)
 
     def token_bytes(self, token: int) -> bytes:
         """A token's exact bytes (llguidance's table of the tokenizer, built once and shared with the
@@ -271,85 +235,32 @@ class Engine:
         vocab = self.model.config.text_config.vocab_size
         return grammar_tokenizer(self.processor.tokenizer, vocab).decode_bytes([token])
 
-    def _prompt(self, request: Request, fetched: list[Fetched]) -> Prompt:
-        """Encode the media (or find them decoded), render the template, tokenize, and describe every
-        position."""
-        processor, config = self.processor, self.model.config
+    def _turn(self, job: Job) -> Turn:
+        """The request's turn: its images and videos read (or found read before), the template rendered,
+        the prompt tokenized."""
+        request = job.request
         defaults = media_defaults(request.media_options)
         media = [
-            (ref.kind, self._decoded(ref.kind, data, defaults[ref.kind] | ref.options))
-            for ref, data in zip(request.media, fetched, strict=True)
+            self._read(ref.kind, data, defaults[ref.kind] | ref.options)
+            for ref, data in zip(request.media, job.media, strict=True)
         ]
-        template = {"tools": request.tools} if request.tools else {}
-        text = processor.render(request.messages, add_generation_prompt=True, **template)
-        ids = processor.tokenize(text, media)
-        keys, blocks = describe_positions(ids, media, [f.digest for f in fetched], config)
-        image_grids = [m.grid_thw for k, m in media if k == "image"] or None
-        video_grids = [m.grid_thw for k, m in media if k == "video"] or None
-        positions, _ = batch_rope_index(
-            np.array([ids]),
-            image_grids,
-            video_grids,
-            image_token_id=config.image_token_id,
-            video_token_id=config.video_token_id,
-            spatial_merge_size=config.vision_config.spatial_merge_size,
-        )
-        deltas = positions[0, 0] - np.arange(len(ids))
-        return Prompt(ids, keys, blocks, deltas, media, [f.digest for f in fetched])
+        return Turn.from_messages(self.processor, request.messages, media, request.options)
 
-    def _decoded(self, kind: str, fetched: Fetched, options: dict) -> EncodedMedia:
+    def _read(self, kind: str, fetched: Fetched, options: dict) -> MediaItem:
+        """An image or video from fetched bytes, read with these options, or as read before. Its digest
+        (its identity in the prefix caches) is that of the bytes and the options: cheaper than the pixel
+        rows', and as exact, since they make the rows."""
         key = (kind, fetched.digest, tuple(sorted(options.items())))
         if key in self.decoded:
             self.decoded.move_to_end(key)
             return self.decoded[key]
         if kind == "image":
-            encoded = self.processor.encode_media("image", fetched.data, dict(options))
+            item = self.processor.read_media("image", fetched.data, options)
         else:
             with VideoFile(fetched.data) as path:
-                encoded = self.processor.encode_media("video", path, dict(options))
-        self.decoded[key] = encoded
+                item = self.processor.read_media("video", path, options)
+        item.digest = repr(key)
+        self.decoded[key] = item
         while len(self.decoded) > MEDIA_ENTRIES:
             self.decoded.popitem(last=False)
-        return encoded
-
-    def _prepare(self, prompt: Prompt, start: int, cache):
-        """The prompt from `start` on, with the vision features of the media in it (those before are in
-        the cache already)."""
-        later = [m for m, (begin, _) in zip(prompt.media, prompt.blocks, strict=True) if begin >= start]
-        inputs = stack_media(later)
-        images, videos = encode_media(self.model, inputs)
-        return self.model.prepare(
-            np.array([prompt.ids[start:]]),
-            images,
-            inputs["image_grid_thw"],
-            videos,
-            inputs["video_grid_thw"],
-            cache,
-        )
-
-
-def describe_positions(ids: list[int], media: list[tuple[str, EncodedMedia]], digests: list[str], config):
-    """Each position's key (token id, and the medium's digest for its pad tokens) and each medium's span
-    [first <|vision_start|>, last <|vision_end|>] of the prompt, in order."""
-    pads = {config.image_token_id: "image", config.video_token_id: "video"}
-    groups = []  # (kind, digest) of each pad run, in prompt order: a video has one run per temporal group
-    for (kind, encoded), digest in zip(media, digests, strict=True):
-        groups += [(kind, digest)] * (1 if kind == "image" else encoded.grid_thw[0])
-    keys: list[Key] = []
-    runs: list[tuple[int, int]] = []
-    run = -1
-    for i, token in enumerate(ids):
-        if token in pads:
-            if i == 0 or ids[i - 1] != token:
-                run += 1
-                runs.append((i - 1, i))  # from its <|vision_start|>
-            keys.append((token, groups[run][1]))
-            runs[-1] = (runs[-1][0], i + 2)  # through its <|vision_end|>
-        else:
-            keys.append((token, None))
-    blocks, r = [], 0
-    for kind, encoded in media:
-        count = 1 if kind == "image" else encoded.grid_thw[0]
-        blocks.append((runs[r][0], runs[r + count - 1][1]))
-        r += count
-    return keys, blocks
+        return item

@@ -15,14 +15,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import Qwen3VLError
+from ..messages import SOURCE_KEYS, media_parts, normalize_messages, part_options
 from ..options import (
     DEFAULT_MAX_TOKENS,
     TOP_LOGPROBS,
+    GenerationOptions,
     SamplingOptions,
     check_max_tokens,
     check_stop,
 )
-from ..processor import SOURCE_KEYS, media_parts, normalize_messages, part_options
 from ..tools import ToolCall, tool_names
 
 # Media options a request may carry as extra fields (vLLM and mlx-vlm take them so too).
@@ -105,19 +106,16 @@ class MediaRef:
 
 @dataclass
 class Request:
-    """A checked request, ready for the engine (the media still to fetch)."""
+    """A checked request, ready for the engine (the media still to fetch). `options.tools`: offered to the
+    model, their calls parsed (None with tool_choice "none"); `options.logprobs`: alternatives per token,
+    when log-probabilities are asked for."""
 
     messages: list[dict]
     media: list[MediaRef]
-    sampling: SamplingOptions
-    max_tokens: int
-    stop: list[str]
+    options: GenerationOptions
     stream: bool = False
     include_usage: bool = False
-    json_schema: dict | None = None
-    tools: list[dict] | None = None  # offered to the model, their calls parsed (None with tool_choice "none")
     media_options: dict = field(default_factory=dict)
-    logprobs: int | None = None  # alternatives per token, when log-probabilities are asked for
 
 
 def parse(body: Any) -> Request:
@@ -135,12 +133,15 @@ def parse(body: Any) -> Request:
     logprobs = _logprobs(raw)
     if not raw.messages:
         raise ApiError(400, "messages: at least one message is needed", param="messages")
+    tools = _tools(raw)
     try:
         limit = raw.max_completion_tokens if raw.max_completion_tokens is not None else raw.max_tokens
         max_tokens = DEFAULT_MAX_TOKENS if limit is None else check_max_tokens(limit)
         sampling = SamplingOptions(**{name: getattr(raw, name) for name in SamplingOptions.names()})
         stop = check_stop(raw.stop)
         messages = normalize_messages(raw.messages)
+        schema = _schema(raw.response_format)
+        options = GenerationOptions(max_tokens, sampling, stop, logprobs, tools, schema)
     except Qwen3VLError as e:
         raise from_user_error(e) from None
     media = [
@@ -149,15 +150,10 @@ def parse(body: Any) -> Request:
     return Request(
         messages=messages,
         media=media,
-        sampling=sampling,
-        max_tokens=max_tokens,
-        stop=stop,
+        options=options,
         stream=raw.stream,
         include_usage=bool(raw.stream_options and raw.stream_options.include_usage),
-        json_schema=_schema(raw.response_format),
-        tools=_tools(raw),
         media_options={k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None},
-        logprobs=logprobs,
     )
 
 

@@ -1,0 +1,137 @@
+"""KV caches that know what they hold, so that a turn continues from the longest prefix already computed.
+
+A cache's keys are the keys of the positions it holds (`turn.Key`: each token id, and for an image's or
+video's pad tokens the item's digest). How much of a cache is still valid for a new turn is answered here
+alone, for a chat session's cache and the server's store alike: the longest common run of keys, cut before
+any image or video it would split, and one token short of the whole prompt (its last logits are needed).
+Equal keys mean equal tokens at equal positions, so the cached keys and values are exactly those the turn
+would compute: an edited earlier message, or another picture under the same file name, differs in its keys
+and is computed again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import Model
+from .options import KVCacheOptions
+from .turn import Key, Turn
+
+
+def common_prefix(a: list[Key], b: list[Key]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """One sequence's KV cache (`kv`: a `model.PromptCache`, one mlx-lm cache per decoder layer, with the
+    rope delta) and the keys of the positions it holds. Iterating it gives the layers' caches."""
+
+    def __init__(self, model: Model, kv_cache: KVCacheOptions | None = None):
+        self.kv = model.make_cache(kv_cache)
+        self._keys: list[Key] = []
+        self._held: tuple[Turn, list[int], int] | None = None  # the keys, until first read (`keys`)
+        self._usable: tuple[Turn, int] | None = None  # the last `usable` answer, for the turn it was for
+
+    @property
+    def offset(self) -> int:
+        return self.kv.offset
+
+    def __iter__(self):
+        return iter(self.kv)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.kv)
+
+    @property
+    def keys(self) -> list[Key]:
+        """The keys of the positions held. Made when first read: a cache that no turn continues from
+        never computes its images' digests."""
+        if self._held is not None:
+            turn, answer, length = self._held
+            self._keys = (turn.keys + [(token, None) for token in answer])[:length]
+            self._held = None
+        return self._keys
+
+    def usable(self, turn: Turn) -> int:
+        """How many of the turn's first positions this cache holds and the turn may continue from."""
+        if self._usable is not None and self._usable[0] is turn:
+            return self._usable[1]
+        length = 0
+        if self.offset > 0:
+            length = max(min(common_prefix(self.keys, turn.keys), len(turn.ids) - 1), 0)
+            length = next((start for start, end in turn.spans if start < length < end), length)
+        self._usable = (turn, length)
+        return length
+
+    def continue_for(self, turn: Turn) -> int:
+        """Keep only what the turn can continue from (`usable`), with the rope delta the turn has there;
+        returns where in the turn the cache now ends."""
+        length = self.usable(turn)
+        self.trim(turn, length)
+        return length
+
+    def trim(self, turn: Turn, length: int) -> None:
+        """Keep the first `length` positions of what the cache holds, which are those of `turn` and, past
+        its prompt, of its answer."""
+        keys = self.keys
+        for layer in self.kv:
+            layer.trim(layer.offset - length)
+        self._keys, self._usable = keys[:length], None
+        self.kv.rope_delta = np.array([turn.rope_delta_at(length)], dtype=np.int64)
+
+    def settle(self, turn: Turn, answer: list[int]) -> None:
+        """After a turn ran (to its end, or interrupted, or failed): every layer cut to the positions all of
+        them hold, at most the prompt and the `answer` tokens handed out (a token can be in the cache
+        before it was handed out: the interruption came while its value was awaited); the keys say what
+        that is."""
+        length = min(min(layer.offset for layer in self.kv), len(turn.ids) + len(answer))
+        for layer in self.kv:
+            layer.trim(layer.offset - length)
+        del answer[max(length - len(turn.ids), 0) :]
+        self.kv.rope_delta = np.array([turn.rope_delta_at(length)], dtype=np.int64)
+        self._held, self._keys, self._usable = (turn, list(answer), length), [], None
+
+
+class PrefixCacheStore:
+    """The server's caches of recent conversations: at most `entries` of at most `max_bytes` in all (as
+    held: quantized ones count their packed size), least recently used out first; new caches are of the
+    kind `kv_cache` says. A chat client resends the whole conversation every turn; only its new part is
+    prefilled, and an image or video in the reused prefix is neither read nor encoded again."""
+
+    def __init__(
+        self,
+        model: Model,
+        entries: int = 8,
+        max_bytes: int = 2 * 10**9,
+        kv_cache: KVCacheOptions | None = None,
+    ):
+        self.model, self.kv_cache = model, kv_cache
+        self.capacity, self.max_bytes = entries, max_bytes
+        self.entries: list[PrefixCache] = []  # most recent last
+
+    def take(self, turn: Turn) -> PrefixCache:
+        """The cache this turn continues furthest from, out of the store (it comes back with `give_back`),
+        or a new one."""
+        best = max(self.entries, key=lambda entry: entry.usable(turn), default=None)
+        if best is None or best.usable(turn) == 0:
+            return PrefixCache(self.model, self.kv_cache)
+        self.entries.remove(best)
+        return best
+
+    def give_back(self, cache: PrefixCache) -> None:
+        """Keep a cache for later turns (one holding the same keys as another replaces it)."""
+        if cache.offset == 0:
+            return
+        self.entries = [e for e in self.entries if e.keys != cache.keys] + [cache]
+        while len(self.entries) > self.capacity or (
+            len(self.entries) > 1 and sum(e.nbytes for e in self.entries) > self.max_bytes
+        ):
+            self.entries.pop(0)
+
+    def clear(self) -> None:
+        self.entries.clear()
