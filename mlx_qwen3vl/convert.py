@@ -193,7 +193,9 @@ def quantization_block(settings: dict, plan: dict[str, dict]) -> dict:
     return block
 
 
-def describe(quantization: dict | None, recipe: str | None, quantize_vision: bool, dtype_name: str) -> str:
+def quantization_summary(
+    quantization: dict | None, recipe: str | None, quantize_vision: bool, dtype_name: str
+) -> str:
     if quantization is None:
         return f"{dtype_name}, not quantized"
     bits = recipe or f"{quantization['bits']}-bit"
@@ -280,7 +282,7 @@ def convert(
     tensors = output_tensors(weights, plan, mx_dtype)
     del weights, model
     quantization = quantization_block(settings, plan) if quantize else None
-    description = describe(settings, q_recipe, quantize_vision, dtype_name)
+    description = quantization_summary(settings, q_recipe, quantize_vision, dtype_name)
     if progress:
         print(f"Converting {source} to {target.shown}: {description}", file=sys.stderr)
         for done in clean_leftovers(target):

@@ -254,6 +254,7 @@ class Model(nn.Module):
         if cache is not None and not isinstance(cache, PromptCache):
             raise Qwen3VLError("a prompt with images or videos needs a cache made by model.make_cache()")
         ids = np.array(input_ids)
+        placed = self._place_vision(ids, vision)
         grids = {encoded.kind: encoded.grid_thw for encoded in vision}
         positions, prompt_delta = batch_rope_index(
             ids,
@@ -264,7 +265,7 @@ class Model(nn.Module):
             spatial_merge_size=self.config.vision_config.spatial_merge_size,
         )
         positions = positions + offset + rope_delta[None, :, None]
-        return PreparedInput(input_ids, positions, rope_delta + prompt_delta, self._place_vision(ids, vision))
+        return PreparedInput(input_ids, positions, rope_delta + prompt_delta, placed)
 
     def decode(self, prepared: PreparedInput, cache: PromptCache | None = None, outputs: int | None = None):
         """Run the decoder over a prepared prompt (or chunk), feeding it to the cache; logits for every

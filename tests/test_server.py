@@ -29,8 +29,8 @@ from PIL import Image
 from scripted import say
 
 from mlx_qwen3vl import ChatSession, generate, load, stream_generate
-from mlx_qwen3vl.options import KVCacheOptions
 from mlx_qwen3vl.messages import normalize_messages
+from mlx_qwen3vl.options import KVCacheOptions
 from mlx_qwen3vl.serving.app import create_app
 from mlx_qwen3vl.serving.engine import Engine
 from mlx_qwen3vl.serving.media import MediaPolicy

@@ -16,15 +16,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import Qwen3VLError
 from .engine import Engine, Event, Job
-from .media import MediaPolicy, fetch
+from .media import MediaPolicy, MediaReader, fetch
 from .protocol import (
     ApiError,
-    chunk,
     completion,
     completion_id,
     from_user_error,
     message,
-    parse,
+    parse_request,
+    stream_chunk,
     tool_call_entry,
     usage,
 )
@@ -34,6 +34,7 @@ def create_app(
     engine: Engine, model_name: str, api_key: str | None = None, policy: MediaPolicy | None = None
 ):
     policy = policy or MediaPolicy()
+    reader = MediaReader(engine.processor)
     app = FastAPI(title="mlx-qwen3vl", docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
 
@@ -70,7 +71,7 @@ def create_app(
             body = await http.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
-        request = parse(body)
+        request = parse_request(body)
         try:
             fetched = await asyncio.gather(
                 *(
@@ -80,7 +81,11 @@ def create_app(
             )
         except Qwen3VLError as e:
             raise from_user_error(e) from None
-        job = Job(request, list(fetched), asyncio.get_running_loop())
+        try:
+            turn = await asyncio.to_thread(reader.turn, request, list(fetched))
+        except Qwen3VLError as e:
+            raise ApiError(400, str(e)) from None
+        job = Job(request, turn, asyncio.get_running_loop())
         engine.submit(job)
         first = await job.events.get()
         if first.kind == "error":
@@ -132,18 +137,18 @@ async def stream(job: Job, first: Event, cid: str, model: str, include_usage: bo
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     try:
-        yield sse(chunk(cid, model, {"role": "assistant", "content": ""}))
+        yield sse(stream_chunk(cid, model, {"role": "assistant", "content": ""}))
         event, calls = first, 0
         while event.kind == "text":
-            yield sse(chunk(cid, model, delta(event, calls), logprobs=event.logprobs))
+            yield sse(stream_chunk(cid, model, delta(event, calls), logprobs=event.logprobs))
             calls += len(event.tool_calls)
             event = await job.events.get()
         if event.kind == "error":  # after the answer started: the stream says it, as OpenAI's does
             yield sse(ApiError(event.status, event.text).body())
         else:
-            yield sse(chunk(cid, model, {}, event.finish))
+            yield sse(stream_chunk(cid, model, {}, event.finish))
             if include_usage:
-                yield sse(chunk(cid, model, {}, usage_=usage(event.prompt_tokens, event.tokens)))
+                yield sse(stream_chunk(cid, model, {}, usage_=usage(event.prompt_tokens, event.tokens)))
         yield "data: [DONE]\n\n"
     finally:
         job.cancel()

@@ -4,8 +4,9 @@ answers of up to `max_batch` requests together (batch.py), streaming each back t
 loop. A request can be cancelled (its client went away): it stops within a token and its cache,
 consistent, goes back to the store, as every finished answer's does.
 
-A new request is prefilled as soon as it arrives, between two decode steps of the others. Media were
-fetched beforehand by the web layer, so a slow download never holds up the model.
+A new request is prefilled as soon as it arrives, between two decode steps of the others. Its media were
+fetched and read, and its prompt rendered and tokenized (its turn), beforehand by the web layer, so a slow
+download or a large image never holds up the model's thread.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import queue
 import threading
 import traceback
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -23,19 +23,15 @@ from mlx_lm.generate import wired_limit
 from ..answer import AnswerText
 from ..errors import Qwen3VLError
 from ..generation import generation_stream, prefill, turn_input
-from ..media import MediaItem
 from ..model import Model
 from ..options import KVCacheOptions
 from ..prefix_cache import PrefixCache, PrefixCacheStore
-from ..processor import Processor, media_defaults
+from ..processor import Processor
 from ..structured import grammar_tokenizer
 from ..tools import ToolCall
 from ..turn import Turn
 from .batch import make_batch
-from .media import Fetched, VideoFile
 from .protocol import Request, logprob_entry
-
-MEDIA_ENTRIES = 32  # decoded images and videos kept, by content and options
 
 
 class Cancelled(Exception):
@@ -60,11 +56,11 @@ class Event:
 
 
 class Job:
-    """One request in the engine: its checked request, its fetched media, and the queue its events go to
-    on the caller's event loop."""
+    """One request in the engine: its checked request, its turn (built by the web layer, off the model's
+    thread), and the queue its events go to on the caller's event loop."""
 
-    def __init__(self, request: Request, media: list[Fetched], loop: asyncio.AbstractEventLoop):
-        self.request, self.media, self.loop = request, media, loop
+    def __init__(self, request: Request, turn: Turn, loop: asyncio.AbstractEventLoop):
+        self.request, self.turn, self.loop = request, turn, loop
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
 
@@ -102,7 +98,6 @@ class Engine:
         self.model, self.processor = model, processor
         self.kv_cache = kv_cache or KVCacheOptions()
         self.store = PrefixCacheStore(model, cache_entries, cache_bytes, self.kv_cache)
-        self.decoded: OrderedDict[tuple, MediaItem] = OrderedDict()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="mlx-qwen3vl-engine", daemon=True)
         self.max_batch = max_batch
@@ -158,7 +153,7 @@ class Engine:
             job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
 
     def _prefill(self, job: Job) -> None:
-        turn = self._turn(job)
+        turn = job.turn
         cache = self.store.take(turn)
         try:
             prompt = turn_input(self.model, turn, cache)
@@ -234,33 +229,3 @@ class Engine:
         JSON constraint)."""
         vocab = self.model.config.text_config.vocab_size
         return grammar_tokenizer(self.processor.tokenizer, vocab).decode_bytes([token])
-
-    def _turn(self, job: Job) -> Turn:
-        """The request's turn: its images and videos read (or found read before), the template rendered,
-        the prompt tokenized."""
-        request = job.request
-        defaults = media_defaults(request.media_options)
-        media = [
-            self._read(ref.kind, data, defaults[ref.kind] | ref.options)
-            for ref, data in zip(request.media, job.media, strict=True)
-        ]
-        return Turn.from_messages(self.processor, request.messages, media, request.options)
-
-    def _read(self, kind: str, fetched: Fetched, options: dict) -> MediaItem:
-        """An image or video from fetched bytes, read with these options, or as read before. Its digest
-        (its identity in the prefix caches) is that of the bytes and the options: cheaper than the pixel
-        rows', and as exact, since they make the rows."""
-        key = (kind, fetched.digest, tuple(sorted(options.items())))
-        if key in self.decoded:
-            self.decoded.move_to_end(key)
-            return self.decoded[key]
-        if kind == "image":
-            item = self.processor.read_media("image", fetched.data, options)
-        else:
-            with VideoFile(fetched.data) as path:
-                item = self.processor.read_media("video", path, options)
-        item.digest = repr(key)
-        self.decoded[key] = item
-        while len(self.decoded) > MEDIA_ENTRIES:
-            self.decoded.popitem(last=False)
-        return item

@@ -14,18 +14,25 @@ import binascii
 import hashlib
 import os
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import Qwen3VLError
+from ..media import MediaItem
+from ..processor import Processor, media_defaults
+from ..turn import Turn
+from .protocol import Request
 
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT = 10.0  # seconds to open the connection (and between two reads)
 TOTAL_TIMEOUT = 60.0  # seconds for the whole download
 CHUNK = 1 << 16
+MEDIA_ENTRIES = 32  # images and videos kept read, by content and options
 
 
 @dataclass(frozen=True)
@@ -132,3 +139,46 @@ class VideoFile:
 
     def __exit__(self, *exc) -> None:
         Path(self.path).unlink(missing_ok=True)
+
+
+class MediaReader:
+    """Fetched images and videos read into `MediaItem`s with their options, the most recent `entries`
+    kept by content and options, so that a resent one (a chat client resends the whole conversation) is
+    not decoded again. Used from the request threads at once (a lock guards the entries; two threads may
+    read the same item twice, never wrongly)."""
+
+    def __init__(self, processor: Processor, entries: int = MEDIA_ENTRIES):
+        self.processor, self.entries = processor, entries
+        self.read: OrderedDict[tuple, MediaItem] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def turn(self, request: Request, fetched: list[Fetched]) -> Turn:
+        """The request's turn: its images and videos read (or found read before), the template rendered,
+        the prompt tokenized."""
+        defaults = media_defaults(request.media_options)
+        media = [
+            self.item(ref.kind, data, defaults[ref.kind] | ref.options)
+            for ref, data in zip(request.media, fetched, strict=True)
+        ]
+        return Turn.from_messages(self.processor, request.messages, media, request.options)
+
+    def item(self, kind: str, fetched: Fetched, options: dict) -> MediaItem:
+        """An image or video from fetched bytes, read with these options, or as read before. Its digest
+        (its identity in the prefix caches) is that of the bytes and the options: cheaper than the pixel
+        rows', and as exact, since they make the rows."""
+        key = (kind, fetched.digest, tuple(sorted(options.items())))
+        with self.lock:
+            if key in self.read:
+                self.read.move_to_end(key)
+                return self.read[key]
+        if kind == "image":
+            item = self.processor.read_media("image", fetched.data, options)
+        else:
+            with VideoFile(fetched.data) as path:
+                item = self.processor.read_media("video", path, options)
+        item.digest = repr(key)
+        with self.lock:
+            self.read[key] = item
+            while len(self.read) > self.entries:
+                self.read.popitem(last=False)
+        return item

@@ -118,7 +118,7 @@ class Request:
     media_options: dict = field(default_factory=dict)
 
 
-def parse(body: Any) -> Request:
+def parse_request(body: Any) -> Request:
     """The request body (parsed JSON) checked: one ApiError for the first problem found."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -300,7 +300,7 @@ def completion(
     }
 
 
-def chunk(
+def stream_chunk(
     cid: str,
     model: str,
     delta: dict,
