@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mlx_qwen3vl  # noqa: F401  (first: the BLAS binding, see mlx_qwen3vl/_blas.py)
+import mlx_qwen3vl  # noqa: F401  (first: the BLAS binding, see mlx_qwen3vl/cpu/openblas.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 

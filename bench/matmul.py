@@ -3,7 +3,7 @@ the system OpenBLAS), dense bfloat16, and 4-bit affine (group 64) with float32 o
 for one token (decode) and a 64-token chunk (prefill), at the 4B model's MLP shape (2560 -> 9728); the
 4-bit product with float32 activations and a bfloat16 checkpoint's scales and biases (kept so under float32
 compute, `loading.in_compute_dtype`); and this package's quantized layer (on the CPU, many float32 rows go
-through BLAS, and the kernel's products are split over the cores, `cpu.output_rows_on_cores`).
+through BLAS, and the kernel's products are split over the cores, `cpu/scheduling.py`).
 
     python bench/matmul.py            # both BLAS settings, each in its own process
 
@@ -27,10 +27,10 @@ NARROW = "4-bit, bfloat16 scales and biases"
 def measure() -> list[dict]:
     import mlx.core as mx
 
-    from mlx_qwen3vl import cpu
+    from mlx_qwen3vl.cpu.quantized import CpuQuantizedLinear
 
     # What the CPU backend loads (cpu.specialize); its BLAS path only where a fast BLAS is bound.
-    QuantizedLinear = cpu.CpuQuantizedLinear
+    QuantizedLinear = CpuQuantizedLinear
 
     def best(fn, repeats: int) -> float:
         mx.eval(fn())
@@ -80,9 +80,9 @@ def main() -> None:
     if sys.argv[1:] == ["--worker"]:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
         import mlx_qwen3vl  # noqa: F401  (loads the system OpenBLAS unless MLX_QWEN3VL_OPENBLAS=0)
-        from mlx_qwen3vl import _blas
+        from mlx_qwen3vl.cpu import openblas
 
-        print(json.dumps({"openblas": _blas.loaded, "rows": measure()}))
+        print(json.dumps({"openblas": openblas.loaded, "rows": measure()}))
         return
     print(f"| BLAS | activations | path | GFLOP/s, 1 row (decode) | GFLOP/s, {ROWS[1]} rows (prefill) |")
     print("|---|---|---|---:|---:|")

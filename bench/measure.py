@@ -1,6 +1,6 @@
 """Measuring helpers shared by the workers: repeated timings, MLX graph size, in-memory quantization,
 memory and machine facts. Nothing here imports mlx at module level: a worker decides which BLAS MLX binds
-(see mlx_qwen3vl/_blas.py) before mlx.core is first imported.
+(see mlx_qwen3vl/cpu/openblas.py) before mlx.core is first imported.
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def quantize(model, bits: int, skip: tuple[str, ...]) -> int:
 
     def predicate(path: str, module) -> bool | dict:
         nonlocal count
-        experts = type(module).__name__.endswith("SwitchLinear")  # also cpu.py's Float32SwitchLinear
+        experts = type(module).__name__.endswith("SwitchLinear")  # also cpu/widening.py's Float32SwitchLinear
         if path.startswith(skip) or not (experts or isinstance(module, (nn.Linear, nn.Embedding))):
             return False
         if module.weight.shape[-1] % GROUP_SIZE:

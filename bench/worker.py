@@ -1,7 +1,7 @@
 """One benchmarked system in its own process: `python bench/worker.py SPEC.json OUT.json`.
 
 A process per system keeps peak memory and the BLAS library per system: MLX binds `cblas_sgemm` when
-mlx.core is first imported, to the system OpenBLAS only if it was loaded before (mlx_qwen3vl/_blas.py).
+mlx.core is first imported, to the system OpenBLAS only if it was loaded before (mlx_qwen3vl/cpu/openblas.py).
 The spec's "openblas" decides that here, before anything imports mlx.
 """
 
@@ -23,7 +23,7 @@ def main() -> None:
     out = Path(sys.argv[2])
     if spec["openblas"]:
         os.environ.pop("MLX_QWEN3VL_OPENBLAS", None)
-        from mlx_qwen3vl._blas import use_system_openblas  # the package loads it on import
+        from mlx_qwen3vl.cpu import use_system_openblas  # the package loads it on import
 
         use_system_openblas()
     else:

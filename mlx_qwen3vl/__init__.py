@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 # Before anything imports mlx.core: on Linux, route MLX's float32 matmuls to the system OpenBLAS.
-from ._blas import use_system_openblas
+from .cpu import use_system_openblas
 from .errors import Qwen3VLError
 from .options import DEFAULT_MODEL
 

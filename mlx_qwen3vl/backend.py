@@ -2,7 +2,7 @@
 
 - "gpu": the plain model, as MLX's GPU backends run it (Metal on a Mac, CUDA), in bfloat16 by default:
   the checkpoints' own precision, half the memory of float32.
-- "cpu": the same model with the CPU specialisations of `cpu.py` swapped in, in float32 by default:
+- "cpu": the same model with the CPU specialisations of `cpu/` swapped in, in float32 by default:
   MLX's float32 matmuls go through BLAS (with OpenBLAS, an order of magnitude faster than its bfloat16
   kernels), its 4-bit matmuls are several times faster with float32 activations than with bfloat16
   ones (`bench/matmul.py`), and float32 matches the reference to ~1e-6. It doubles the memory of
@@ -27,8 +27,7 @@ DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 DEFAULT_DTYPES = {"gpu": mx.bfloat16, "cpu": mx.float32}
 # Prompt tokens fed to the decoder at once. On a GPU, mlx-lm's default: large matmuls, a prompt with an
 # image in one chunk. On the CPU attention materialises a chunk's scores (heads x chunk x keys, 4 bytes
-# each; against a long context a key block at a time, `cpu.key_blocked_attention`), so chunks stay
-# smaller there.
+# each; against a long context a key block at a time, `cpu/attention.py`), so chunks stay smaller there.
 PREFILL_STEP_SIZES = {"gpu": 2048, "cpu": 512}
 
 
@@ -52,9 +51,9 @@ class Backend:
     def specialize(self, model: nn.Module) -> None:
         """Swap in this backend's versions of the model's parts (the GPU path has none). Idempotent."""
         if self.name == "cpu":
-            from . import cpu
+            from .cpu import specialize
 
-            cpu.specialize(model, self.dtype)
+            specialize(model, self.dtype)
 
 
 def resolve_dtype(dtype) -> mx.Dtype:

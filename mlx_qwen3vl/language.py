@@ -1,7 +1,7 @@
 """The Qwen3 decoder of Qwen3-VL (SPEC §4.2-§4.5): per-head q/k RMSNorm, GQA, interleaved MRoPE and the
 DeepStack injection of visual features after the first decoder layers.
 
-This is the model as MLX's GPU backends run it; `cpu.py` swaps in what the CPU backend needs at load.
+This is the model as MLX's GPU backends run it; `cpu/` swaps in what the CPU backend needs at load.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype
       slower with them (`bench/matmul.py` measures it), in a decode step's share of that kernel.
       A quantized embedding's do take the compute dtype: it dequantizes in its scales' dtype, and its
       output is the activations' start.
-    - modules that say `keeps_stored_dtype` (cpu.WideningLinear) keep a narrower stored dtype and widen
+    - modules that say `keeps_stored_dtype` (`cpu/widening.py`) keep a narrower stored dtype and widen
       per call; modules that say `float32_parameters` (the vision LayerNorm, which computes in float32)
       get float32."""
     kept, widening, wide = set(), set(), set()

@@ -3,7 +3,7 @@ ViT blocks with attention confined to each image / video frame pair, the merger 
 
 Everything that depends only on the grids (interpolation taps, rope positions, attention segments) is
 computed on the host with numpy by `VisionLayout`, once per call, and shared by all blocks. This is the
-tower as MLX's GPU backends run it; `cpu.py` swaps in what the CPU backend needs at load.
+tower as MLX's GPU backends run it; `cpu/` swaps in what the CPU backend needs at load.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import mlx_qwen3vl  # noqa: F401  (first: loads the system OpenBLAS before mlx.core, see _blas.py)
+import mlx_qwen3vl  # noqa: F401  (first: loads the system OpenBLAS before mlx.core, see cpu/openblas.py)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_qwen3vl import _blas
+from mlx_qwen3vl.cpu import openblas
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_importing_the_package_loads_nothing_heavy():
     assert result.stdout.strip() == "[]", result.stderr
 
 
-SYSTEM_OPENBLAS = [p for p in _blas._CANDIDATES if os.path.exists(p)]
+SYSTEM_OPENBLAS = [p for p in openblas._CANDIDATES if os.path.exists(p)]
 TOO_LATE = "mlx was imported first, so MLX's CPU matmuls use its slow bundled BLAS"
 
 

@@ -11,7 +11,8 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from test_generate import picture
 
-from mlx_qwen3vl import ChatSession, Qwen3VLError, cpu, generate
+from mlx_qwen3vl import ChatSession, Qwen3VLError, generate
+from mlx_qwen3vl.cpu.attention import decoder_attention, float32_attention
 from mlx_qwen3vl.generation import prefill
 from mlx_qwen3vl.options import KVCacheOptions
 
@@ -128,13 +129,13 @@ def test_the_cpus_attention_over_a_quantized_cache(queries, dtype):
     cache = QuantizedKVCache(group_size=32, bits=4)
     keys, values = cache.update_and_fetch(k, v)
     mask = "causal" if queries > 1 else None
-    ours = cpu.attention(q, keys, values, cache=cache, scale=0.125, mask=mask).astype(mx.float32)
+    ours = decoder_attention(q, keys, values, cache=cache, scale=0.125, mask=mask).astype(mx.float32)
     if dtype == mx.float32:
         reference = scaled_dot_product_attention(q, keys, values, cache=cache, scale=0.125, mask=mask)
         tolerance = 1e-5
     else:
         k, v = (mx.dequantize(*packed, group_size=32, bits=4) for packed in (keys, values))
-        reference = cpu.float32_attention(q, k, v, 0.125, mask).astype(mx.float32)
+        reference = float32_attention(q, k, v, 0.125, mask).astype(mx.float32)
         tolerance = 4e-3
     np.testing.assert_allclose(np.array(ours), np.array(reference), rtol=0, atol=tolerance)
 

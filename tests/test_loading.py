@@ -14,7 +14,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import Qwen3VLError, load
-from mlx_qwen3vl.cpu import WideningLinear
+from mlx_qwen3vl.cpu.widening import WideningLinear
 from mlx_qwen3vl.loading import weight_files
 
 

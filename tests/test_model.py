@@ -9,7 +9,8 @@ from compare import relative_max_diff, teacher_forced
 from prompts import IMAGE_A, IMAGE_B, Prompt, chat, image_block, pixel_rows
 from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
-import mlx_qwen3vl.cpu
+import mlx_qwen3vl.cpu.activations
+import mlx_qwen3vl.cpu.attention
 from mlx_qwen3vl import load
 from mlx_qwen3vl.language import silu_gate
 
@@ -134,9 +135,9 @@ def load_bf16(checkpoint, backend: str):
     model, _ = load(checkpoint, dtype="bfloat16", backend=backend)
     if backend == "gpu" and mx.default_device() == mx.cpu:
         for layer in model.layers:
-            layer.self_attn.attend = mlx_qwen3vl.cpu.attention
+            layer.self_attn.attend = mlx_qwen3vl.cpu.attention.decoder_attention
         for block in model.model.visual.blocks:
-            block.attn.attend = mlx_qwen3vl.cpu.segment_attention_in_blocks
+            block.attn.attend = mlx_qwen3vl.cpu.attention.segment_attention_in_blocks
     return model
 
 
@@ -193,8 +194,8 @@ def eager_attention(q, k, v, scale, mask=None):
 
 def use_eager_attention(monkeypatch):
     """On the CPU backend in bfloat16, the decoder and the vision tower attend through
-    cpu.float32_attention: replaced by transformers' eager rounding."""
-    monkeypatch.setattr(mlx_qwen3vl.cpu, "float32_attention", eager_attention)
+    cpu/attention.py's float32_attention: replaced by transformers' eager rounding."""
+    monkeypatch.setattr(mlx_qwen3vl.cpu.attention, "float32_attention", eager_attention)
 
 
 def test_bfloat16_rounds_like_the_reference(tiny_checkpoint, prompts, reference_logits, monkeypatch):
@@ -235,7 +236,7 @@ def test_bfloat16_vision_rounds_like_the_reference(tiny_checkpoint, monkeypatch)
     assert (rounded != theirs).mean() > 4 * (ours != theirs).mean()
 
 
-@pytest.mark.parametrize("silu_gate", [silu_gate, mlx_qwen3vl.cpu.silu_gate], ids=["gpu", "cpu"])
+@pytest.mark.parametrize("silu_gate", [silu_gate, mlx_qwen3vl.cpu.activations.silu_gate], ids=["gpu", "cpu"])
 def test_silu_gate_equals_pytorch(silu_gate):
     """The decoder's fused SiLU(gate) * up (on the CPU, the sigmoid as a power of 2) against PyTorch's
     silu, in float32 over the range activations take and at the extremes (no nan), and rounded once in
@@ -326,15 +327,16 @@ def test_prefill_with_key_blocked_attention_matches_transformers(
     """On the CPU a prompt chunk's attention against a long context goes over key blocks (its scores
     bounded, not the chunk times the context): in chunks of 8 tokens and blocks of 16 keys, the last
     logits are transformers'."""
-    from mlx_qwen3vl import cpu
+    from mlx_qwen3vl.cpu import attention
     from mlx_qwen3vl.generation import prefill
 
     model, prompt = tiny_f32[0], prompts["image_and_video"]
     heads = model.config.text_config.num_attention_heads
-    monkeypatch.setattr(cpu, "DECODER_SCORE_BYTES", heads * 8 * 16 * 4)
+    monkeypatch.setattr(attention, "DECODER_SCORE_BYTES", heads * 8 * 16 * 4)
     blocked = []
-    in_blocks = cpu.key_blocked_attention
-    monkeypatch.setattr(cpu, "key_blocked_attention", lambda *args: blocked.append(1) or in_blocks(*args))
+    in_blocks = attention.key_blocked_attention
+    spy = lambda *args: blocked.append(1) or in_blocks(*args)  # noqa: E731
+    monkeypatch.setattr(attention, "key_blocked_attention", spy)
     prepared, cache, _, _ = prepared_with_media(model, prompt)
     logits = prefill(model, prepared, cache, step_size=8)
     assert len(blocked) > len(model.layers)

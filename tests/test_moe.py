@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from test_convert import cosine, logits, run_python
 from test_generate import picture, reference_generate, streamed_tokens
 
-from mlx_qwen3vl import Qwen3VLError, cpu, load
+from mlx_qwen3vl import Qwen3VLError, load
 from mlx_qwen3vl.config import ModelConfig
 from mlx_qwen3vl.convert import convert
+from mlx_qwen3vl.cpu.quantized import CpuQuantizedSwitchLinear
 from mlx_qwen3vl.language import MLP
 from mlx_qwen3vl.loading import weight_files
 from mlx_qwen3vl.moe import SparseMoeBlock
@@ -167,7 +168,7 @@ def test_each_token_goes_to_the_experts_transformers_chooses(
 
 
 def test_bfloat16_on_the_cpu_stays_within_the_dense_models_bound(moe_checkpoint, moe_prompts):
-    """MLX's CPU gather_mm takes float32 only (cpu.Float32SwitchLinear widens for it). On the text prompt,
+    """MLX's CPU gather_mm takes float32 only (cpu/widening.py widens for it). On the text prompt,
     where no token's experts change between bfloat16 and float32 in either implementation, the logits
     stay within the dense model's bfloat16 bound of transformers' bfloat16 (test_model: 2.5e-2 max). A
     prompt where a near-tie flips a token's experts differs there by far more, in transformers too."""
@@ -276,7 +277,7 @@ def test_4bit_conversion_quantizes_the_experts_and_keeps_the_router_at_8_bits(q4
         if i in SPARSE_LAYERS:
             switch = layer.mlp.switch_mlp
             for projection in (switch.gate_proj, switch.up_proj, switch.down_proj):
-                assert type(projection) is cpu.CpuQuantizedSwitchLinear  # the experts split over the cores
+                assert type(projection) is CpuQuantizedSwitchLinear  # the experts split over the cores
                 assert (projection.bits, projection.group_size) == (4, 64)
             assert isinstance(layer.mlp.gate, nn.QuantizedLinear) and layer.mlp.gate.bits == 8
         else:

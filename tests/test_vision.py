@@ -8,7 +8,7 @@ from compare import relative_max_diff
 from prompts import IMAGE_A, IMAGE_B, VIDEO, pixel_rows
 from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-from mlx_qwen3vl import cpu
+from mlx_qwen3vl.cpu import attention, numpy_attention, vision_mlp
 from mlx_qwen3vl.vision import VisionLayout, fused_attention, position_embedding_taps
 
 # float32 on both sides; the remaining difference is summation order in matmuls and attention.
@@ -66,11 +66,11 @@ def test_segments_are_grouped_into_runs_of_equal_length():
 def test_query_blocks_are_exact(budget, monkeypatch):
     """The CPU's attention in query blocks of any size (numpy's in tiles of 8 queries by 16 keys) equals
     the fused kernel's on whole segments."""
-    monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", budget)
-    monkeypatch.setattr(cpu, "NUMPY_TILE", (8, 16))
+    monkeypatch.setattr(attention, "ATTENTION_SCORE_BYTES", budget)
+    monkeypatch.setattr(numpy_attention, "NUMPY_TILE", (8, 16))
     rng = np.random.default_rng(0)
     q, k, v = (mx.array(rng.standard_normal((3, 2, 40, 8)).astype(np.float32)) for _ in range(3))
-    ours = cpu.segment_attention_in_blocks(q, k, v, 0.35)
+    ours = attention.segment_attention_in_blocks(q, k, v, 0.35)
     np.testing.assert_allclose(np.array(ours), np.array(fused_attention(q, k, v, 0.35)), atol=1e-5)
 
 
@@ -79,8 +79,8 @@ def test_large_image_in_query_blocks_matches_transformers(tiny_f32, tiny_referen
     MLP in numpy blocks of 48 rows."""
     grids = np.array([(1, 16, 20)])
     pixels = pixel_rows(grids, seed=8)
-    monkeypatch.setattr(cpu, "NUMPY_TILE", (8, 96))
-    monkeypatch.setattr(cpu, "NUMPY_MLP_ROWS", 48)
+    monkeypatch.setattr(numpy_attention, "NUMPY_TILE", (8, 96))
+    monkeypatch.setattr(vision_mlp, "NUMPY_MLP_ROWS", 48)
     features, deepstack = tiny_f32[0].model.visual(mx.array(pixels), grids)
     ref_features, ref_deepstack = reference_vision(tiny_reference, pixels, grids)
     assert relative_max_diff(features, ref_features) < TOLERANCE
@@ -120,7 +120,7 @@ def test_a_video_in_pieces_gives_the_bits_of_one_pass(backend, patches, tiny_f32
     attended together)."""
     model = tiny_f32[0] if backend.startswith("cpu") else tiny_gpu_path[0]
     if "scores" in backend:
-        monkeypatch.setattr(cpu, "ATTENTION_SCORE_BYTES", 2 * 2 * 96 * 96 * 4)
+        monkeypatch.setattr(attention, "ATTENTION_SCORE_BYTES", 2 * 2 * 96 * 96 * 4)
     grids = np.array([(6, 8, 12), (1, 6, 10), (4, 8, 8)])
     pixels = pixel_rows(grids, seed=3)
     one_pass = model.encode_vision(pixels, grids)

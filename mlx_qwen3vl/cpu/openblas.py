@@ -101,6 +101,13 @@ def sgemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, alpha=1.0, transpose_b=
     )  # fmt: skip
 
 
+def unit_stride_rows(x: np.ndarray) -> np.ndarray:
+    """x, copied unless the elements within its rows are adjacent and its rows apart (what `sgemm` needs;
+    a broadcast array's rows share their elements)."""
+    row = x.shape[-1] * x.itemsize
+    return x if x.strides[-1] == x.itemsize and x.strides[-2] >= row else x.copy()
+
+
 _single_threaded_section = threading.Lock()
 
 
