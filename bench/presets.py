@@ -5,7 +5,7 @@ cached.
 The weights are random, so the speed of every figure is that of the real model at the same width; the
 generated text is noise. The config.json written next to the weights is the published (transformers
 4.57) layout with the preset's overrides: transformers 5 re-saves it with `rope_parameters` only, which
-mlx-vlm 0.7.10 cannot read (SPEC §1.3), and the real checkpoints on the hub have the 4.57 layout.
+mlx-vlm 0.7.10 cannot read (docs/reference.md §1.3), and the real checkpoints on the hub have the 4.57 layout.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from checkpoints import TINY  # noqa: E402  (tests/checkpoints.py: the tiny test
 
 CACHE_ROOT = Path(os.environ.get("MLX_QWEN3VL_BENCH_CACHE", "~/.cache/mlx-qwen3vl-bench")).expanduser()
 
-# The vision tower of the 8B, the 32B and the 30B-A3B (SPEC §1.2), each with its own merger width.
+# The vision tower of the 8B, the 32B and the 30B-A3B (docs/reference.md §1.2), each with its own merger
+# width.
 VISION_27X1152 = {
     "depth": 27,
     "hidden_size": 1152,
@@ -32,8 +33,8 @@ VISION_27X1152 = {
     "deepstack_visual_indexes": [8, 16, 24],
 }
 
-# Overrides of the published 4B config.json (SPEC §1.1); 2B, 8B and 32B from SPEC §1.2, 30B-A3B from its
-# published config.json (the README's MoE section).
+# Overrides of the published 4B config.json (docs/reference.md §1.1); 2B, 8B and 32B from docs/reference.md
+# §1.2, 30B-A3B from its published config.json (the README's MoE section).
 PRESETS: dict[str, dict] = {
     "tiny": TINY,
     "2b": {

@@ -1,4 +1,4 @@
-"""Model configuration, read from a model directory's config.json (SPEC §1.1-§1.3).
+"""Model configuration, read from a model directory's config.json (docs/reference.md §1.1-§1.3).
 
 Both layouts of the text rope settings are accepted: transformers 4.57 files carry `rope_theta` plus a
 `rope_scaling` dict, files re-saved by transformers 5 carry a single `rope_parameters` dict.
@@ -40,7 +40,7 @@ class VisionConfig:
     temporal_patch_size: int = 2
     spatial_merge_size: int = 2
     num_position_embeddings: int = 2304
-    # Not in the published files: transformers' default for the axial 2-D rope (SPEC §1.3).
+    # Not in the published files: transformers' default for the axial 2-D rope (docs/reference.md §1.3).
     rope_theta: float = 10000.0
 
     @classmethod

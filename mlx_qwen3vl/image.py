@@ -1,8 +1,9 @@
 """Image input: every common source to RGB, `smart_resize`, bicubic resize, normalisation and the
-patch layout the vision tower expects (SPEC §3.1, §5.1). numpy and pillow only.
+patch layout the vision tower expects (docs/reference.md §3.1, §5.1). numpy and pillow only.
 
 The pixels match transformers' PIL-backend image processor (`Qwen2VLImageProcessorPil`); its default
-torchvision backend differs from it by at most a few uint8 levels of bicubic rounding (SPEC §5.1).
+torchvision backend differs from it by at most a few uint8 levels of bicubic rounding (docs/reference.md
+§5.1).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """EXIF orientation applied; grayscale and palette converted; transparency composited on white
-    (SPEC §7)."""
+    (docs/reference.md §7)."""
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
         image = _to_8_bit(image)
@@ -192,8 +193,8 @@ def smart_resize(
     at_least_one_block: bool = False,
     what: str = "image",
 ) -> tuple[int, int]:
-    """transformers' image smart_resize (SPEC §5.1): sides rounded to multiples of `factor` (Python round,
-    half to even), then scaled into [min_pixels, max_pixels] keeping the aspect ratio.
+    """transformers' image smart_resize (docs/reference.md §5.1): sides rounded to multiples of `factor`
+    (Python round, half to even), then scaled into [min_pixels, max_pixels] keeping the aspect ratio.
     `at_least_one_block` is qwen-vl-utils' variant (its video path): rounded sides start at no less than
     `factor`, which can change the branch taken for sides under factor / 2."""
     if min(height, width) <= 0:
@@ -232,8 +233,8 @@ def patchify(frames: np.ndarray, settings: PatchSettings) -> tuple[np.ndarray, t
 
     Consecutive frame pairs form one temporal patch (an odd count repeats the last frame); rows run over
     temporal group, merge-block row, merge-block column, in-block row, in-block column; each row is
-    ordered (channel, time, y, x) like the Conv3d kernel (SPEC §3.1). The patches are gathered while the
-    pixels are still bytes, then normalised in place: a quarter of the memory traffic of normalising
+    ordered (channel, time, y, x) like the Conv3d kernel (docs/reference.md §3.1). The patches are gathered
+    while the pixels are still bytes, then normalised in place: a quarter of the memory traffic of normalising
     first."""
     tps, p, m = settings.temporal_patch_size, settings.patch_size, settings.merge_size
     if len(frames) % tps:
@@ -276,5 +277,5 @@ def image_patches(
         )
     h, w = smart_resize(height, width, settings.factor, min_pixels, max_pixels)
     pixels = resize_rgb(np.asarray(image), h, w)
-    # A still image is one temporal patch: the frame repeated (SPEC §3.1).
+    # A still image is one temporal patch: the frame repeated (docs/reference.md §3.1).
     return patchify(pixels[None], settings)

@@ -1,5 +1,5 @@
-"""The Qwen3 decoder of Qwen3-VL (SPEC §4.2-§4.5): per-head q/k RMSNorm, GQA, interleaved MRoPE and the
-DeepStack injection of visual features after the first decoder layers.
+"""The Qwen3 decoder of Qwen3-VL (docs/reference.md §4.2-§4.5): per-head q/k RMSNorm, GQA, interleaved MRoPE
+and the DeepStack injection of visual features after the first decoder layers.
 
 This is the model as MLX's GPU backends run it; `cpu/` swaps in what the CPU backend needs at load.
 """
@@ -25,7 +25,7 @@ Positions = np.ndarray | int | mx.array
 
 def mrope_axes(head_dim: int, mrope_section: list[int]) -> np.ndarray:
     """Which position row (0 = t, 1 = h, 2 = w) drives each of the head_dim/2 frequencies: interleaved
-    THWTHW... over the first 3 * section[h|w] frequencies, t for the rest (SPEC §4.3)."""
+    THWTHW... over the first 3 * section[h|w] frequencies, t for the rest (docs/reference.md §4.3)."""
     i = np.arange(head_dim // 2)
     axes = np.zeros_like(i)
     axes[(i % 3 == 1) & (i < 3 * mrope_section[1])] = 1
@@ -201,9 +201,9 @@ class Attention(nn.Module):
 
 @partial(mx.compile, shapeless=True)
 def silu_gate(gate: mx.array, up: mx.array) -> mx.array:
-    """SiLU(gate) * up, the SiLU in float32 and rounded once as PyTorch does for bfloat16 (SPEC §6.2).
-    One fused kernel, so a prefill chunk holds one intermediate of [tokens, intermediate_size] instead of
-    three."""
+    """SiLU(gate) * up, the SiLU in float32 and rounded once as PyTorch does for bfloat16 (docs/reference.md
+    §6.2). One fused kernel, so a prefill chunk holds one intermediate of [tokens, intermediate_size] instead
+    of three."""
     g = gate.astype(mx.float32)
     return (g * mx.sigmoid(g)).astype(gate.dtype) * up
 
@@ -286,7 +286,7 @@ class TextModel(nn.Module):
         outputs: int | None = None,
     ) -> mx.array:
         """inputs_embeds [B, L, H] at `positions`. `deepstack[j]` (rows for the flat positions
-        `visual_index` of [B * L]) is added to the output of decoder layer j (SPEC §4.5).
+        `visual_index` of [B * L]) is added to the output of decoder layer j (docs/reference.md §4.5).
 
         `outputs`: the hidden states of the last `outputs` positions only (None: all). The last layer
         then computes only those (0: it writes its keys and values to the cache, as a prompt chunk

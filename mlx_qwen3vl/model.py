@@ -33,8 +33,9 @@ class PromptCache(list):
     """One mlx-lm KVCache per decoder layer, plus the rope delta of the sequence(s) it holds.
 
     After a prompt with images or videos, token i of the continuation sits at MRoPE position
-    `cache offset + i + rope_delta` on all three axes (SPEC §4.4); the delta belongs to the cached
-    sequence, so it lives here rather than on the model. A list, so mlx-lm's cache helpers accept it."""
+    `cache offset + i + rope_delta` on all three axes (docs/reference.md §4.4); the delta belongs to the
+    cached sequence, so it lives here rather than on the model. A list, so mlx-lm's cache helpers accept
+    it."""
 
     def __init__(self, caches, rope_delta=0):
         super().__init__(caches)
@@ -49,7 +50,7 @@ class PromptCache(list):
 class PlacedFeatures:
     """Vision features and the flat prompt positions (in [B * L]) they take, row for row: the merged
     features replace the placeholder embeddings there, DeepStack level j is added to the output of decoder
-    layer j (SPEC §4.1, §4.5)."""
+    layer j (docs/reference.md §4.1, §4.5)."""
 
     index: np.ndarray  # [n] int32
     features: mx.array  # [n, hidden]
@@ -287,7 +288,7 @@ class Model(nn.Module):
         self.model.language_model.fuse_projections()
 
     def _place_vision(self, ids: np.ndarray, vision: list[VisionFeatures]) -> list[PlacedFeatures]:
-        """Each kind's features with the flat positions of its placeholder tokens (SPEC §4.1)."""
+        """Each kind's features with the flat positions of its placeholder tokens (docs/reference.md §4.1)."""
         token_ids = {"image": self.config.image_token_id, "video": self.config.video_token_id}
         placed = []
         for encoded in sorted(vision, key=lambda e: e.kind != "image"):  # the images', then the videos'
@@ -319,8 +320,8 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map a checkpoint's tensors to this module tree. Reads transformers' published layout (which this
-        package's converter keeps) and mlx-vlm's, used by the MLX community's Qwen3-VL conversions (SPEC §2).
-        Quantized tensors (`.scales`, `.biases`) follow their weight's name."""
+        package's converter keeps) and mlx-vlm's, used by the MLX community's Qwen3-VL conversions
+        (docs/reference.md §2). Quantized tensors (`.scales`, `.biases`) follow their weight's name."""
         mlx_vlm = any(k.startswith(tuple(MLX_VLM_PREFIXES)) for k in weights)
         if mlx_vlm:
             weights = {_rename_mlx_vlm(k): v for k, v in weights.items()}

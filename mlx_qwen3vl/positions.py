@@ -1,4 +1,4 @@
-"""3-D (temporal, height, width) position ids for the language model's MRoPE (SPEC §4.4).
+"""3-D (temporal, height, width) position ids for the language model's MRoPE (docs/reference.md §4.4).
 
 Plain numpy functions of token ids and grids, so they can be compared one to one with transformers'
 `get_rope_index`; used by the model for prefill and by the chat session for follow-up turns.

@@ -1,5 +1,6 @@
 """From user input to model input: chat messages rendered with the model's template, each image and video
-turned into pixel rows, and each placeholder expanded to the tokens its features fill (SPEC §1.7, §5).
+turned into pixel rows, and each placeholder expanded to the tokens its features fill (docs/reference.md §1.7,
+§5).
 
     inputs = processor(messages)            # or processor("Describe this.", images=["cat.jpg"])
     logits = model(**inputs)
@@ -173,9 +174,9 @@ class Processor:
             raise Qwen3VLError(f"the chat template could not render these messages: {e}") from None
 
     def media_text(self, item: MediaItem) -> str:
-        """What replaces one placeholder in the prompt text, with a single pad token per block (SPEC
-        §5.2-§5.3 and §7: a video is one `<t seconds><|vision_start|><|video_pad|><|vision_end|>` block per
-        temporal group, no outer wrapper)."""
+        """What replaces one placeholder in the prompt text, with a single pad token per block
+        (docs/reference.md §5.2-§5.3 and §7: a video is one `<t
+        seconds><|vision_start|><|video_pad|><|vision_end|>` block per temporal group, no outer wrapper)."""
         if item.kind == "image":
             return IMAGE_PLACEHOLDER
         return "".join(f"<{seconds:.1f} seconds>{VIDEO_PLACEHOLDER}" for seconds in item.timestamps)

@@ -1,4 +1,4 @@
-"""Rotary-embedding frequency tables, bit-exact with the reference (SPEC §3.4, §6.4).
+"""Rotary-embedding frequency tables, bit-exact with the reference (docs/reference.md §3.4, §6.4).
 
 transformers builds `inv_freq = 1 / theta ** (arange(0, dim, 2) / dim)` in torch-CPU float32. MLX's and
 numpy's float32 `pow` round some entries differently by an ulp, which drifts the angle by ~6e-8 rad per
@@ -15,7 +15,8 @@ import numpy as np
 
 from .config import TextConfig, YarnScaling
 
-# (theta, dim) -> torch-CPU float32 values, copied from SPEC §6.4 (text) and §3.4 (vision; dim = d_v / 2).
+# (theta, dim) -> torch-CPU float32 values, copied from docs/reference.md §6.4 (text) and §3.4 (vision; dim =
+# d_v / 2).
 _TABLES: dict[tuple[float, int], tuple[float, ...]] = {
     (5000000.0, 128): (
         1, 0.785830021, 0.617528737, 0.485272616, 0.381341755, 0.299669802, 0.235489503, 0.185054719,

@@ -1,4 +1,4 @@
-"""Video input: which frames to keep, at what size, and when each was shown (SPEC §5.3, §7).
+"""Video input: which frames to keep, at what size, and when each was shown (docs/reference.md §5.3, §7).
 
 Sampling and sizing follow qwen-vl-utils (the Qwen3-VL cookbook path): about 2 frames per second, an even
 count between 4 and 768, a per-frame pixel cap from a total pixel budget. `plan_frames` is that arithmetic
@@ -411,7 +411,7 @@ def _list_frame_size(name: str, k: int, frame) -> tuple[int, int]:
 
 
 def _rgb_array(frame) -> np.ndarray:
-    # PIL frames get the image path's conversion: transparency composited on white (SPEC §7).
+    # PIL frames get the image path's conversion: transparency composited on white (docs/reference.md §7).
     return np.asarray(to_rgb(frame)) if isinstance(frame, Image.Image) else frame
 
 

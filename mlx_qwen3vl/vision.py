@@ -1,5 +1,6 @@
-"""The Qwen3-VL vision encoder (SPEC §3): patch embedding, interpolated position embedding, 2-D rope,
-ViT blocks with attention confined to each image / video frame pair, the merger and the DeepStack mergers.
+"""The Qwen3-VL vision encoder (docs/reference.md §3): patch embedding, interpolated position embedding, 2-D
+rope, ViT blocks with attention confined to each image / video frame pair, the merger and the DeepStack
+mergers.
 
 Everything that depends only on the grids (interpolation taps, rope positions, attention segments) is
 computed on the host with numpy by `VisionLayout`, once per call, and shared by all blocks. This is the
@@ -24,8 +25,8 @@ LAYER_NORM_EPS = 1e-6  # hard-coded in the reference, not a config key
 
 
 def merge_block_order(g_h: int, g_w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, col) of each patch of a g_h x g_w grid in the processor's order (SPEC §3.1): merge-block
-    row, merge-block column, in-block row, in-block column."""
+    """(row, col) of each patch of a g_h x g_w grid in the processor's order (docs/reference.md §3.1):
+    merge-block row, merge-block column, in-block row, in-block column."""
     rows, cols = np.meshgrid(np.arange(g_h), np.arange(g_w), indexing="ij")
     shape = (g_h // merge, merge, g_w // merge, merge)
     rows = rows.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
@@ -35,7 +36,7 @@ def merge_block_order(g_h: int, g_w: int, merge: int) -> tuple[np.ndarray, np.nd
 
 def _bilinear_axis(size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
     """Taps (floor, floor+1) and weights resampling a `side`-long axis to `size` points with
-    align_corners=True, in the reference's float32 operation order (SPEC §3.3)."""
+    align_corners=True, in the reference's float32 operation order (docs/reference.md §3.3)."""
     index = np.arange(size, dtype=np.float32)
     src = index * np.float32(side - 1) / np.float32(max(size - 1, 1))
     floor = np.floor(src)
@@ -84,7 +85,7 @@ class VisionLayout:
 
     def segment_runs(self) -> list[tuple[int, int]]:
         """Attention segments as (length, count) runs: every image and every frame pair of a video attends
-        only within itself (SPEC §3.5); consecutive equal segments are batched into one call."""
+        only within itself (docs/reference.md §3.5); consecutive equal segments are batched into one call."""
         return [(length, count) for length, count, _ in self.run_grids()]
 
     def split(self, max_patches: int) -> list[tuple[int, int, VisionLayout]]:
@@ -110,8 +111,8 @@ class VisionLayout:
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 and rounded once, as PyTorch does for bfloat16 (SPEC §6.2); MLX's
-    fused kernel rounds the normalised value before the affine step. Its parameters are kept in float32
+    """LayerNorm computed in float32 and rounded once, as PyTorch does for bfloat16 (docs/reference.md §6.2);
+    MLX's fused kernel rounds the normalised value before the affine step. Its parameters are kept in float32
     at load (`float32_parameters`: an exact widening), so a call casts only its input and its output."""
 
     float32_parameters = True
@@ -127,7 +128,7 @@ _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 @partial(mx.compile, shapeless=True)
 def gelu_tanh(x: mx.array) -> mx.array:
-    """PyTorch's gelu(approximate="tanh") in float32, rounded once (SPEC §6.2): one kernel."""
+    """PyTorch's gelu(approximate="tanh") in float32, rounded once (docs/reference.md §6.2): one kernel."""
     y = x.astype(mx.float32)
     return (0.5 * y * (1 + mx.tanh(_SQRT_2_OVER_PI * (y + 0.044715 * (y * y * y))))).astype(x.dtype)
 
@@ -154,8 +155,8 @@ class PatchEmbed(nn.Module):
 
 @mx.compile
 def apply_vision_rope(x: mx.array, cos: mx.array, signed_sin: mx.array) -> mx.array:
-    """Rotate-half rope over the full head dim in float32, rounded once (SPEC §3.4); cos / signed_sin
-    as `VisionModel.rope_tables` gives them."""
+    """Rotate-half rope over the full head dim in float32, rounded once (docs/reference.md §3.4); cos /
+    signed_sin as `VisionModel.rope_tables` gives them."""
     return apply_rope(x.astype(mx.float32), cos, signed_sin).astype(x.dtype)
 
 
@@ -228,8 +229,8 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """2x2 patches -> one LLM token (SPEC §3.6). The main merger normalises each patch before grouping
-    them; the DeepStack mergers (`postshuffle`) normalise the grouped vector."""
+    """2x2 patches -> one LLM token (docs/reference.md §3.6). The main merger normalises each patch before
+    grouping them; the DeepStack mergers (`postshuffle`) normalise the grouped vector."""
 
     def __init__(self, config: VisionConfig, postshuffle: bool):
         super().__init__()
@@ -267,7 +268,8 @@ class VisionModel(nn.Module):
         self._rope_inv_freq = mx.array(inv_freq(config.rope_theta, config.head_dim // 2))
 
     def position_embedding(self, layout: VisionLayout, dtype: mx.Dtype) -> mx.array:
-        """Bilinearly resampled learned positions, accumulated in float32 and rounded once (SPEC §3.3)."""
+        """Bilinearly resampled learned positions, accumulated in float32 and rounded once (docs/reference.md
+        §3.3)."""
         table = self.pos_embed.weight
         per_item = []
         for t, h, w in layout.grids:
@@ -279,7 +281,8 @@ class VisionModel(nn.Module):
 
     def rope_tables(self, layout: VisionLayout) -> list[tuple[mx.array, mx.array]]:
         """float32 cos and signed sin (`apply_rope`) per run of equal segments, [count, 1, length,
-        head_dim]: rows (h) on the first quarter of each half, columns (w) on the second (SPEC §3.4)."""
+        head_dim]: rows (h) on the first quarter of each half, columns (w) on the second (docs/reference.md
+        §3.4)."""
         merge = self.config.spatial_merge_size
         tables = []
         for length, count, grids in layout.run_grids():

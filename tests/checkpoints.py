@@ -58,8 +58,8 @@ FULL_WIDTH_4B = {
 #   Megatron-Bridge's Qwen3VLTransformerConfig (out 4096), the decoder of Qwen3-8B (untied);
 # - 2B: the decoder of Qwen3-1.7B (tied), the 4B's vision tower with a 2048-wide merger (sgl-jax's
 #   Qwen3VLVisionConfig defaults).
-# They agree with the table of SPEC §1.2 (../shared/reference/SPEC.md), taken from secondary copies too.
-# Published depths, not used here: 2B 28 layers / 24 blocks, 8B 36 / 27, 32B 64 / 27; vision taps
+# They agree with the table of docs/reference.md §1.2 (../shared/reference/SPEC.md), taken from secondary
+# copies too. Published depths, not used here: 2B 28 layers / 24 blocks, 8B 36 / 27, 32B 64 / 27; vision taps
 # [5, 11, 17] (2B) and [8, 16, 24] (8B, 32B). Rope, norms, patching and vocabulary are the 4B's.
 # The 8B and 32B vision towers are 1152 wide with 16 heads: head_dim 72.
 _VISION_1152 = {"hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304}

@@ -53,7 +53,8 @@ def image_block(grid) -> list[int]:
 
 
 def video_blocks(tokenizer, grid, seconds) -> list[int]:
-    """Per temporal group: `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>` (SPEC §7)."""
+    """Per temporal group: `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>` (docs/reference.md
+    §7)."""
     t, h, w = grid
     ids: list[int] = []
     for g in range(t):

@@ -23,7 +23,7 @@ def test_published_4b_config_in_the_4_57_layout():
 
 
 def as_transformers_5_layout(params: dict) -> dict:
-    """What transformers 5 writes when it re-saves the published file (SPEC §1.3)."""
+    """What transformers 5 writes when it re-saves the published file (docs/reference.md §1.3)."""
     params = copy.deepcopy(params)
     text = params["text_config"]
     text["rope_parameters"] = {**text.pop("rope_scaling"), "rope_theta": text.pop("rope_theta")}
@@ -37,7 +37,7 @@ def test_transformers_5_layout_reads_the_same():
     )
 
 
-# SPEC §1.2: the other dense sizes, as changes to the 4B file.
+# docs/reference.md §1.2: the other dense sizes, as changes to the 4B file.
 VISION_8B_32B = {
     "depth": 27,
     "hidden_size": 1152,

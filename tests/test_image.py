@@ -80,7 +80,7 @@ def test_exif_orientation_is_applied(tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded), np.asarray(ImageOps.exif_transpose(Image.open(path))))
 
 
-# (height, width): the SPEC §5.1 examples, rounding ties, both branches, extremes.
+# (height, width): the docs/reference.md §5.1 examples, rounding ties, both branches, extremes.
 SIZES = [(480, 640), (333, 1001), (150, 200), (3000, 5000), (720, 1280), (48, 48), (80, 16000), (4096, 4096)]
 
 
@@ -216,9 +216,10 @@ def test_images_that_cannot_be_used_are_refused(size, options, message):
 
 
 def test_video_rows_follow_the_spec_order():
-    """Several frames (an odd count: the last is repeated) against a patch-by-patch reading of SPEC §3.1:
-    temporal group, merge-block row, merge-block column, in-block row, in-block column; inside a row
-    channel, time, y, x; values float32(x * (1 / 255) in float64), then (v - mean) / std in float32."""
+    """Several frames (an odd count: the last is repeated) against a patch-by-patch reading of
+    docs/reference.md §3.1: temporal group, merge-block row, merge-block column, in-block row, in-block
+    column; inside a row channel, time, y, x; values float32(x * (1 / 255) in float64), then (v - mean) / std
+    in float32."""
     rng = np.random.default_rng(3)
     frames = rng.integers(0, 256, (3, 64, 96, 3), dtype=np.uint8)
     rows, grid = patchify(frames, SETTINGS)

@@ -1,4 +1,4 @@
-"""3-D MRoPE position ids against SPEC §4.4 and transformers' get_rope_index."""
+"""3-D MRoPE position ids against docs/reference.md §4.4 and transformers' get_rope_index."""
 
 import numpy as np
 import pytest
@@ -12,7 +12,8 @@ A, VS, VE, IMG, VID = 1, 151652, 151653, 151655, 151656
 
 
 def test_worked_example_of_the_spec():
-    """SPEC §4.4: [a b VS] image (1,4,6) [VE c] [t1 t2 VS] group (1,4,4) [VE] [t3 VS] group [VE d]."""
+    """docs/reference.md §4.4: [a b VS] image (1,4,6) [VE c] [t1 t2 VS] group (1,4,4) [VE] [t3 VS] group [VE
+    d]."""
     ids = [A, A, VS] + [IMG] * 6 + [VE, A] + [A, A, VS] + [VID] * 4 + [VE] + [A, VS] + [VID] * 4 + [VE, A]
     positions, delta = rope_index(ids, [[1, 4, 6]], [[2, 4, 4]], **IDS)
     t = "0 1 2 3 3 3 3 3 3 6 7 8 9 10 11 11 11 11 13 14 15 16 16 16 16 18 19"

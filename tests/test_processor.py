@@ -144,7 +144,7 @@ def write_video(path, frames: int, fps: float, size=(128, 96)):
 
 def reference_video_expansion(grid, timestamps, source_fps: float) -> str:
     """transformers' own replace_video_token and timestamps for one video (from the frame indices our
-    sampler picked), to put in place of the whole placeholder as 4.57 did (SPEC §7)."""
+    sampler picked), to put in place of the whole placeholder as 4.57 did (docs/reference.md §7)."""
     stand_in = type("VideoProcessor", (), {"merge_size": 2, "temporal_patch_size": 2})()
     hf = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
     hf.video_processor, hf.vision_start_token, hf.vision_end_token = (
@@ -177,7 +177,7 @@ def test_video_prompt_ids_equal_the_whole_expanded_text(
     layout, add_vision_id, processor, hf_tokenizer, hf_image_processor, tmp_path
 ):
     """Per temporal group `<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`, no outer wrapper
-    (SPEC §7), on real files; the ids equal the tokenization of the whole expanded text."""
+    (docs/reference.md §7), on real files; the ids equal the tokenization of the whole expanded text."""
     clips = [write_video(tmp_path / "a.avi", frames=45, fps=15), write_video(tmp_path / "b.avi", 20, 8)]
     image = picture(128, 96, 5)
     content, videos = [], iter(clips)

@@ -1,4 +1,4 @@
-"""Video input against qwen-vl-utils (SPEC §5.3, §7): frame count, frame indices, frame size and
+"""Video input against qwen-vl-utils (docs/reference.md §5.3, §7): frame count, frame indices, frame size and
 timestamps, decoding that keeps only the planned frames, and the errors a user can meet."""
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def test_plan_equals_qwen_vl_utils(monkeypatch, name, width, height, total_frame
 
 
 def test_spec_worked_example():
-    """SPEC §5.3: 10 s of 1280x720 at 30 fps -> 20 frames at these indices; with the per-frame cap the
-    grid is (10, 40, 72), i.e. 640x1152 frames."""
+    """docs/reference.md §5.3: 10 s of 1280x720 at 30 fps -> 20 frames at these indices; with the per-frame
+    cap the grid is (10, 40, 72), i.e. 640x1152 frames."""
     plan = plan_frames(300, 30.0, 720, 1280, VideoOptions())
     assert plan.indices == [
         0,
