@@ -157,6 +157,7 @@ class ChatSession:
                         self.last = response
                     yield response
         finally:
+            self.cache.keep()
             start = len(turn.ids) - len(new_ids)
             if self.cache.offset >= len(turn.ids):  # the prompt got in: the turn and its answer so far
                 spent = [item.spent() for item in media]

@@ -49,13 +49,18 @@ class PrefixCache:
 
     @property
     def keys(self) -> list[Key]:
-        """The keys of the positions held. Made when first read: a cache that no turn continues from
-        never computes its images' digests."""
+        """The keys of the positions held. Made when first read (or kept): a cache that no turn continues
+        from never computes its images' digests."""
         if self._held is not None:
             turn, answer, length = self._held
             self._keys = (turn.keys + [(token, None) for token in answer])[:length]
             self._held = None
         return self._keys
+
+    def keep(self) -> None:
+        """For a cache kept past its turn: make its keys now and let go of the turn, whose images and
+        videos hold their pixel rows."""
+        self.keys  # noqa: B018 (made on first read)
 
     def usable(self, turn: Turn) -> int:
         """How many of the turn's first positions this cache holds and the turn may continue from."""
@@ -127,6 +132,7 @@ class PrefixCacheStore:
         """Keep a cache for later turns (one holding the same keys as another replaces it)."""
         if cache.offset == 0:
             return
+        cache.keep()
         self.entries = [e for e in self.entries if e.keys != cache.keys] + [cache]
         while len(self.entries) > self.capacity or (
             len(self.entries) > 1 and sum(e.nbytes for e in self.entries) > self.max_bytes

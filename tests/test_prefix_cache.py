@@ -5,6 +5,9 @@ its prefix gives the tokens it gives from an empty one."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -89,3 +92,19 @@ def test_a_turn_continued_from_a_cache_answers_as_from_an_empty_one(tiny_f32, he
     assert continued == fresh
     assert cache.offset == len(edited.ids) + len(continued)
     assert cache.keys[: len(edited.ids)] == edited.keys  # the cache says what it holds
+
+
+def test_a_kept_cache_lets_go_of_its_turns_pixel_rows(tiny_f32):
+    """A cache kept past its turn (a chat session's, the server's store) holds keys, not the turn: the
+    images' pixel rows are freed with the turn, and the keys still know the image."""
+    model, processor = tiny_f32
+    turn = turn_of(processor, conversation(noise(3)))
+    rows = weakref.ref(turn.media[0].pixel_values)
+    cache = PrefixCache(model)
+    answered(model, turn, cache)
+    cache.keep()
+    digest = turn.media[0].digest
+    del turn
+    gc.collect()
+    assert rows() is None
+    assert any(key[1] == digest for key in cache.keys)
