@@ -18,6 +18,7 @@ import mlx_qwen3vl  # noqa: F401  (first: loads the system OpenBLAS before mlx.c
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import media  # noqa: E402
 from checkpoints import THINKING_TEMPLATE, TINY, build_checkpoint, reference_model  # noqa: E402
 from prompts import make_prompts  # noqa: E402
 
@@ -93,18 +94,5 @@ def reference_logits(tiny_reference, prompts) -> dict:
 
 @pytest.fixture(scope="session")
 def qwen_vl_utils():
-    """qwen-vl-utils' vision_process, the reference for sizing and frame sampling. It imports torchvision
-    at import time; the functions compared here need only math, so where torchvision is absent (no
-    build matches the pinned CPU torch) empty stand-ins take its place."""
-    import importlib
-    import types
-
-    if importlib.util.find_spec("torchvision") is None:
-        stub = types.ModuleType("torchvision")
-        stub.io = types.ModuleType("torchvision.io")
-        stub.transforms = types.ModuleType("torchvision.transforms")
-        stub.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
-        stub.__version__ = "0.0"
-        for name, module in (("", stub), (".io", stub.io), (".transforms", stub.transforms)):
-            sys.modules.setdefault("torchvision" + name, module)
-    return importlib.import_module("qwen_vl_utils.vision_process")
+    """qwen-vl-utils' vision_process, the reference for sizing and frame sampling (media.qwen_vl_utils)."""
+    return media.qwen_vl_utils()

@@ -25,8 +25,8 @@ from types import SimpleNamespace
 import mlx.core as mx
 import numpy as np
 import pytest
+from media import png_header
 from PIL import Image
-from test_image import png_header
 
 from mlx_qwen3vl import ChatSession, generate, load
 from mlx_qwen3vl.generation import generation_stream

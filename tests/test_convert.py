@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from checkpoints import TINY, build_checkpoint, config_with
+from compare import FLOAT32, relative_max_diff
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import Qwen3VLError, load, stream_generate
@@ -109,8 +110,9 @@ def test_float32_compute_keeps_the_stored_scales_and_computes_in_float32(convert
     in_bf16, _ = load(path, dtype="bfloat16")
     for name in PROMPTS:
         ours = logits(model, prompts[name])
-        np.testing.assert_allclose(ours, logits(widened, prompts[name]), rtol=0, atol=1e-5)
-        assert np.abs(ours - logits(in_bf16, prompts[name])).max() > 1e-3
+        # Equal here on both BLAS paths (bfloat16 widens exactly); float32 noise at most elsewhere.
+        assert relative_max_diff(ours, logits(widened, prompts[name])) < FLOAT32
+        assert relative_max_diff(ours, logits(in_bf16, prompts[name])) > 10 * FLOAT32
 
 
 def quantized_modules(path: Path) -> dict[str, tuple[int, int]]:
@@ -648,7 +650,8 @@ def test_fused_projections_give_the_separate_layers_numbers(converted, prompts, 
     assert "q_proj" in apart.layers[0].self_attn
     for name in PROMPTS:
         ours, theirs = logits(fused, prompts[name]), logits(apart, prompts[name])
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max())
+        # Equal here on both BLAS paths (each output is the same dot product); float32 noise at most.
+        assert relative_max_diff(ours, theirs) < FLOAT32
     monkeypatch.undo()
 
     mixed, _ = load(converted(q_recipe="mixed_3_6"), dtype="float32", backend=backend, lazy=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import http.client
 import http.server
-import io
 import json
 import re
 import socket
@@ -18,14 +17,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import cv2
 import mlx.core as mx
-import numpy as np
 import openai
 import pytest
 import uvicorn
+from compare import LOGPROB
+from media import picture, png_bytes, write_video
 from mlx_lm.models.cache import QuantizedKVCache
-from PIL import Image
 from scripted import say
 
 from mlx_qwen3vl import generate, load, stream_generate
@@ -85,10 +83,7 @@ def local(tiny_checkpoint):
 
 
 def png(seed: int, size=(96, 64)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(picture(*size, seed))
 
 
 def data_url(data: bytes, kind: str = "image/png") -> str:
@@ -182,8 +177,10 @@ def test_logprobs_streamed_or_not_equal_the_package(server, local):
     content = response.choices[0].logprobs.content
     assert len(content) == len(expected) == 12
     for item, entry in zip(content, expected, strict=True):
-        assert abs(item.logprob - entry.logprob) < 1e-5
-        assert [t.logprob for t in item.top_logprobs] == pytest.approx([lp for _, lp in entry.top], abs=1e-5)
+        assert abs(item.logprob - entry.logprob) < LOGPROB
+        assert [t.logprob for t in item.top_logprobs] == pytest.approx(
+            [lp for _, lp in entry.top], rel=0, abs=LOGPROB
+        )
         assert item.token == bytes(item.bytes).decode("utf-8", "replace")
         assert item.top_logprobs[0].bytes == list(local[1].tokenizer.decode([entry.top[0][0]]).encode())
     # The tokens' bytes, joined, are the answer.
@@ -196,7 +193,7 @@ def test_logprobs_streamed_or_not_equal_the_package(server, local):
     ]
     assert [i.token for i in streamed] == [i.token for i in content]
     # (this one continues from the cache the first left: the same numbers but for rounding)
-    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-5)
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], rel=0, abs=LOGPROB)
     without = server.client.chat.completions.create(model="tiny", messages=messages, **options)
     assert without.choices[0].logprobs is None
 
@@ -219,13 +216,9 @@ def test_images_by_data_url_and_http_url(server, local, web):
 
 
 def test_a_video_by_data_url(server, local, tmp_path):
-    path = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 8.0, (96, 64))
-    for i in range(16):
-        writer.write(np.full((64, 96, 3), 15 * i, np.uint8))
-    writer.release()
-    expected = generate(*local, "What happens?", videos=[str(path)], **GREEDY)
-    part = {"type": "video_url", "video_url": {"url": data_url(path.read_bytes(), "video/x-msvideo")}}
+    path = write_video(tmp_path / "clip.avi", frames=16)
+    expected = generate(*local, "What happens?", videos=[path], **GREEDY)
+    part = {"type": "video_url", "video_url": {"url": data_url(Path(path).read_bytes(), "video/x-msvideo")}}
     assert ask(server, [user(part, "What happens?")]) == expected
 
 
@@ -316,8 +309,10 @@ def test_concurrent_requests_with_their_own_settings_are_decoded_together_as_alo
         assert second["message"] == first["message"] and second["finish_reason"] == first["finish_reason"]
         assert batched["usage"] == one["usage"]
         if first["logprobs"]:
-            tokens = [(e["token"], round(e["logprob"], 4)) for e in first["logprobs"]["content"]]
-            assert [(e["token"], round(e["logprob"], 4)) for e in second["logprobs"]["content"]] == tokens
+            alone_entries, batched_entries = first["logprobs"]["content"], second["logprobs"]["content"]
+            assert [e["token"] for e in batched_entries] == [e["token"] for e in alone_entries]
+            expected = [e["logprob"] for e in alone_entries]
+            assert [e["logprob"] for e in batched_entries] == pytest.approx(expected, rel=0, abs=LOGPROB)
 
 
 def test_json_schema_and_json_object_answers_parse(server):
