@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import mlx_qwen3vl  # noqa: F401  (first: loads the system OpenBLAS before mlx.core, see _blas.py)
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import media  # noqa: E402
 from checkpoints import THINKING_TEMPLATE, TINY, build_checkpoint, reference_model  # noqa: E402
 from prompts import make_prompts  # noqa: E402
+from terminal import Terminal  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -96,3 +98,24 @@ def reference_logits(tiny_reference, prompts) -> dict:
 def qwen_vl_utils():
     """qwen-vl-utils' vision_process, the reference for sizing and frame sampling (media.qwen_vl_utils)."""
     return media.qwen_vl_utils()
+
+
+@pytest.fixture
+def red_image(tmp_path) -> Path:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (220, 30, 30)).save(path)
+    return path
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    """Start chat.py on a pseudo-terminal (tests/terminal.py); whatever still runs at the end is killed."""
+    started = []
+
+    def start(*args: str) -> Terminal:
+        started.append(Terminal(args, tmp_path))
+        return started[-1]
+
+    yield start
+    for t in started:
+        t.close()
