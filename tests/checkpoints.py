@@ -128,8 +128,8 @@ FULL_WIDTH_32B = {
 
 def with_vocabulary(overrides: dict, vocab_size: int) -> dict:
     """`overrides` with a vocabulary of `vocab_size` tokens, whose last four are the vision markers (as
-    `test_full_width.compact_vocabulary` renumbers a prompt): the published 151936 rows, untied, would
-    make the embedding and lm_head of the 8B / 32B far larger than a few decoder layers. Widths stay."""
+    `test_full_width.compact_vocabulary` renumbers a prompt): the published 151936 rows would make the
+    embedding and lm_head most of the weights and work of a few decoder layers. Widths stay."""
     start, end, image, video = range(vocab_size - 4, vocab_size)
     return {
         **overrides,
