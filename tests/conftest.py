@@ -3,6 +3,10 @@ real Qwen3-VL-4B-Instruct config, tokenizer and preprocessing files (vendored in
 transformers reference model loaded from the same files.
 
 torch and transformers are imported unconditionally: a missing reference fails the run, never skips it.
+
+Tests marked `slow` (the real widths, a 32K prompt, separate chat.py / convert.py / mlx-vlm processes,
+memory measurements, soaks) run with the others; `python -m pytest -m "not slow"` leaves them out for a
+quick check of a change.
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ def test_prompt_answers_once_on_stdout(tiny_checkpoint, tiny_bf16, tmp_path):
     assert "Loading" in result.stderr and "ready in" in result.stderr  # progress goes to stderr only
 
 
+@pytest.mark.slow
 def test_piped_question_with_an_image(tiny_checkpoint, tiny_bf16, red_image, tmp_path):
     question = "What is in this picture?"
     args = ("--model", str(tiny_checkpoint), "--image", str(red_image), "--min-pixels", "4096", *GREEDY)
@@ -53,6 +54,7 @@ def test_piped_question_with_an_image(tiny_checkpoint, tiny_bf16, red_image, tmp
     assert expected != generate(*tiny_bf16, question, **options)
 
 
+@pytest.mark.slow
 def test_kv_bits_quantize_the_cache_of_the_answer(tiny_checkpoint, tiny_bf16, tmp_path):
     args = ("--model", str(tiny_checkpoint), "--prompt", "Hi", "--kv-bits", "4", "--kv-group-size", "32")
     result = run_chat(tmp_path, *args, *GREEDY)
@@ -61,6 +63,7 @@ def test_kv_bits_quantize_the_cache_of_the_answer(tiny_checkpoint, tiny_bf16, tm
     assert result.stdout == expected + "\n"
 
 
+@pytest.mark.slow
 def test_a_thinking_models_reasoning_is_shown_first_or_hidden(tiny_thinking, tmp_path):
     expected = generate(*load(tiny_thinking), "Hi", max_tokens=5, temperature=0)
     assert expected == "" and expected.reasoning  # the random model never closes its reasoning
@@ -151,6 +154,7 @@ def test_the_screen_reads_as_a_terminal_shows_it():
     assert render("\033[2mdim\033[0m text\b\b\b\bT") == "dim Text"
 
 
+@pytest.mark.slow
 def test_interactive_conversation(terminal, tiny_checkpoint, tiny_bf16, red_image, tmp_path):
     session = ChatSession(*tiny_bf16, max_tokens=5, temperature=0)
     first = answer(session, "Hi")
@@ -184,6 +188,7 @@ def test_interactive_conversation(terminal, tiny_checkpoint, tiny_bf16, red_imag
     assert chat.exit_code() == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_prompt_clears_the_line_whenever_it_lands(terminal, tiny_checkpoint, tiny_bf16):
     """A Ctrl-C typed in the same instant as other keys (here, in one write) clears what came before it
     and nothing after: the question typed next is answered. As a signal, it would reach CPython's
@@ -200,6 +205,7 @@ def test_ctrl_c_at_the_prompt_clears_the_line_whenever_it_lands(terminal, tiny_c
     assert chat.exit_code() == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(terminal, tiny_checkpoint, tiny_bf16):
     session = ChatSession(*tiny_bf16, max_tokens=3, temperature=0)
     # What the stream shows of the long answer's first tokens (the last piece only flushes the end).
@@ -230,6 +236,7 @@ def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(terminal, tiny_chec
 VISION_BLOCK = re.compile(r"encoding images and videos: block (\d+)/(\d+)")
 
 
+@pytest.mark.slow
 def test_a_large_photo_is_described_and_ctrl_c_stops_its_encoding(terminal, tiny_checkpoint, tmp_path):
     """A 3-megapixel photo: chat.py says what it becomes before encoding it (the pixel budget keeps it
     whole: 11,844 patches, seconds a block of the test model's tower, so its progress line shows), and

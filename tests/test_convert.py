@@ -216,6 +216,7 @@ def test_file_sizes_shrink_as_the_bit_width_says(bits, group_size, converted, ti
     assert actual < (0.6 if bits == 8 else 0.36) * safetensors_bytes(tiny_checkpoint)
 
 
+@pytest.mark.slow
 def test_converted_directory_is_self_contained(tiny_checkpoint, tmp_path, prompts):
     """Converted by the CLI in one process, loaded in another after the source is gone, with torch
     unavailable and without transformers' model classes; the config round-trips."""
@@ -278,6 +279,7 @@ def mlx_vlm_conversions(tiny_checkpoint, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_mlx_vlm_layout_gives_the_same_logits(
     mlx_vlm_conversions, converted, tiny_checkpoint, tmp_path, prompts
 ):
@@ -316,6 +318,7 @@ def vision_features(model, prompt) -> list[np.ndarray]:
     return [np.array(f) for f in (encoded.features, *encoded.deepstack)]
 
 
+@pytest.mark.slow
 def test_mlx_vlm_layout_with_a_quantized_position_table(
     mlx_vlm_conversions, tiny_checkpoint, tmp_path, prompts
 ):
@@ -389,6 +392,7 @@ print(json.dumps({"rss_growth": status("VmHWM") - before, "peaks": peaks, "outpu
 """
 
 
+@pytest.mark.slow
 def test_conversion_streams_with_bounded_peak_memory(checkpoint_root, tmp_path):
     """Measured: 4-bit, the output in one shard: 243 MB of MLX memory at peak (113 MB written + the largest
     tensor while it is quantized); bfloat16 in 50 MB shards: 156 MB, the largest tensor alone. Resident
@@ -414,6 +418,7 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
     return run_python("convert.py", *args, env=env, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, args, message",
     [
@@ -519,6 +524,7 @@ def test_force_never_replaces_a_folder_of_the_users(tiny_checkpoint, tmp_path):
         convert(tiny_checkpoint, link, force=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", [".", "..", "", "./", "../../project"])
 def test_the_working_directory_and_its_parents_are_never_the_output(tiny_checkpoint, tmp_path, output):
     project = tmp_path / "project"
@@ -576,6 +582,7 @@ converter.convert(sys.argv[1], sys.argv[2], q_bits=4, force=True, progress=False
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["mid-write", "during-swap"])
 def test_a_killed_conversion_leaves_nothing_the_next_run_cannot_clean(tiny_checkpoint, tmp_path, when):
     out = convert(tiny_checkpoint, tmp_path / "out", q_bits=8, progress=False)
@@ -680,6 +687,7 @@ def quantized_in_memory(path: Path, settings: dict, backend: str):
     return model, processor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_4bit_conversion_generates_as_the_model_quantized_in_memory(tied, tiny_checkpoint, tmp_path):
     """Both embedding layouts (tied like the 2B / 4B, an lm_head of its own like the 8B / 32B): the

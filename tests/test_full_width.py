@@ -36,6 +36,8 @@ from prompts import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, Prompt, make
 from mlx_qwen3vl import load
 from mlx_qwen3vl.processor import load_tokenizer
 
+pytestmark = pytest.mark.slow  # a few hundred MB of weights per model
+
 SMALL_VOCABULARY = 4096
 # A prompt with one image: text and image tokens through every layer at its width, DeepStack rows added.
 # Videos take the same layers (their positions and timestamps do not depend on widths: the tiny model's

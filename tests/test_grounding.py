@@ -329,6 +329,7 @@ def test_chat_saves_the_picture_of_an_answer_and_names_the_file(photo, tmp_path,
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_chat_one_shot_draw_saves_nothing_when_nothing_is_located(tiny_checkpoint, red_image, tmp_path):
     folder = tmp_path / "drawings"
     args = ("--model", str(tiny_checkpoint), "--image", str(red_image), "--draw", str(folder), *GREEDY)
@@ -338,6 +339,7 @@ def test_chat_one_shot_draw_saves_nothing_when_nothing_is_located(tiny_checkpoin
     assert not folder.exists()
 
 
+@pytest.mark.slow
 def test_chat_draw_command_says_when_there_is_nothing_to_draw(terminal, tiny_checkpoint, red_image, tmp_path):
     chat = terminal("--model", str(tiny_checkpoint), "--draw", str(tmp_path / "drawings"), *GREEDY)
     chat.expect(PROMPT, timeout=LOAD_TIMEOUT)

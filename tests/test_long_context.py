@@ -146,6 +146,7 @@ def prefilled_32k(long_checkpoint, prompt_32k):
     return prefilled(model, prompt_32k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_a_32k_prompt_with_an_image_gives_the_reference_logits(
     backend, long_checkpoint, prompt_32k, prefilled_32k, reference_32k

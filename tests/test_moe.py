@@ -314,6 +314,7 @@ def test_conversion_streams_the_published_layout_to_switch_mlp_tensors(
     np.testing.assert_array_equal(logits(model, prompt), logits(moe_f32[0], prompt))
 
 
+@pytest.mark.slow
 def test_mlx_vlm_conversions_load(hub_layout, q4, moe_checkpoint, moe_f32, moe_prompts, tmp_path):
     """mlx-vlm's own converter (which reads the published orientation) on the hub-layout files. bfloat16:
     our logits exactly. 4-bit: the experts and every other tensor packed exactly as ours, but the router

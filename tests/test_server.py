@@ -594,6 +594,7 @@ def test_a_client_gone_from_a_batch_leaves_the_others_answers_unchanged(server, 
     assert held and max(held) < 2000, held  # the dropped row left the batch long before its end
 
 
+@pytest.mark.slow
 def test_a_soak_of_mixed_requests_leaves_the_server_answering_in_bounded_memory(server, local):
     """Hundreds of requests from four clients at once, most of them refused and some abandoned
     mid-stream: every greedy answer stays right, and memory stays bounded."""

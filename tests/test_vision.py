@@ -168,6 +168,7 @@ def vision_memory(model, groups: int) -> int:
     return mx.get_peak_memory() - before - returned
 
 
+@pytest.mark.slow
 def test_peak_memory_grows_with_the_piece_not_the_video(tiny_f32):
     """With a budget of 2 temporal groups, a video 4x longer costs no more beyond its features (but, while
     they are joined, one more copy of one feature level), and both stay within the budget; in one pass
