@@ -138,9 +138,9 @@ class ProgressLine:
             print(progress.detail, file=self.stream, flush=True)
         elif self.live and time.perf_counter() - self.start >= self.DELAY:
             label = self.LABELS[progress.stage].format(done=progress.done, total=progress.total)
+            self.shown = True  # before the write: a Ctrl-C landing in it still leaves a line to clear
             self.stream.write(f"\r\033[K{label}")
             self.stream.flush()
-            self.shown = True
 
     def clear(self) -> None:
         if self.shown:

@@ -9,8 +9,10 @@ import shutil
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import (
+    GenerationConfig,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
     Qwen3VLMoeConfig,
@@ -126,8 +128,8 @@ FULL_WIDTH_32B = {
 
 def with_vocabulary(overrides: dict, vocab_size: int) -> dict:
     """`overrides` with a vocabulary of `vocab_size` tokens, whose last four are the vision markers (as
-    `test_full_width.compact_vocabulary` renumbers a prompt): the published 151936 rows, untied, would
-    make the embedding and lm_head of the 8B / 32B far larger than a few decoder layers. Widths stay."""
+    `test_full_width.compact_vocabulary` renumbers a prompt): the published 151936 rows would make the
+    embedding and lm_head most of the weights and work of a few decoder layers. Widths stay."""
     start, end, image, video = range(vocab_size - 4, vocab_size)
     return {
         **overrides,
@@ -217,3 +219,15 @@ def reference_model(path: Path, dtype: torch.dtype = torch.float32):
     model_type = json.loads((path / "config.json").read_text())["model_type"]
     model = MODEL_CLASSES[model_type][1].from_pretrained(path, dtype=dtype)
     return model.eval()
+
+
+def reference_greedy(reference, inputs: dict, steps: int) -> tuple[list[int], np.ndarray]:
+    """transformers' greedy `generate` of `steps` tokens (no stop at the end of a turn) from its model
+    arguments (`prompts.torch_inputs`): the tokens and the logits each was chosen from."""
+    config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None, pad_token_id=151643)
+    with torch.no_grad():
+        out = reference.generate(
+            **inputs, generation_config=config, return_dict_in_generate=True, output_logits=True
+        )
+    tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    return tokens, np.stack([step[0].numpy() for step in out.logits])

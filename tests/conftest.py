@@ -3,6 +3,10 @@ real Qwen3-VL-4B-Instruct config, tokenizer and preprocessing files (vendored in
 transformers reference model loaded from the same files.
 
 torch and transformers are imported unconditionally: a missing reference fails the run, never skips it.
+
+Tests marked `slow` (the real widths, a 32K prompt, separate chat.py / convert.py / mlx-vlm processes,
+memory measurements, soaks) run with the others; `python -m pytest -m "not slow"` leaves them out for a
+quick check of a change.
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import mlx_qwen3vl  # noqa: F401  (first: loads the system OpenBLAS before mlx.core, see cpu/openblas.py)
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import media  # noqa: E402
 from checkpoints import THINKING_TEMPLATE, TINY, build_checkpoint, reference_model  # noqa: E402
 from prompts import make_prompts  # noqa: E402
+from terminal import Terminal  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -93,18 +100,26 @@ def reference_logits(tiny_reference, prompts) -> dict:
 
 @pytest.fixture(scope="session")
 def qwen_vl_utils():
-    """qwen-vl-utils' vision_process, the reference for sizing and frame sampling. It imports torchvision
-    at import time; the functions compared here need only math, so where torchvision is absent (no
-    build matches the pinned CPU torch) empty stand-ins take its place."""
-    import importlib
-    import types
+    """qwen-vl-utils' vision_process, the reference for sizing and frame sampling (media.qwen_vl_utils)."""
+    return media.qwen_vl_utils()
 
-    if importlib.util.find_spec("torchvision") is None:
-        stub = types.ModuleType("torchvision")
-        stub.io = types.ModuleType("torchvision.io")
-        stub.transforms = types.ModuleType("torchvision.transforms")
-        stub.transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
-        stub.__version__ = "0.0"
-        for name, module in (("", stub), (".io", stub.io), (".transforms", stub.transforms)):
-            sys.modules.setdefault("torchvision" + name, module)
-    return importlib.import_module("qwen_vl_utils.vision_process")
+
+@pytest.fixture
+def red_image(tmp_path) -> Path:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (220, 30, 30)).save(path)
+    return path
+
+
+@pytest.fixture
+def terminal(tmp_path):
+    """Start chat.py on a pseudo-terminal (tests/terminal.py); whatever still runs at the end is killed."""
+    started = []
+
+    def start(*args: str) -> Terminal:
+        started.append(Terminal(args, tmp_path))
+        return started[-1]
+
+    yield start
+    for t in started:
+        t.close()

@@ -30,16 +30,21 @@ class Prompt:
         }
 
     def torch_inputs(self) -> dict:
-        """transformers' arguments, including the mm_token_type_ids 5.24 requires with grids."""
-        ids = self.input_ids
-        inputs = {"input_ids": torch.tensor(ids)}
-        for name, value in self.mlx_inputs().items():
-            if value is not None:
-                inputs[name] = torch.tensor(value)
-        if self.image_grid_thw is not None or self.video_grid_thw is not None:
-            types = (ids == IMAGE_PAD) * 1 + (ids == VIDEO_PAD) * 2
-            inputs["mm_token_type_ids"] = torch.tensor(types.astype(np.int64))
-        return inputs
+        return torch_inputs({"input_ids": self.input_ids, **self.mlx_inputs()})
+
+
+def torch_inputs(inputs: dict) -> dict:
+    """transformers' arguments for model inputs held as arrays (a Prompt's, or our processor's output),
+    including the mm_token_type_ids 5.24 requires with grids."""
+    ids = np.asarray(inputs["input_ids"]).astype(np.int64)
+    arguments = {"input_ids": torch.tensor(ids)}
+    for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if inputs.get(name) is not None:
+            arguments[name] = torch.tensor(np.asarray(inputs[name]))
+    if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
+        types = (ids == IMAGE_PAD) * 1 + (ids == VIDEO_PAD) * 2
+        arguments["mm_token_type_ids"] = torch.tensor(types)
+    return arguments
 
 
 def pixel_rows(grids, seed: int) -> np.ndarray:

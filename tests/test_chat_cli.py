@@ -7,66 +7,24 @@ the package run in this process with the same options and dtype (the per-backend
 
 from __future__ import annotations
 
-import fcntl
 import io
 import os
-import pty
 import re
-import select
 import signal
-import struct
-import subprocess
-import sys
-import termios
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
-import mlx.core as mx
 import numpy as np
 import pytest
+from media import png_header
 from PIL import Image
-from test_image import png_header
+from terminal import GREEDY, LOAD_TIMEOUT, PROMPT, ROOT, render, run_chat
 
 from mlx_qwen3vl import ChatSession, generate, load
-from mlx_qwen3vl.generation import generation_stream
-
-ROOT = Path(__file__).resolve().parent.parent
-GREEDY = ("--max-tokens", "5", "--temperature", "0")
-PROMPT = r"\n> \Z"  # the prompt, waiting for input at the end of the output so far
-LOAD_TIMEOUT = 120  # imports and model loading take ~5-10 s on a 2-core CPU; a hang must still fail
-ANSWER_TIMEOUT = 60
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture(scope="module")
 def tiny_bf16(tiny_checkpoint):
     return load(tiny_checkpoint)
-
-
-@pytest.fixture
-def red_image(tmp_path) -> Path:
-    path = tmp_path / "red.png"
-    Image.new("RGB", (64, 48), (220, 30, 30)).save(path)
-    return path
-
-
-def child_env(home: Path) -> dict:
-    # HOME: the readline history file goes to the test's folder, not the user's cache.
-    return dict(os.environ, HOME=str(home), TERM="xterm", PYTHONIOENCODING="utf-8")
-
-
-def run_chat(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    """chat.py with standard input from a pipe (never a terminal, so never interactive)."""
-    return subprocess.run(
-        [sys.executable, "chat.py", *args],
-        cwd=ROOT,
-        input=stdin,
-        capture_output=True,
-        encoding="utf-8",
-        env=child_env(home),
-        timeout=LOAD_TIMEOUT,
-    )
 
 
 def answer(session: ChatSession, question: str, **kwargs) -> str:
@@ -83,6 +41,7 @@ def test_prompt_answers_once_on_stdout(tiny_checkpoint, tiny_bf16, tmp_path):
     assert "Loading" in result.stderr and "ready in" in result.stderr  # progress goes to stderr only
 
 
+@pytest.mark.slow
 def test_piped_question_with_an_image(tiny_checkpoint, tiny_bf16, red_image, tmp_path):
     question = "What is in this picture?"
     args = ("--model", str(tiny_checkpoint), "--image", str(red_image), "--min-pixels", "4096", *GREEDY)
@@ -95,6 +54,7 @@ def test_piped_question_with_an_image(tiny_checkpoint, tiny_bf16, red_image, tmp
     assert expected != generate(*tiny_bf16, question, **options)
 
 
+@pytest.mark.slow
 def test_kv_bits_quantize_the_cache_of_the_answer(tiny_checkpoint, tiny_bf16, tmp_path):
     args = ("--model", str(tiny_checkpoint), "--prompt", "Hi", "--kv-bits", "4", "--kv-group-size", "32")
     result = run_chat(tmp_path, *args, *GREEDY)
@@ -103,6 +63,7 @@ def test_kv_bits_quantize_the_cache_of_the_answer(tiny_checkpoint, tiny_bf16, tm
     assert result.stdout == expected + "\n"
 
 
+@pytest.mark.slow
 def test_a_thinking_models_reasoning_is_shown_first_or_hidden(tiny_thinking, tmp_path):
     expected = generate(*load(tiny_thinking), "Hi", max_tokens=5, temperature=0)
     assert expected == "" and expected.reasoning  # the random model never closes its reasoning
@@ -113,7 +74,9 @@ def test_a_thinking_models_reasoning_is_shown_first_or_hidden(tiny_thinking, tmp
     assert hidden.stdout == "\n"
 
 
-class Terminal(io.StringIO):
+class TerminalStream(io.StringIO):
+    """Text written to a terminal, kept as written (escape sequences and all)."""
+
     def isatty(self) -> bool:
         return True
 
@@ -121,10 +84,10 @@ class Terminal(io.StringIO):
 @pytest.mark.parametrize(
     "stream, hide, stop_in_reasoning, printed",
     [
-        (Terminal, False, False, "\033[2mTwo cats.\033[0m\n\nThere are two."),
+        (TerminalStream, False, False, "\033[2mTwo cats.\033[0m\n\nThere are two."),
         (io.StringIO, False, False, "Two cats.\n\nThere are two."),
-        (Terminal, True, False, "There are two."),
-        (Terminal, False, True, "\033[2mTwo cats.\033[0m"),  # stopped while reasoning: back to normal
+        (TerminalStream, True, False, "There are two."),
+        (TerminalStream, False, True, "\033[2mTwo cats.\033[0m"),  # stopped while reasoning: back to normal
     ],
 )
 def test_reasoning_is_printed_dimmed_before_the_answer(monkeypatch, stream, hide, stop_in_reasoning, printed):
@@ -183,95 +146,15 @@ def test_user_errors_are_one_line_and_exit_2(tiny_checkpoint, tmp_path, args, pr
 # ---- interactive mode ---------------------------------------------------------------------------------
 
 
-class Terminal:
-    """chat.py on a pseudo-terminal, so it runs interactively and Ctrl-C is a real SIGINT. Every wait is
-    bounded: a hang fails the test with the output so far."""
-
-    def __init__(self, args: tuple[str, ...], home: Path):
-        env = child_env(home)
-        # No computation may be in flight in this process when it forks: the last answer's pipelined
-        # next step can still be running a BLAS call, and OpenBLAS's fork handlers then leave its
-        # thread pool deadlocked for every later float32 matmul here.
-        mx.synchronize(generation_stream)
-        mx.synchronize()
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child becomes chat.py at once: little else is safe after a fork
-            try:
-                # A test run started in the background (`pytest &`) ignores SIGINT, and an ignored signal
-                # stays ignored across exec: chat.py would never see the Ctrl-Cs typed at it.
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                os.chdir(ROOT)
-                os.execve(sys.executable, [sys.executable, "chat.py", *args], env)
-            finally:
-                os._exit(127)
-        # A wide terminal: readline's line wrapping stays out of the echoed input.
-        fcntl.ioctl(self.fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
-        self.output = b""
-        self.seen = 0  # position in text() after the last match
-
-    def send(self, data: bytes) -> None:
-        os.write(self.fd, data)
-
-    def text(self) -> str:
-        """The output so far as the user reads it: escape sequences removed, line ends as \\n."""
-        return ANSI_ESCAPE.sub("", self.output.decode("utf-8", "replace")).replace("\r\n", "\n")
-
-    def _read(self, until: float) -> bool:
-        """Read what arrives before `until`; False once the child has closed the terminal."""
-        ready, _, _ = select.select([self.fd], [], [], max(0.0, until - time.monotonic()))
-        if not ready:
-            return True
-        try:
-            data = os.read(self.fd, 65536)
-        except OSError:  # EIO: nothing is left on the other side
-            data = b""
-        self.output += data
-        return bool(data)
-
-    def expect(self, pattern: str, timeout: float = ANSWER_TIMEOUT) -> str:
-        """Wait for the regex `pattern` after the previous match; return the output up to its end."""
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.text()
-            match = re.compile(pattern).search(text, self.seen)
-            if match:
-                start, self.seen = self.seen, match.end()
-                return text[start : match.end()]
-            if time.monotonic() > deadline or not self._read(deadline):
-                raise AssertionError(f"no {pattern!r} within {timeout} s; output since:\n{text[self.seen :]}")
-
-    def exit_code(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.pid = 0
-                return os.waitstatus_to_exitcode(status)
-            if not self._read(min(deadline, time.monotonic() + 0.2)):  # keep draining the output
-                time.sleep(0.05)
-        raise AssertionError(f"chat.py did not exit within {timeout} s; output:\n{self.text()[self.seen :]}")
-
-    def close(self) -> None:
-        if self.pid:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        os.close(self.fd)
+def test_the_screen_reads_as_a_terminal_shows_it():
+    """How the pseudo-terminal tests read chat.py (terminal.render): a progress line that the answer
+    clears is gone, the answer stands on its own line, and a line redrawn by readline shows once."""
+    output = "> What?\r\n\r\033[Kencoding images and videos: block 3/4\r\033[KA red square.\r\n> abc"
+    assert render(output + "\r\033[K> /stats") == "> What?\nA red square.\n> /stats"
+    assert render("\033[2mdim\033[0m text\b\b\b\bT") == "dim Text"
 
 
-@pytest.fixture
-def terminal(tmp_path):
-    """Start chat.py on a pseudo-terminal; whatever is still running at the end is killed."""
-    started = []
-
-    def start(*args: str) -> Terminal:
-        started.append(Terminal(args, tmp_path))
-        return started[-1]
-
-    yield start
-    for t in started:
-        t.close()
-
-
+@pytest.mark.slow
 def test_interactive_conversation(terminal, tiny_checkpoint, tiny_bf16, red_image, tmp_path):
     session = ChatSession(*tiny_bf16, max_tokens=5, temperature=0)
     first = answer(session, "Hi")
@@ -305,6 +188,7 @@ def test_interactive_conversation(terminal, tiny_checkpoint, tiny_bf16, red_imag
     assert chat.exit_code() == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_at_the_prompt_clears_the_line_whenever_it_lands(terminal, tiny_checkpoint, tiny_bf16):
     """A Ctrl-C typed in the same instant as other keys (here, in one write) clears what came before it
     and nothing after: the question typed next is answered. As a signal, it would reach CPython's
@@ -321,6 +205,7 @@ def test_ctrl_c_at_the_prompt_clears_the_line_whenever_it_lands(terminal, tiny_c
     assert chat.exit_code() == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(terminal, tiny_checkpoint, tiny_bf16):
     session = ChatSession(*tiny_bf16, max_tokens=3, temperature=0)
     # What the stream shows of the long answer's first tokens (the last piece only flushes the end).
@@ -348,24 +233,46 @@ def test_ctrl_c_stops_an_answer_and_the_conversation_goes_on(terminal, tiny_chec
     assert chat.exit_code() == 0
 
 
+VISION_BLOCK = re.compile(r"encoding images and videos: block (\d+)/(\d+)")
+
+
+@pytest.mark.slow
 def test_a_large_photo_is_described_and_ctrl_c_stops_its_encoding(terminal, tiny_checkpoint, tmp_path):
-    """A 12-megapixel photo: chat.py says what it becomes before encoding it (the pixel budget keeps
-    it whole here: 12,288 patches, seconds of vision tower on the test model), Ctrl-C stops the encoding
-    within a second or two, and the conversation is as it was."""
+    """A 3-megapixel photo: chat.py says what it becomes before encoding it (the pixel budget keeps it
+    whole: 11,844 patches, seconds a block of the test model's tower, so its progress line shows), and
+    Ctrl-C stops the encoding within the block in flight: the tower runs a block at a time, and no block
+    after that one is reported. The conversation is as it was.
+
+    The order of events is made certain by stopping chat.py (SIGSTOP) once a block is reported: the
+    blocks reported so far are known, and the Ctrl-C is pending when it continues."""
     photo = tmp_path / "photo.jpg"
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (3024, 4032, 3), dtype=np.uint8)).save(photo, quality=80)
+    Image.fromarray(rng.integers(0, 256, (1512, 2016, 3), dtype=np.uint8)).save(photo, quality=80)
     chat = terminal("--model", str(tiny_checkpoint), *GREEDY)
     chat.expect(PROMPT, timeout=LOAD_TIMEOUT)
     chat.send(f"/image {photo}\r".encode())
     chat.expect(PROMPT)
     chat.send(b"Describe it.\r")
-    chat.expect(r"image 4032x3024 -> \d+x\d+ pixels, [\d,]+ tokens\n")
-    time.sleep(0.5)  # into the vision tower
-    interrupted = time.monotonic()
+    chat.expect(r"image 2016x1512 -> \d+x\d+ pixels, [\d,]+ tokens\n")
+    chat.expect(VISION_BLOCK.pattern)
+
+    os.kill(chat.pid, signal.SIGSTOP)
+    _, status = os.waitpid(chat.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+    # A character typed and erased: its echo follows everything chat.py wrote before it stopped.
+    chat.send(b"x\x7f")
+    chat.expect_output("x\b \b")
+    reported = [(int(done), int(total)) for done, total in VISION_BLOCK.findall(chat.output)]
+    in_flight, total = reported[-1][0] + 1, reported[-1][1]
+    assert in_flight < total, f"the encoding was at block {in_flight} of {total} when stopped"
     chat.send(b"\x03")
-    chat.expect(PROMPT, timeout=10)
-    assert time.monotonic() - interrupted < 3
+    chat.expect_output("^C")  # echoed once the terminal has sent chat.py its SIGINT
+    os.kill(chat.pid, signal.SIGCONT)
+
+    chat.expect(PROMPT)
+    reported = [int(done) for done, _ in VISION_BLOCK.findall(chat.output)]
+    assert max(reported) <= in_flight, reported
+    assert "encoding images" not in chat.screen()  # the progress line was cleared
     chat.send(b"/stats\r")
     assert "no complete answer yet; conversation: 0 tokens" in chat.expect(PROMPT)
     chat.send(b"Hi\r")
@@ -385,11 +292,7 @@ def test_the_progress_line_shows_a_video_being_read_then_clears_it_for_what_it_b
     chat_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(chat_cli)
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
-
-    stream = Terminal()
+    stream = TerminalStream()
     line = chat_cli.ProgressLine(stream)
     line.start -= line.DELAY  # as if reading had gone on for a moment
     line(Progress("reading", 3, 768))

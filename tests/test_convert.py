@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from checkpoints import TINY, build_checkpoint, config_with
+from compare import FLOAT32, relative_max_diff
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import Qwen3VLError, load, stream_generate
@@ -109,8 +110,9 @@ def test_float32_compute_keeps_the_stored_scales_and_computes_in_float32(convert
     in_bf16, _ = load(path, dtype="bfloat16")
     for name in PROMPTS:
         ours = logits(model, prompts[name])
-        np.testing.assert_allclose(ours, logits(widened, prompts[name]), rtol=0, atol=1e-5)
-        assert np.abs(ours - logits(in_bf16, prompts[name])).max() > 1e-3
+        # Equal here on both BLAS paths (bfloat16 widens exactly); float32 noise at most elsewhere.
+        assert relative_max_diff(ours, logits(widened, prompts[name])) < FLOAT32
+        assert relative_max_diff(ours, logits(in_bf16, prompts[name])) > 10 * FLOAT32
 
 
 def quantized_modules(path: Path) -> dict[str, tuple[int, int]]:
@@ -214,6 +216,7 @@ def test_file_sizes_shrink_as_the_bit_width_says(bits, group_size, converted, ti
     assert actual < (0.6 if bits == 8 else 0.36) * safetensors_bytes(tiny_checkpoint)
 
 
+@pytest.mark.slow
 def test_converted_directory_is_self_contained(tiny_checkpoint, tmp_path, prompts):
     """Converted by the CLI in one process, loaded in another after the source is gone, with torch
     unavailable and without transformers' model classes; the config round-trips."""
@@ -276,6 +279,7 @@ def mlx_vlm_conversions(tiny_checkpoint, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_mlx_vlm_layout_gives_the_same_logits(
     mlx_vlm_conversions, converted, tiny_checkpoint, tmp_path, prompts
 ):
@@ -314,6 +318,7 @@ def vision_features(model, prompt) -> list[np.ndarray]:
     return [np.array(f) for f in (encoded.features, *encoded.deepstack)]
 
 
+@pytest.mark.slow
 def test_mlx_vlm_layout_with_a_quantized_position_table(
     mlx_vlm_conversions, tiny_checkpoint, tmp_path, prompts
 ):
@@ -387,6 +392,7 @@ print(json.dumps({"rss_growth": status("VmHWM") - before, "peaks": peaks, "outpu
 """
 
 
+@pytest.mark.slow
 def test_conversion_streams_with_bounded_peak_memory(checkpoint_root, tmp_path):
     """Measured: 4-bit, the output in one shard: 243 MB of MLX memory at peak (113 MB written + the largest
     tensor while it is quantized); bfloat16 in 50 MB shards: 156 MB, the largest tensor alone. Resident
@@ -412,6 +418,7 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
     return run_python("convert.py", *args, env=env, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, args, message",
     [
@@ -517,6 +524,7 @@ def test_force_never_replaces_a_folder_of_the_users(tiny_checkpoint, tmp_path):
         convert(tiny_checkpoint, link, force=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", [".", "..", "", "./", "../../project"])
 def test_the_working_directory_and_its_parents_are_never_the_output(tiny_checkpoint, tmp_path, output):
     project = tmp_path / "project"
@@ -574,6 +582,7 @@ converter.convert(sys.argv[1], sys.argv[2], q_bits=4, force=True, progress=False
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["mid-write", "during-swap"])
 def test_a_killed_conversion_leaves_nothing_the_next_run_cannot_clean(tiny_checkpoint, tmp_path, when):
     out = convert(tiny_checkpoint, tmp_path / "out", q_bits=8, progress=False)
@@ -648,7 +657,8 @@ def test_fused_projections_give_the_separate_layers_numbers(converted, prompts, 
     assert "q_proj" in apart.layers[0].self_attn
     for name in PROMPTS:
         ours, theirs = logits(fused, prompts[name]), logits(apart, prompts[name])
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6 * np.abs(theirs).max())
+        # Equal here on both BLAS paths (each output is the same dot product); float32 noise at most.
+        assert relative_max_diff(ours, theirs) < FLOAT32
     monkeypatch.undo()
 
     mixed, _ = load(converted(q_recipe="mixed_3_6"), dtype="float32", backend=backend, lazy=True)
@@ -677,6 +687,7 @@ def quantized_in_memory(path: Path, settings: dict, backend: str):
     return model, processor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_4bit_conversion_generates_as_the_model_quantized_in_memory(tied, tiny_checkpoint, tmp_path):
     """Both embedding layouts (tied like the 2B / 4B, an lm_head of its own like the 8B / 32B): the

@@ -7,12 +7,12 @@ vision towers' head_dim 72).
 - 8B: text 4096 (32 / 8 heads of 128), vision 1152 x 16 heads of 72, merger into 4096, untied;
 - 32B: text 5120 (64 / 8 heads of 128, MLP 25600), vision 1152 x 16 heads of 72, into 5120, untied.
 
-Every width is the published one; depths are 1-3 layers / 3-4 blocks (tests/checkpoints.py). The untied
-8B and 32B take a 4096-token vocabulary (their vision markers renumbered to its last four ids,
-`checkpoints.with_vocabulary`): the published 151936 rows in both the embedding and lm_head would be
-most of the memory and time of a test that is about the layers. The 2B and 4B keep the full vocabulary,
-tied as published. The transformers reference runs once per model and is freed before ours is loaded,
-so one model's weights are in memory at a time (the 32B's one layer: 2 GB in float32).
+Every width is the published one; depths are 1-3 layers / 3-4 blocks (tests/checkpoints.py). Each takes
+a 4096-token vocabulary (the vision markers renumbered to its last four ids, `checkpoints.with_vocabulary`),
+tied or untied as published: the published 151936 rows (an lm_head of 2048 to 5120 wide at every position)
+would be most of the memory and time of a test that is about the layers, and the tiny model's tests run
+the whole vocabulary, tied and untied. The transformers reference runs once per model and is freed before
+ours is loaded, so one model's weights are in memory at a time (the 32B's one layer: 2 GB in float32).
 """
 
 import gc
@@ -30,19 +30,24 @@ from checkpoints import (
     reference_model,
     with_vocabulary,
 )
-from compare import relative_max_diff
+from compare import FLOAT32, relative_max_diff
 from prompts import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, Prompt, make_prompts
 
 from mlx_qwen3vl import load
 from mlx_qwen3vl.processor import load_tokenizer
 
-TOLERANCE = 1e-4
+pytestmark = pytest.mark.slow  # a few hundred MB of weights per model
+
 SMALL_VOCABULARY = 4096
+# A prompt with one image: text and image tokens through every layer at its width, DeepStack rows added.
+# Videos take the same layers (their positions and timestamps do not depend on widths: the tiny model's
+# tests cover them), and the cost of a test is its prompt's tokens through the full-width layers.
+PROMPT = "image"
 
 # name: (config overrides, text hidden size, vision head_dim)
 MODELS = {
-    "2b": (FULL_WIDTH_2B, 2048, 64),
-    "4b": (FULL_WIDTH_4B, 2560, 64),
+    "2b": (with_vocabulary(FULL_WIDTH_2B, SMALL_VOCABULARY), 2048, 64),
+    "4b": (with_vocabulary(FULL_WIDTH_4B, SMALL_VOCABULARY), 2560, 64),
     "8b": (with_vocabulary(FULL_WIDTH_8B, SMALL_VOCABULARY), 4096, 72),
     "32b": (with_vocabulary(FULL_WIDTH_32B, SMALL_VOCABULARY), 5120, 72),
 }
@@ -70,11 +75,11 @@ def checkpoint(request, checkpoint_root):
 
 @pytest.fixture(scope="module")
 def expected(checkpoint):
-    """transformers' float32 logits and image features for the image + video prompt, computed once per
+    """transformers' float32 logits and image features for the image prompt, computed once per
     model; the reference model (not kept in `reference_model`'s cache) is freed on return."""
     path = checkpoint[1]
     reference = reference_model.__wrapped__(path, torch.float32)
-    prompt = make_prompts(load_tokenizer(path))["image_and_video"]
+    prompt = make_prompts(load_tokenizer(path))[PROMPT]
     inputs = prompt.torch_inputs()  # mm_token_type_ids from the published ids: the same positions
     vocab = reference.config.text_config.vocab_size
     inputs["input_ids"] = torch.tensor(compact_vocabulary(prompt, vocab).input_ids)
@@ -101,13 +106,13 @@ def test_full_width_logits_and_vision_match_transformers(expected, checkpoint, b
     _, hidden, vision_head_dim = MODELS[checkpoint[0]]
     text, vision = model.config.text_config, model.config.vision_config
     assert (text.hidden_size, text.head_dim, vision.head_dim) == (hidden, 128, vision_head_dim)
-    prompt = make_prompts(processor.tokenizer)["image_and_video"]
+    prompt = make_prompts(processor.tokenizer)[PROMPT]
     prompt = compact_vocabulary(prompt, text.vocab_size)
     logits = model(prompt.input_ids, **prompt.mlx_inputs())
-    assert relative_max_diff(logits, expected["logits"]) < TOLERANCE
+    assert relative_max_diff(logits, expected["logits"]) < FLOAT32
 
     encoded = model.encode_vision(prompt.pixel_values, prompt.image_grid_thw)
     assert encoded.features.shape == (int(np.prod(prompt.image_grid_thw)) // 4, hidden)
-    assert relative_max_diff(encoded.features, expected["features"]) < TOLERANCE
+    assert relative_max_diff(encoded.features, expected["features"]) < FLOAT32
     for ours_ds, ref_ds in zip(encoded.deepstack, expected["deepstack"], strict=True):
-        assert relative_max_diff(ours_ds, ref_ds) < TOLERANCE
+        assert relative_max_diff(ours_ds, ref_ds) < FLOAT32

@@ -5,28 +5,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from checkpoints import reference_greedy
+from compare import LOGPROB
+from media import picture, write_video
+from prompts import torch_inputs
 from scripted import script
-from transformers import GenerationConfig
 
 from mlx_qwen3vl import ChatSession, Qwen3VLError, generate, stream_generate
 from mlx_qwen3vl.generation import SamplingOptions, prefill
-
-
-def picture(width, height, seed):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def write_video(path, frames=24, fps=8.0, size=(96, 64)):
-    import cv2
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, size)
-    rng = np.random.default_rng(0)
-    for _ in range(frames):
-        writer.write(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    writer.release()
-    return str(path)
 
 
 def streamed_tokens(model, processor, prompt, **options):
@@ -34,30 +20,12 @@ def streamed_tokens(model, processor, prompt, **options):
     return [r.token for r in responses], responses
 
 
-def reference_inputs(inputs, answer=()) -> dict:
-    """transformers' model inputs for our processor's output (equal to its own, see test_processor), with
-    `answer` tokens after the prompt."""
-    ids = np.concatenate([inputs["input_ids"], [list(answer)]], axis=1).astype(np.int64)
-    kwargs = {"input_ids": torch.tensor(ids)}
-    for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        if inputs[name] is not None:
-            kwargs[name] = torch.tensor(inputs[name])
-    kwargs["mm_token_type_ids"] = torch.tensor((ids == 151655) * 1 + (ids == 151656) * 2)
-    return kwargs
-
-
-def reference_generate(reference, inputs, steps):
-    """transformers' greedy generate from our processor's inputs."""
-    config = GenerationConfig(do_sample=False, max_new_tokens=steps, eos_token_id=None, pad_token_id=151643)
-    with torch.no_grad():
-        out = reference.generate(**reference_inputs(inputs), generation_config=config)
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
-
-
 def reference_logprobs(reference, inputs, tokens) -> np.ndarray:
-    """transformers' log-probabilities over the vocabulary before each of `tokens`, teacher-forced."""
+    """transformers' log-probabilities over the vocabulary before each of `tokens`, teacher-forced after
+    our processor's output `inputs` (equal to its own, see test_processor)."""
+    ids = np.concatenate([inputs["input_ids"], [tokens[:-1]]], axis=1)
     with torch.no_grad():
-        logits = reference(**reference_inputs(inputs, tokens[:-1])).logits[0].double()
+        logits = reference(**torch_inputs({**inputs, "input_ids": ids})).logits[0].double()
     return torch.log_softmax(logits, dim=-1)[-len(tokens) :].numpy()
 
 
@@ -67,9 +35,9 @@ def test_greedy_stream_generate_equals_transformers_generate(media, tiny_f32, ti
     if media == "image":
         prompt, kwargs = "Describe the picture.", {"images": [picture(200, 140, 1)]}
     else:
-        prompt, kwargs = "What happens?", {"videos": [write_video(tmp_path / "clip.avi")]}
+        prompt, kwargs = "What happens?", {"videos": [write_video(tmp_path / "clip.avi", frames=24)]}
     tokens, responses = streamed_tokens(model, processor, prompt, max_tokens=16, temperature=0, **kwargs)
-    expected = reference_generate(tiny_reference, processor(prompt, **kwargs), 16)
+    expected, _ = reference_greedy(tiny_reference, torch_inputs(processor(prompt, **kwargs)), 16)
     assert responses[-1].finish_reason == "length"
     assert tokens == expected
 
@@ -84,9 +52,9 @@ def test_logprobs_are_the_models_own_and_equal_transformers(tiny_f32, tiny_refer
     for token, response, reference in zip(tokens, responses, expected, strict=True):
         entry = response.logprobs
         assert entry.token == token and len(entry.top) == 5
-        assert abs(entry.logprob - reference[token]) < 1e-4
+        assert abs(entry.logprob - reference[token]) < LOGPROB
         assert entry.top[0][0] == token  # greedy takes the most likely
-        assert np.allclose([lp for _, lp in entry.top], np.sort(reference)[::-1][:5], atol=1e-4)
+        assert np.allclose([lp for _, lp in entry.top], np.sort(reference)[::-1][:5], rtol=0, atol=LOGPROB)
         assert [t for t, _ in entry.top] == sorted(
             (t for t, _ in entry.top), key=lambda t: -reference[t]
         )  # most likely first
@@ -110,7 +78,7 @@ def test_logprobs_are_taken_before_penalties_and_temperature(tiny_f32):
     )
     expected = model_logprobs(model, processor, "Tell me.", sampled)
     for token, response, row in zip(sampled, responses, expected, strict=True):
-        assert response.logprobs.top == [] and abs(response.logprobs.logprob - row[token]) < 1e-4
+        assert response.logprobs.top == [] and abs(response.logprobs.logprob - row[token]) < LOGPROB
     # Greedy with a penalty that forbids repeats: where the model's favourite was a repeat, the token
     # taken is another, and the favourite is still reported first.
     tokens, responses = streamed_tokens(
@@ -121,7 +89,7 @@ def test_logprobs_are_taken_before_penalties_and_temperature(tiny_f32):
     assert any(f != t for f, t in zip(favourites, tokens, strict=True))
     for token, favourite, response, row in zip(tokens, favourites, responses, expected, strict=True):
         assert response.logprobs.top[0][0] == favourite
-        assert abs(response.logprobs.logprob - row[token]) < 1e-4
+        assert abs(response.logprobs.logprob - row[token]) < LOGPROB
 
 
 def test_chunked_prefill_splitting_an_image_gives_the_same_answer(tiny_f32):
@@ -221,7 +189,7 @@ def test_second_turn_reuses_the_cache_and_matches_one_pass(tiny_f32, monkeypatch
     assert [r.token for r in second] == tokens[: len(second)]
     shown = [r for r in second if r.logprobs]
     assert [r.logprobs.top[0][0] for r in shown] == tokens[: len(shown)]
-    assert [r.logprobs.logprob for r in shown] == pytest.approx(logprobs[: len(shown)], abs=1e-4)
+    assert [r.logprobs.logprob for r in shown] == pytest.approx(logprobs[: len(shown)], rel=0, abs=LOGPROB)
 
 
 def test_session_clear_and_system_prompt(tiny_f32):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from test_chat_cli import GREEDY, LOAD_TIMEOUT, PROMPT, ROOT, red_image, run_chat, terminal  # noqa: F401
+from terminal import GREEDY, LOAD_TIMEOUT, PROMPT, ROOT, run_chat
 
 from mlx_qwen3vl import Qwen3VLError, grounding
 from mlx_qwen3vl.grounding import PALETTE, Detection, Drawings, draw, parse
@@ -329,7 +329,8 @@ def test_chat_saves_the_picture_of_an_answer_and_names_the_file(photo, tmp_path,
     assert capsys.readouterr().err == ""
 
 
-def test_chat_one_shot_draw_saves_nothing_when_nothing_is_located(tiny_checkpoint, red_image, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_chat_one_shot_draw_saves_nothing_when_nothing_is_located(tiny_checkpoint, red_image, tmp_path):
     folder = tmp_path / "drawings"
     args = ("--model", str(tiny_checkpoint), "--image", str(red_image), "--draw", str(folder), *GREEDY)
     result = run_chat(tmp_path, *args, "--prompt", "Locate the red square.")
@@ -338,7 +339,8 @@ def test_chat_one_shot_draw_saves_nothing_when_nothing_is_located(tiny_checkpoin
     assert not folder.exists()
 
 
-def test_chat_draw_command_says_when_there_is_nothing_to_draw(terminal, tiny_checkpoint, red_image, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_chat_draw_command_says_when_there_is_nothing_to_draw(terminal, tiny_checkpoint, red_image, tmp_path):
     chat = terminal("--model", str(tiny_checkpoint), "--draw", str(tmp_path / "drawings"), *GREEDY)
     chat.expect(PROMPT, timeout=LOAD_TIMEOUT)
     chat.send(b"/help\r")

@@ -2,16 +2,14 @@
 
 import base64
 import http.server
-import io
 import json
-import struct
 import threading
 import warnings
-import zlib
 
 import numpy as np
 import pytest
 from checkpoints import DATA
+from media import png_bytes, png_header
 from PIL import Image, ImageOps
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
@@ -99,12 +97,6 @@ def test_smart_resize_spec_examples():
     assert smart_resize(3000, 5000, **args) == (3008, 4992)
 
 
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def http_image():
     """A PNG served on the loopback interface."""
@@ -174,16 +166,6 @@ def write(path, data: bytes):
 def test_bad_image_sources_get_a_clear_error(tmp_path, make, message):
     with pytest.raises(Qwen3VLError, match=message):
         load_image(make(tmp_path))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares its size and has no pixel data: what Pillow's size checks see first."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def test_a_large_photo_brings_no_library_warning(tmp_path):

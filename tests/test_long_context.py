@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from checkpoints import build_checkpoint, config_with, reference_model
-from compare import relative_max_diff
+from compare import FLOAT32, relative_max_diff
 from prompts import IMAGE_A, Prompt, chat, image_block, make_prompts, pixel_rows
 from transformers import Qwen3VLConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
@@ -17,12 +17,12 @@ from mlx_qwen3vl import load, stream_generate
 from mlx_qwen3vl.config import ModelConfig
 from mlx_qwen3vl.errors import Qwen3VLError
 from mlx_qwen3vl.generation import prefill
+from mlx_qwen3vl.model import PromptCache
 from mlx_qwen3vl.rope import text_inv_freq
 
-# float32 on both sides (test_model.py); at 32K positions the angles reach 3e4 rad, where a float32
-# angle is itself only good to ~2e-3 rad: the tolerance holds because both sides compute the same float32
+# float32 on both sides (compare.FLOAT32); at 32K positions the angles reach 3e4 rad, where a float32
+# angle is itself only good to ~2e-3 rad: the bound holds because both sides compute the same float32
 # products (the reference's frequency table exactly, rope.py) and correctly rounded cos / sin of them.
-TOLERANCE = 1e-4
 
 # The published head_dim (128: the real frequency table and MRoPE sections) with one head and two layers:
 # the reference's attention over a 32K prompt is what costs (quadratic), so it has as few heads as can be.
@@ -86,22 +86,28 @@ def long_prompt(tokenizer, length: int, with_image: bool, seed: int = 0) -> Prom
     )
 
 
-def last_logits_as_generated(model, prompt: Prompt) -> np.ndarray:
-    """Logits at the prompt's last LAST positions, the way generation gets there: the prompt (but its last
-    LAST - 1 tokens) prefilled through the cache in the backend's chunks, whose last logits are the first
-    row; then the remaining prompt tokens fed one per decode step (text positions after the image's rope
-    delta: the fused rope on the GPU path)."""
+def prefilled(model, prompt: Prompt) -> tuple[PromptCache, mx.array]:
+    """The prompt but its last LAST - 1 tokens prefilled through a new cache in the backend's chunks, the
+    way generation gets there: the cache, and the last logits."""
     inputs = prompt.mlx_inputs()
     vision = []
     if prompt.pixel_values is not None:
         vision.append(model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"]))
     cache = model.make_cache()
     prepared = model.prepare(prompt.input_ids, vision, cache)
-    split = prepared.length - (LAST - 1)
-    rows = [prefill(model, prepared.chunk(0, split), cache)]
-    for token in prompt.input_ids[0, split:]:
-        rows.append(model(mx.array([[int(token)]]), cache=cache)[:, -1])
-    return np.array(mx.concatenate(rows).astype(mx.float32))
+    return cache, prefill(model, prepared.chunk(0, prepared.length - (LAST - 1)), cache)
+
+
+def decoded(model, prompt: Prompt, cache: PromptCache) -> list[mx.array]:
+    """The logits after each of the prompt's last LAST - 1 tokens, fed one per decode step after
+    `prefilled` (text positions after the image's rope delta: the fused rope on the GPU path)."""
+    return [model(mx.array([[int(token)]]), cache=cache)[:, -1] for token in prompt.input_ids[0, 1 - LAST :]]
+
+
+def last_logits_as_generated(model, prompt: Prompt) -> np.ndarray:
+    """Logits at the prompt's last LAST positions: the last of its prefill, then its decode steps."""
+    cache, first = prefilled(model, prompt)
+    return np.array(mx.concatenate([first, *decoded(model, prompt, cache)]).astype(mx.float32))
 
 
 def reference_last_logits(checkpoint, prompt: Prompt) -> np.ndarray:
@@ -130,14 +136,34 @@ def reference_32k(long_checkpoint, prompt_32k):
     return reference_last_logits(long_checkpoint, prompt_32k)
 
 
+@pytest.fixture(scope="module")
+def prefilled_32k(long_checkpoint, prompt_32k):
+    """The 32K prompt but its last tokens, prefilled once by the CPU path in its chunks: the cache and the
+    last logits, for each backend to decode the rest from. (The GPU path's own prefill takes minutes here:
+    on a CPU its attention is MLX's unfused fallback, quadratic in the context. Its chunks are tested
+    past the trained length of the YaRN model below.)"""
+    model, _ = load(long_checkpoint, dtype="float32", backend="cpu")
+    return prefilled(model, prompt_32k)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_a_32k_prompt_with_an_image_gives_the_reference_logits(
-    backend, long_checkpoint, prompt_32k, reference_32k
+    backend, long_checkpoint, prompt_32k, prefilled_32k, reference_32k
 ):
-    model, _ = load(long_checkpoint, dtype="float32", backend=backend)
+    """After the 32K prompt prefilled in chunks, each backend feeds its last tokens as decode steps, at
+    positions past 32,767 against the whole context."""
     assert prompt_32k.input_ids.shape[1] > 32 * 1024
-    logits = last_logits_as_generated(model, prompt_32k)
-    assert relative_max_diff(logits, reference_32k) < TOLERANCE
+    model, _ = load(long_checkpoint, dtype="float32", backend=backend)
+    cache, first = prefilled_32k
+    length = cache.offset
+    try:
+        rows = decoded(model, prompt_32k, cache)
+    finally:
+        for layer in cache:  # the prefilled prompt alone again, for the other backend
+            layer.trim(layer.offset - length)
+    logits = np.array(mx.concatenate([first, *rows]).astype(mx.float32))
+    assert relative_max_diff(logits, reference_32k) < FLOAT32
 
 
 # ---- the context limit ------------------------------------------------------------------------------
@@ -180,7 +206,7 @@ def test_yarn_logits_match_transformers_at_every_position(
     with torch.no_grad():
         reference = reference_model(yarn_checkpoint)(**prompt.torch_inputs()).logits.numpy()
     ours = yarn_models[backend](prompt.input_ids, **prompt.mlx_inputs())
-    assert relative_max_diff(ours, reference) < TOLERANCE
+    assert relative_max_diff(ours, reference) < FLOAT32
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
@@ -191,7 +217,7 @@ def test_yarn_past_the_trained_length_gives_the_reference_logits(
     prompt = long_prompt(tokenizer, TRAINED + 2048, with_image, seed=3)
     assert prompt.input_ids.shape[1] > TRAINED * 1.5
     reference = reference_last_logits(yarn_checkpoint, prompt)
-    assert relative_max_diff(last_logits_as_generated(yarn_models[backend], prompt), reference) < TOLERANCE
+    assert relative_max_diff(last_logits_as_generated(yarn_models[backend], prompt), reference) < FLOAT32
 
 
 @pytest.mark.parametrize(
@@ -226,4 +252,4 @@ def test_the_reference_does_apply_yarn(yarn_checkpoint, long_checkpoint, tokeniz
     model, _ = load(yarn_checkpoint, dtype="float32")
     plain, _ = load(long_checkpoint, dtype="float32")
     ours, without = (m(prompt.input_ids) for m in (model, plain))
-    assert relative_max_diff(without, ours) > 100 * TOLERANCE
+    assert relative_max_diff(without, ours) > 100 * FLOAT32

@@ -8,8 +8,8 @@ from __future__ import annotations
 import gc
 import weakref
 
-import numpy as np
 import pytest
+from media import picture
 from PIL import Image
 
 from mlx_qwen3vl.generation import run_turn
@@ -20,9 +20,8 @@ from mlx_qwen3vl.turn import Turn
 GREEDY = GenerationOptions(max_tokens=4, sampling=SamplingOptions(temperature=0))
 
 
-def noise(seed: int, size=(96, 64)) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+def noise(seed: int) -> Image.Image:
+    return picture(96, 64, seed)
 
 
 def conversation(first_image, question: str = "And the colours?") -> list[dict]:

@@ -30,8 +30,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from media import picture, write_video
 from scripted import say
-from test_generate import picture, write_video
 
 from mlx_qwen3vl.config import ModelConfig
 

@@ -3,17 +3,14 @@ timestamps, decoding that keeps only the planned frames, and the errors a user c
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import random
-import sys
-import types
 from dataclasses import asdict
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from media import qwen_vl_utils, write_video
 from PIL import Image
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
@@ -21,31 +18,7 @@ from mlx_qwen3vl import video as video_module
 from mlx_qwen3vl.errors import Qwen3VLError
 from mlx_qwen3vl.video import FramePlan, VideoOptions, load_video, plan_frames
 
-
-def _import_qwen_vl_utils():
-    """qwen-vl-utils imports torchvision at module level, and torchvision is not (and must not be)
-    installed: stand-ins with the names it imports, present only while it is imported, so that nothing
-    else (transformers' availability checks) ever sees them. Its module keeps its own references."""
-    stubs = {}
-    if importlib.util.find_spec("torchvision") is None:
-        torchvision = types.ModuleType("torchvision")
-        io = types.ModuleType("torchvision.io")
-        transforms = types.ModuleType("torchvision.transforms")
-        transforms.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic")
-        transforms.functional = types.SimpleNamespace(resize=None)  # replaced by _reference_size
-        torchvision.io, torchvision.transforms, torchvision.__version__ = io, transforms, "0.0"
-        stubs = {"torchvision": torchvision, "torchvision.io": io, "torchvision.transforms": transforms}
-    if importlib.util.find_spec("requests") is None:
-        stubs["requests"] = types.ModuleType("requests")
-    sys.modules.update(stubs)
-    try:
-        return importlib.import_module("qwen_vl_utils.vision_process")
-    finally:
-        for name in stubs:
-            sys.modules.pop(name, None)
-
-
-vp = _import_qwen_vl_utils()
+vp = qwen_vl_utils()
 
 
 # ---- the reference plan: qwen-vl-utils' own functions ---------------------------------------------------
@@ -244,12 +217,8 @@ def _read_number(frame: np.ndarray) -> int:
 
 
 def _write_video(path, frames: int, fps: float, fourcc: str) -> str:
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (COLS * BLOCK, ROWS * BLOCK))
-    assert writer.isOpened()
-    for number in range(frames):
-        writer.write(cv2.cvtColor(_coded_frame(number), cv2.COLOR_RGB2BGR))
-    writer.release()
-    return str(path)
+    """A file of coded frames: frame i spells i."""
+    return write_video(path, frames, fps, (COLS * BLOCK, ROWS * BLOCK), fourcc, frame=_coded_frame)
 
 
 @pytest.fixture(scope="module")
