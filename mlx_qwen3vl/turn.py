@@ -20,7 +20,7 @@ from .answer import AnswerText
 from .errors import Qwen3VLError
 from .media import MediaItem
 from .messages import collect_media, media_arguments, normalize_messages
-from .options import GenerationOptions
+from .options import GenerationOptions, SamplingOptions
 from .positions import rope_index
 from .processor import Processor
 from .sampling import TokenSampler, token_sampler
@@ -34,16 +34,17 @@ Key = tuple[int, str | None]
 class Turn:
     """A prompt and how to answer it. `ids`: the whole prompt's token ids (what a cache already holds
     included); `media`: every image and video in it, in prompt order (those whose features a cache holds
-    may be `spent`, without pixel rows); `options`: checked, sampling defaults filled from the model's
-    generation_config.json."""
+    may be `spent`, without pixel rows); `options`: as checked; `sampling`: the options' sampling with
+    the unset values from the model's generation_config.json."""
 
     processor: Processor
     ids: list[int]
     media: list[MediaItem] = field(default_factory=list)
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    sampling: SamplingOptions = field(init=False)
 
     def __post_init__(self):
-        self.options.sampling = self.options.sampling.with_defaults(self.processor.generation_config)
+        self.sampling = self.options.sampling.with_defaults(self.processor.generation_config)
         self._check_context()
 
     @classmethod
@@ -163,7 +164,7 @@ class Turn:
 
             vocab = self.processor.config.text_config.vocab_size
             constraint = JsonConstraint(options.grammar, tokenizer, vocab)
-        return token_sampler(options.sampling, mx.array(self.ids), constraint, options.logprobs)
+        return token_sampler(self.sampling, mx.array(self.ids), constraint, options.logprobs)
 
     def answer_text(self) -> AnswerText:
         """A fresh reader of this turn's answer tokens: text, stop strings, reasoning, tool calls."""
