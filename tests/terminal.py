@@ -154,8 +154,8 @@ class Terminal:
                 raise AssertionError(f"no {pattern!r} within {timeout} s; screen since:\n{screen[start:]}")
 
     def expect_output(self, text: str, timeout: float = ANSWER_TIMEOUT) -> None:
-        """Wait until `text` has been written since the last match on the screen (even if the screen no
-        longer shows it)."""
+        """Wait until chat.py writes `text` (from this call on), whether or not the screen goes on showing
+        it: an echo, a line cleared since."""
         deadline, start = time.monotonic() + timeout, len(self.raw)
         while text.encode() not in self.raw[start:]:
             if time.monotonic() > deadline or not self._read(deadline):
