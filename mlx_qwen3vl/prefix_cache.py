@@ -11,6 +11,8 @@ and is computed again.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from .model import Model
@@ -34,7 +36,9 @@ class PrefixCache:
         self.kv = model.make_cache(kv_cache)
         self._keys: list[Key] = []
         self._held: tuple[Turn, list[int], int] | None = None  # the keys, until first read (`keys`)
-        self._usable: tuple[Turn, int] | None = None  # the last `usable` answer, for the turn it was for
+        # The last `usable` answer and (weakly: a store's entries must not keep a request's pixel rows) the
+        # turn it was for.
+        self._usable: tuple[weakref.ref, int] | None = None
 
     @property
     def offset(self) -> int:
@@ -64,13 +68,13 @@ class PrefixCache:
 
     def usable(self, turn: Turn) -> int:
         """How many of the turn's first positions this cache holds and the turn may continue from."""
-        if self._usable is not None and self._usable[0] is turn:
+        if self._usable is not None and self._usable[0]() is turn:
             return self._usable[1]
         length = 0
         if self.offset > 0:
             length = max(min(common_prefix(self.keys, turn.keys), len(turn.ids) - 1), 0)
             length = next((start for start, end in turn.spans if start < length < end), length)
-        self._usable = (turn, length)
+        self._usable = (weakref.ref(turn), length)
         return length
 
     def continue_for(self, turn: Turn) -> int:
