@@ -16,7 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 from .errors import Qwen3VLError
-from .generation import GenerationResponse, reading, run_turn
+from .generation import GenerationResponse, run_turn
 from .media import MediaItem
 from .messages import collect_media, media_arguments, normalize_messages, template_messages
 from .model import Model
@@ -30,6 +30,7 @@ from .options import (
 )
 from .prefix_cache import PrefixCache
 from .processor import Processor
+from .progress import reading
 from .tools import tool_names
 from .turn import Turn
 
@@ -115,7 +116,7 @@ class ChatSession:
         """Add a turn and stream the answer: a user turn (text or a list of content parts, plus `images` /
         `videos`), or messages (a list of `{"role": "user" or "tool", "content": ...}`, e.g. the results of
         the calls the last answer made). Options: sampling (temperature, top_p, ...) and media
-        (min_pixels, fps, ...) settings. `progress(generation.Progress)`: what each image or video became,
+        (min_pixels, fps, ...) settings. `progress(progress.Progress)`: what each image or video became,
         then the vision tower's blocks and the prompt's chunks as they are done. `logprobs`: as
         `stream_generate`'s."""
         sampling_names = SamplingOptions.names()

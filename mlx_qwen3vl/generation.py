@@ -28,6 +28,7 @@ from .options import (
     SamplingOptions,
 )
 from .prefix_cache import PrefixCache
+from .progress import Progress, reading
 from .sampling import TokenSampler
 from .tools import InvalidToolCall, ToolCall
 from .turn import Turn
@@ -37,18 +38,6 @@ PREFILL_STEP_SIZE = 512  # for a model built without load() (which chooses per b
 # One stream for generation, as mlx-lm does, so evaluation overlaps with the Python loop; thread-local,
 # so that any thread can generate (the server's engine runs in its own).
 generation_stream = mx.new_thread_local_stream(mx.default_device())
-
-
-@dataclass
-class Progress:
-    """What a long step is doing, for a front end to show. `stage`: "reading" (frames of a video file read,
-    of `total` kept), "media" (an image or video was read and sized: `detail` says what it became),
-    "vision" (blocks of the vision tower done, of `total`), "prefill" (prompt tokens fed, of `total`)."""
-
-    stage: str
-    done: int
-    total: int
-    detail: str = ""
 
 
 def prefill(
@@ -135,20 +124,6 @@ class GenerationResponse:
     invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
 
 
-def turn_input(model: Model, turn: Turn, cache: PrefixCache, progress=None) -> PreparedInput:
-    """The part of a turn its cache does not hold, ready for the decoder: the cache kept as far as the turn
-    can continue from it (`PrefixCache.continue_for`), and the images and videos after that point
-    described (`Progress` "media") and run through the vision tower (`Progress` "vision")."""
-    start = cache.continue_for(turn)
-    media = turn.media_from(start)
-    if progress:
-        for i, item in enumerate(media, start=1):
-            progress(Progress("media", i, len(media), item.description))
-    report = (lambda done, total: progress(Progress("vision", done, total))) if progress else None
-    vision = model.encode_media(media, report)
-    return model.prepare(turn.ids[start:], vision, cache.kv)
-
-
 def run_turn(
     model: Model, turn: Turn, cache: PrefixCache, *, progress=None, prefill_step_size: int | None = None
 ) -> Iterator[GenerationResponse]:
@@ -158,7 +133,7 @@ def run_turn(
     or max_tokens. `progress(Progress)`: the media, the vision tower and the prompt's chunks."""
     answer, fed = turn.answer_text(), []
     try:
-        prompt = turn_input(model, turn, cache, progress)
+        prompt = cache.remainder(turn, progress)
         mx.reset_peak_memory()
         tic = time.perf_counter()
         prompt_tps = 0.0
@@ -199,11 +174,6 @@ def run_turn(
                     return
     finally:
         cache.settle(turn, fed)
-
-
-def reading(progress):
-    """A `Progress` callback as the processor's `reading(done, total)` (None without one)."""
-    return (lambda done, total: progress(Progress("reading", done, total))) if progress else None
 
 
 def stream_generate(

@@ -18,7 +18,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache
 from .config import ModelConfig
 from .errors import Qwen3VLError
 from .language import Positions, TextModel
-from .media import MediaItem, stack_media
+from .media import MediaItem
 from .options import KVCacheOptions
 from .positions import batch_rope_index
 from .vision import VisionLayout, VisionModel
@@ -189,15 +189,15 @@ class Model(nn.Module):
         `encode_vision`, in pieces that fit the vision budget). The features are evaluated here and the
         tower's freed activations returned to the system, so the decoder's prefill does not hold them too.
         `progress(done, total)` sees each block of each piece, over both kinds."""
-        inputs = stack_media(media)
-        present = [
-            (kind, inputs[values], inputs[grids])
-            for kind, values, grids in (
-                ("image", "pixel_values", "image_grid_thw"),
-                ("video", "pixel_values_videos", "video_grid_thw"),
-            )
-            if inputs[values] is not None
-        ]
+        present = []
+        for kind in ("image", "video"):
+            # Each kind's rows in one array, in prompt order (a single item's as they are: a long video's
+            # are large). Stacked here, not by a helper below, so a prompt's media go down one way.
+            items = [m for m in media if m.kind == kind]
+            if items:
+                rows = [m.pixel_values for m in items]
+                grids = np.array([m.grid_thw for m in items], dtype=np.int64)
+                present.append((kind, rows[0] if len(rows) == 1 else np.concatenate(rows), grids))
         blocks = len(self.model.visual.blocks)
         steps = [len(self.vision_pieces(grids)) * blocks for _, _, grids in present]
         before = np.cumsum([0, *steps])

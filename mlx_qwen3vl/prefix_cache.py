@@ -12,11 +12,14 @@ and is computed again.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
-from .model import Model
+from .model import Model, PreparedInput
 from .options import KVCacheOptions
+from .progress import Progress
 from .turn import Key, Turn
 
 
@@ -33,6 +36,7 @@ class PrefixCache:
     rope delta) and the keys of the positions it holds. Iterating it gives the layers' caches."""
 
     def __init__(self, model: Model, kv_cache: KVCacheOptions | None = None):
+        self.model = model
         self.kv = model.make_cache(kv_cache)
         self._keys: list[Key] = []
         self._held: tuple[Turn, list[int], int] | None = None  # the keys, until first read (`keys`)
@@ -84,6 +88,20 @@ class PrefixCache:
         self.trim(turn, length)
         return length
 
+    def remainder(self, turn: Turn, progress=None) -> PreparedInput:
+        """The part of a turn this cache does not hold, ready for the decoder: the cache kept as far as the
+        turn can continue from it (`continue_for`), and the images and videos after that point described
+        (`Progress` "media") and run through the vision tower (`Progress` "vision"). Asked of the cache
+        because only it knows where the turn's new part starts."""
+        start = self.continue_for(turn)
+        media = turn.media_from(start)
+        if progress:
+            for i, item in enumerate(media, start=1):
+                progress(Progress("media", i, len(media), item.description))
+        report = (lambda done, total: progress(Progress("vision", done, total))) if progress else None
+        vision = self.model.encode_media(media, report)
+        return self.model.prepare(turn.ids[start:], vision, self.kv)
+
     def trim(self, turn: Turn, length: int) -> None:
         """Keep the first `length` positions of what the cache holds, which are those of `turn` and, past
         its prompt, of its answer."""
@@ -132,8 +150,22 @@ class PrefixCacheStore:
         self.entries.remove(best)
         return best
 
-    def give_back(self, cache: PrefixCache) -> None:
-        """Keep a cache for later turns (one holding the same keys as another replaces it)."""
+    @contextmanager
+    def lend(self, turn: Turn) -> Iterator[PrefixCache]:
+        """`take` for a block that starts the turn: if the block fails (a refusal, a cancellation, a bug),
+        the cache comes back at once with what it then holds of the turn; if not, it is the caller's until
+        it gives it back."""
+        cache = self.take(turn)
+        try:
+            yield cache
+        except BaseException:
+            self.give_back(cache, turn, [])
+            raise
+
+    def give_back(self, cache: PrefixCache, turn: Turn, answer: list[int]) -> None:
+        """Keep a cache for later turns, settled on the turn it ran and the `answer` tokens handed out
+        (`PrefixCache.settle`); one holding the same keys as another replaces it."""
+        cache.settle(turn, answer)
         if cache.offset == 0:
             return
         cache.keep()

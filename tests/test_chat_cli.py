@@ -286,7 +286,7 @@ def test_the_progress_line_shows_a_video_being_read_then_clears_it_for_what_it_b
     is cleared before the line saying what the video became."""
     import importlib.util
 
-    from mlx_qwen3vl.generation import Progress
+    from mlx_qwen3vl.progress import Progress
 
     spec = importlib.util.spec_from_file_location("chat_cli", ROOT / "chat.py")
     chat_cli = importlib.util.module_from_spec(spec)

@@ -367,7 +367,7 @@ def test_prefill_of_an_empty_prompt_is_refused(tiny_f32):
 def test_progress_says_what_each_medium_became_then_counts_the_work(tiny_f32):
     """What a front end shows for a long input: each image or video as sized, before the vision tower
     runs; then the tower's blocks; then the prompt's chunks. The answer is the same as without."""
-    from mlx_qwen3vl.generation import Progress
+    from mlx_qwen3vl.progress import Progress
 
     model, processor = tiny_f32
     events: list[Progress] = []

@@ -1,5 +1,5 @@
 """This package, through its public API (`load`, `stream_generate`, `ChatSession`) and, for the
-figures without preprocessing, the turn path `stream_generate` runs (`Turn`, `turn_input`,
+figures without preprocessing, the turn path `stream_generate` runs (`Turn`, `PrefixCache.remainder`,
 `generate_step`) from media already read."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from measure import Clock, decode_step_ops, fresh_caches, mlx_memory, quantize, 
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_qwen3vl import ChatSession, PromptCache, load, stream_generate
-from mlx_qwen3vl.generation import generate_step, generation_stream, prefill, turn_input
+from mlx_qwen3vl.generation import generate_step, generation_stream, prefill
 from mlx_qwen3vl.loading import in_compute_dtype
 from mlx_qwen3vl.options import GenerationOptions
 from mlx_qwen3vl.prefix_cache import PrefixCache
@@ -72,7 +72,7 @@ class System(Base):
     def _first_token(self, turn: Turn):
         """stream_generate's steps after the processor: encode, place, prefill, sample."""
         cache = PrefixCache(self.model)
-        prepared = turn_input(self.model, turn, cache)
+        prepared = cache.remainder(turn)
         return cache.kv, generate_step(self.model, prepared, cache.kv, max_tokens=turn.options.max_tokens)
 
     def text_generation(self, max_tokens: int):

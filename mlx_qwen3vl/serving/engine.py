@@ -22,7 +22,7 @@ from mlx_lm.generate import wired_limit
 
 from ..answer import AnswerText
 from ..errors import Qwen3VLError
-from ..generation import generation_stream, prefill, turn_input
+from ..generation import generation_stream, prefill
 from ..model import Model
 from ..options import KVCacheOptions
 from ..prefix_cache import PrefixCache, PrefixCacheStore
@@ -154,22 +154,18 @@ class Engine:
 
     def _prefill(self, job: Job) -> None:
         turn = job.turn
-        cache = self.store.take(turn)
-        try:
-            prompt = turn_input(self.model, turn, cache)
+
+        def stop_if_cancelled(_progress):  # between prompt chunks
+            if job.cancelled.is_set():
+                raise Cancelled
+
+        with self.store.lend(turn) as cache:  # back in the store at once if this fails
+            prompt = cache.remainder(turn)
             self.reused = len(turn.ids) - prompt.length
-
-            def stop_if_cancelled(_progress):  # between prompt chunks
-                if job.cancelled.is_set():
-                    raise Cancelled
-
             logits = prefill(self.model, prompt, cache.kv, progress=stop_if_cancelled)
             sampler = turn.sampler()
             with mx.stream(generation_stream):
                 token, distribution = sampler(logits)
-        except BaseException:
-            self._give_back(turn, cache, [])
-            raise
         self.sequences.append(Sequence(job, turn, cache, turn.answer_text()))
         self.batch.add(cache.kv, sampler, token, distribution)
         self.widest = max(self.widest, len(self.sequences))
@@ -189,7 +185,7 @@ class Engine:
                 for i, kv in zip(over, self.batch.remove(over), strict=True):
                     sequence = self.sequences[i]
                     sequence.cache.kv = kv
-                    self._give_back(sequence.turn, sequence.cache, sequence.fed)
+                    self.store.give_back(sequence.cache, sequence.turn, sequence.fed)
                 leaving = set(over)
                 self.sequences = [s for i, s in enumerate(self.sequences) if i not in leaving]
         except Exception as e:  # a bug fails the requests being decoded, never the server
@@ -217,12 +213,6 @@ class Engine:
             counts = {"prompt_tokens": len(sequence.turn.ids), "tokens": answer.count}
             job.emit(Event("done", finish=answer.finish_reason, **counts))
         return answer.finish_reason is not None
-
-    def _give_back(self, turn: Turn, cache: PrefixCache, fed: list[int]) -> None:
-        """Keep a request's cache for later ones: the turn and the tokens fed after it, as far as every
-        layer holds them."""
-        cache.settle(turn, fed)
-        self.store.give_back(cache)
 
     def token_bytes(self, token: int) -> bytes:
         """A token's exact bytes (llguidance's table of the tokenizer, built once and shared with the
