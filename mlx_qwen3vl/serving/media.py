@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import Qwen3VLError
 from ..media import MediaItem
-from ..processor import Processor, media_defaults
+from ..processor import Processor
 from ..turn import Turn
 from .protocol import Request
 
@@ -155,10 +155,8 @@ class MediaReader:
     def turn(self, request: Request, fetched: list[Fetched]) -> Turn:
         """The request's turn: its images and videos read (or found read before), the template rendered,
         the prompt tokenized."""
-        defaults = media_defaults(request.media_options)
         media = [
-            self.item(ref.kind, data, defaults[ref.kind] | ref.options)
-            for ref, data in zip(request.media, fetched, strict=True)
+            self.item(ref.kind, data, ref.options) for ref, data in zip(request.media, fetched, strict=True)
         ]
         return Turn.from_messages(self.processor, request.messages, media, request.options)
 

@@ -9,7 +9,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -24,6 +24,7 @@ from ..options import (
     check_max_tokens,
     check_stop,
 )
+from ..processor import media_defaults
 from ..tools import ToolCall, tool_names
 
 # Media options a request may carry as extra fields (vLLM and mlx-vlm take them so too).
@@ -97,7 +98,8 @@ class ChatRequest(BaseModel):
 
 @dataclass
 class MediaRef:
-    """An image or video a message names: where, as which part, with which options."""
+    """An image or video a message names: where, as which part, with which options (the part's own over
+    the request's)."""
 
     kind: str
     url: str
@@ -115,7 +117,6 @@ class Request:
     options: GenerationOptions
     stream: bool = False
     include_usage: bool = False
-    media_options: dict = field(default_factory=dict)
 
 
 def parse_request(body: Any) -> Request:
@@ -144,8 +145,10 @@ def parse_request(body: Any) -> Request:
         options = GenerationOptions(max_tokens, sampling, stop, logprobs, tools, schema)
     except Qwen3VLError as e:
         raise from_user_error(e) from None
+    defaults = media_defaults({k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None})
     media = [
-        MediaRef(kind, _url(part, kind), part_options(kind, part)) for kind, part in media_parts(messages)
+        MediaRef(kind, _url(part, kind), defaults[kind] | part_options(kind, part))
+        for kind, part in media_parts(messages)
     ]
     return Request(
         messages=messages,
@@ -153,7 +156,6 @@ def parse_request(body: Any) -> Request:
         options=options,
         stream=raw.stream,
         include_usage=bool(raw.stream_options and raw.stream_options.include_usage),
-        media_options={k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None},
     )
 
 
