@@ -660,3 +660,38 @@ def test_a_soak_of_mixed_requests_leaves_the_server_answering_in_bounded_memory(
     grown = mx.get_active_memory() - baseline
     assert grown < 200 * 10**6, grown  # the prompt cache is bounded (entries and bytes)
     idle(server)  # the abandoned answers leave
+
+
+def test_a_running_stream_waits_at_most_one_piece_while_a_request_with_an_image_is_admitted(
+    server, monkeypatch
+):
+    """While an answer streams, another request's image and prompt are encoded and prefilled in pieces
+    (a vision block, a prompt chunk), each followed by a decode step of the running answer: told by the
+    order of the engine's work, not by a clock."""
+    engine = server.engine
+    order: list[tuple[str, int]] = []  # ("piece" or "decode", answers being decoded then)
+    decode_step, pause = engine._decode_step, engine.admission.pause
+
+    def decode():
+        order.append(("decode", len(engine.sequences)))
+        decode_step()
+
+    def piece(progress=None):
+        order.append(("piece", len(engine.sequences)))
+        pause(progress)
+
+    monkeypatch.setattr(engine, "_decode_step", decode)
+    monkeypatch.setattr(engine.admission, "pause", piece)
+    long_prompt = "Tell me a long story about a lighthouse keeper. " * 60  # two prompt chunks or more
+    stream = server.client.chat.completions.create(
+        model="tiny", messages=[user("Count slowly.")], max_tokens=200, temperature=0, stream=True
+    )
+    chunks = iter(stream)
+    next(chunks)  # the role: the first answer is in the batch
+    other = ask(server, [user(image_part(data_url(png(5, (448, 448)))), long_prompt)], max_tokens=2)
+    rest = [chunk for chunk in chunks]
+    assert other is not None and rest[-1].choices[0].finish_reason == "length"
+    pieces = [i for i, (kind, running) in enumerate(order) if kind == "piece" and running > 0]
+    blocks = len(engine.model.model.visual.blocks)
+    assert len(pieces) >= blocks + 1, order  # every vision block and prompt chunk a piece of its own
+    assert all(order[i + 1][0] == "decode" for i in pieces), order

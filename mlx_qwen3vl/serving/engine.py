@@ -4,9 +4,11 @@ answers of up to `max_batch` requests together (batch.py), streaming each back t
 loop. A request can be cancelled (its client went away): it stops within a token and its cache,
 consistent, goes back to the store, as every finished answer's does.
 
-A new request is prefilled as soon as it arrives, between two decode steps of the others. Its media were
-fetched and read, and its prompt rendered and tokenized (its turn), beforehand by the web layer, so a slow
-download or a large image never holds up the model's thread.
+A new request is prefilled as it arrives, in pieces taken in turn with the decode steps of the others
+(admission.py), so a running stream pauses at most one piece (a vision block or a prompt chunk) between
+two tokens however large the new request's images or prompt. Its media were fetched and read, and its
+prompt rendered and tokenized (its turn), beforehand by the web layer, so a slow download or a large image
+never holds up the model's thread.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import queue
 import threading
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -27,9 +30,12 @@ from ..model import Model
 from ..options import KVCacheOptions
 from ..prefix_cache import PrefixCache, PrefixCacheStore
 from ..processor import Processor
+from ..progress import Progress
+from ..sampling import TokenSampler
 from ..structured import grammar_tokenizer
 from ..tools import ToolCall
 from ..turn import Turn
+from .admission import Admission
 from .batch import make_batch
 from .protocol import Request, logprob_entry
 
@@ -74,13 +80,16 @@ class Job:
 @dataclass
 class Sequence:
     """A request being answered: its turn, the cache it continues (whose layers the batch holds meanwhile),
-    its answer so far, the tokens it fed to its cache, and the log-probabilities of tokens whose text is
-    not out yet (part of a character, or what may begin a stop string), sent with the next text."""
+    its answer so far and its sampler, the tokens it fed to its cache, and the log-probabilities of tokens
+    whose text is not out yet (part of a character, or what may begin a stop string), sent with the next
+    text."""
 
     job: Job
     turn: Turn
     cache: PrefixCache
     answer: AnswerText
+    sampler: TokenSampler
+    logits: mx.array | None  # of the prompt's last position, until the first token is sampled
     fed: list[int] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
 
@@ -103,6 +112,9 @@ class Engine:
         self.max_batch = max_batch
         self.batch = make_batch(model, self.kv_cache)
         self.sequences: list[Sequence] = []  # one per row of the batch, in its order
+        self.waiting: deque[Job] = deque()  # arrived, to be admitted one after another
+        self.admitting: Job | None = None  # the one whose prefill `admission` runs piece by piece
+        self.admission = Admission()
         self.reused = 0  # prompt tokens the last request found in the cache (for tests and logs)
         self.widest = 0  # the most rows decoded together so far (for tests and logs)
 
@@ -112,6 +124,7 @@ class Engine:
     def stop(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=30)
+        self.admission.stop()
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
@@ -120,16 +133,18 @@ class Engine:
         # Raised on Metal for as long as the engine runs (mlx-lm's), so a model that fits is not paged out.
         with wired_limit(self.model, [generation_stream]):
             while (jobs := self._arrivals()) is not None:
-                for job in jobs:
-                    self._admit(job)
+                self.waiting.extend(jobs)
+                self._admit_piece()
                 if self.sequences:
                     self._decode_step()
 
     def _arrivals(self) -> list[Job] | None:
-        """The requests to start now: waits for one when nothing is being decoded, else takes what has
-        come, up to the batch's room. None: the engine is stopping."""
-        jobs = [] if self.sequences else [self.jobs.get()]
-        while len(self.sequences) + len(jobs) < self.max_batch:
+        """The requests that came: waits for one when there is nothing to do, else takes what has come, up
+        to the batch's room. None: the engine is stopping."""
+        busy = self.sequences or self.waiting or self.admitting
+        jobs = [] if busy else [self.jobs.get()]
+        taken = len(self.sequences) + len(self.waiting) + (self.admitting is not None)
+        while taken + len(jobs) < self.max_batch:
             try:
                 jobs.append(self.jobs.get_nowait())
             except queue.Empty:
@@ -138,12 +153,21 @@ class Engine:
 
     # ---- one request ----------------------------------------------------------------------------------
 
-    def _admit(self, job: Job) -> None:
-        """Prefill a request's prompt and let it join the batch; a refusal or failure ends it alone."""
-        if job.cancelled.is_set():
+    def _admit_piece(self) -> None:
+        """One piece of the prefill of the request being admitted (the next waiting one, if none is). When
+        its prefill ends, the request joins the batch; a refusal or failure ends it alone."""
+        while self.admitting is None and self.waiting:
+            job = self.waiting.popleft()
+            if not job.cancelled.is_set():
+                self.admitting = job
+                self.admission.begin(lambda pause, job=job: self._prefill(job, pause))
+        if self.admitting is None or not self.admission.step():
             return
+        job, self.admitting = self.admitting, None
         try:
-            self._prefill(job)
+            if self.admission.error is not None:
+                raise self.admission.error
+            self._join(self.admission.result)
         except Cancelled:
             pass
         except Qwen3VLError as e:
@@ -152,22 +176,37 @@ class Engine:
             traceback.print_exc()
             job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
 
-    def _prefill(self, job: Job) -> None:
+    def _prefill(self, job: Job, pause) -> Sequence:
+        """On the admission's thread: the turn's remainder encoded and prefilled, pausing after each vision
+        block and prompt chunk (`pause`); the cache and the last logits evaluated, for the engine's thread
+        to take over (MLX evaluates a graph only on streams of the thread that evaluates it), with the
+        answer's sampler and reader made."""
         turn = job.turn
 
-        def stop_if_cancelled(_progress):  # between prompt chunks
+        def piece_done(progress: Progress):  # after a vision block or a prompt chunk, all evaluated
             if job.cancelled.is_set():
                 raise Cancelled
+            if progress.stage in ("vision", "prefill"):
+                pause()
+                if job.cancelled.is_set():
+                    raise Cancelled
 
         with self.store.lend(turn) as cache:  # back in the store at once if this fails
-            prompt = cache.remainder(turn)
+            prompt = cache.remainder(turn, piece_done)
             self.reused = len(turn.ids) - prompt.length
-            logits = prefill(self.model, prompt, cache.kv, progress=stop_if_cancelled)
-            sampler = turn.sampler()
-            with mx.stream(generation_stream):
-                token, distribution = sampler(logits)
-        self.sequences.append(Sequence(job, turn, cache, turn.answer_text()))
-        self.batch.add(cache.kv, sampler, token, distribution)
+            logits = prefill(self.model, prompt, cache.kv, progress=piece_done)
+            mx.eval(logits, [layer.state for layer in cache.kv])
+            sampler, answer = turn.sampler(), turn.answer_text()
+        return Sequence(job, turn, cache, answer, sampler, logits)
+
+    def _join(self, sequence: Sequence) -> None:
+        """A prefilled request's first token sampled, on the engine's thread (where its sampler's state,
+        such as a JSON constraint's, then lives), and the request in the batch."""
+        with mx.stream(generation_stream):
+            token, distribution = sequence.sampler(sequence.logits)
+        sequence.logits = None
+        self.sequences.append(sequence)
+        self.batch.add(sequence.cache.kv, sequence.sampler, token, distribution)
         self.widest = max(self.widest, len(self.sequences))
 
     def _decode_step(self) -> None:
@@ -182,7 +221,11 @@ class Engine:
                 if self._take(sequence, token, distribution)
             ]
             if over:
-                for i, kv in zip(over, self.batch.remove(over), strict=True):
+                removed = self.batch.remove(over)
+                # Evaluated here: the admission's thread may continue these caches, and MLX evaluates a
+                # graph only on streams of the thread that evaluates it.
+                mx.eval([[layer.state for layer in kv] for kv in removed])
+                for i, kv in zip(over, removed, strict=True):
                     sequence = self.sequences[i]
                     sequence.cache.kv = kv
                     self.store.give_back(sequence.cache, sequence.turn, sequence.fed)
