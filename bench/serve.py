@@ -12,6 +12,13 @@ a bench checkpoint, requests over HTTP from threads, each figure the median of `
   request is cold.
 - schema: one stream's decode rate (tokens after the first / time from the first text to the last)
   without and with a JSON schema (`response_format`), greedy.
+- pause: one stream runs; after its first texts, another request sends a 1024x1024 image (a data URL);
+  the longest gap between two texts of the running stream from then until the image request's first
+  text, beside the stream's median gap before it. What a running stream suffers while a heavy request is
+  admitted.
+
+`--before DIR` runs a second checkout's `server.py` (another commit of this package) as the system
+"before", on the same checkpoint in the same run.
 
 Each server runs in its own process, one after the other; the client is the standard library's
 http.client, so the figures hold no client library's overhead.
@@ -62,8 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--streams", default="1,4,8", help="concurrent streams of the throughput figure")
     p.add_argument("--tokens", type=int, default=128, help="tokens per answer (throughput, schema)")
     p.add_argument("--chat-tokens", type=int, default=16, help="tokens of the conversation's first answer")
+    p.add_argument("--pause-tokens", type=int, default=400, help="tokens of the running stream (pause)")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--figures", default="throughput,conversation,schema")
+    p.add_argument("--figures", default="throughput,conversation,schema,pause")
+    p.add_argument("--before", type=Path, help="a checkout of another commit, run as the system 'before'")
     p.add_argument("--timeout", type=int, default=600, help="seconds for a server to start")
     p.add_argument("--json", type=Path, help="write the full results here")
     p.add_argument("--save", action="store_true", help="write bench/results/<date>_<backend>_..._serve.*")
@@ -81,9 +90,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(system: str, model: Path, port: int, dtype: str) -> list[str]:
-    if system == "ours":
-        return [sys.executable, str(ROOT / "server.py"), "--model", str(model), "--port", str(port)] + [
+def server_command(system: str, model: Path, port: int, dtype: str, root: Path = ROOT) -> list[str]:
+    if system in ("ours", "before"):
+        return [sys.executable, str(root / "server.py"), "--model", str(model), "--port", str(port)] + [
             "--dtype",
             dtype,
         ]
@@ -99,15 +108,15 @@ def server_command(system: str, model: Path, port: int, dtype: str) -> list[str]
 class Server:
     """One server process on a free port, its output in a log file; started and waited for."""
 
-    def __init__(self, system: str, model: Path, dtype: str, log: Path, timeout: int):
+    def __init__(self, system: str, model: Path, dtype: str, log: Path, timeout: int, root: Path = ROOT):
         self.system, self.model, self.port = system, model, free_port()
         self.log = log
         with open(log, "w") as out:
             self.process = subprocess.Popen(
-                server_command(system, model, self.port, dtype),
+                server_command(system, model, self.port, dtype, root),
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=root,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -131,8 +140,9 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
 
-    def chat(self, messages: list[dict], max_tokens: int, **extra) -> dict:
-        """One streamed request: when its first text came, when its last did, the text and the usage."""
+    def chat(self, messages: list[dict], max_tokens: int, times: list | None = None, **extra) -> dict:
+        """One streamed request: when its first text came, when its last did, the text and the usage;
+        `times`, if given, gets the arrival time of each text as it comes."""
         body = {
             "model": str(self.model),
             "messages": messages,
@@ -151,6 +161,7 @@ class Server:
             raise RuntimeError(f"{self.system}: HTTP {response.status}: {response.read()[:500]!r}")
         first = last = None
         text, usage = [], None
+        times = [] if times is None else times
         for line in response:
             line = line.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -165,6 +176,7 @@ class Server:
                     last = time.perf_counter()
                     first = first or last
                     text.append(piece)
+                    times.append(last)
         done = time.perf_counter()
         connection.close()
         tokens = (usage or {}).get("completion_tokens")
@@ -175,6 +187,7 @@ class Server:
             "done": done,
             "text": "".join(text),
             "tokens": tokens,
+            "times": times,
         }
 
 
@@ -210,9 +223,9 @@ def throughput(server: Server, streams: int, tokens: int, run: int) -> dict:
     return {"tok_s": generated / wall, "tokens": generated, "wall_s": wall}
 
 
-def image_url(seed: int) -> str:
+def image_url(seed: int, size: tuple[int, int] = (1024, 768)) -> str:
     buffer = io.BytesIO()
-    noise_image(1024, 768, seed).save(buffer, format="PNG")
+    noise_image(*size, seed).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -255,6 +268,37 @@ def schema(server: Server, tokens: int, run: int) -> dict:
     }
 
 
+def pause(server: Server, tokens: int, run: int) -> dict:
+    """The running stream's longest gap between two texts while a 1024x1024 image request is admitted,
+    and its median gap before."""
+    running: dict = {}
+    times: list[float] = []
+    thread = threading.Thread(
+        target=lambda: running.update(server.chat(text_question(0, run), tokens, times=times))
+    )
+    image = image_url(2000 + run, (1024, 1024))
+    thread.start()
+    while len(times) < 5 and thread.is_alive():  # the stream is running: its first texts came
+        time.sleep(0.01)
+    question = [
+        {"type": "image_url", "image_url": {"url": image}},
+        {"type": "text", "text": "Describe this picture."},
+    ]
+    heavy = server.chat([{"role": "user", "content": question}], 4)
+    thread.join()
+    gaps = list(zip(times, times[1:], strict=False))
+    before = [b - a for a, b in gaps if b < heavy["sent"]]
+    during = [b - a for a, b in gaps if b > heavy["sent"] and a < heavy["first"]]
+    if len(before) < 2 or not during:
+        raise RuntimeError(f"the stream ended before the image was admitted: raise --tokens ({tokens})")
+    longest = max(during)
+    return {
+        "longest_pause_s": longest,
+        "median_gap_s": statistics.median(before),
+        "admit_s": heavy["first"] - heavy["sent"],
+    }
+
+
 def median_of(samples: list[dict]) -> dict:
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]} | {"samples": samples}
 
@@ -267,6 +311,7 @@ def measure(server: Server, args: argparse.Namespace) -> dict:
         figures[f"throughput_{n}"] = lambda r, n=n: throughput(server, n, args.tokens, r)
     figures["conversation"] = lambda r: conversation(server, args.chat_tokens, r)
     figures["schema"] = lambda r: schema(server, args.tokens, r)
+    figures["pause"] = lambda r: pause(server, args.pause_tokens, r)
     out: dict = {}
     for name, figure in figures.items():
         if name.split("_")[0] not in args.figures.split(","):
@@ -322,6 +367,12 @@ def render(output: dict) -> str:
     row("decode tok/s, no schema", lambda r: f"{r['schema']['plain_tok_s']:.1f}")
     row("decode tok/s, JSON schema", lambda r: f"{r['schema']['schema_tok_s']:.1f}")
     row("with schema / without", lambda r: f"{r['schema']['ratio']:.2f}")
+    row("running stream: median gap", lambda r: f"{r['pause']['median_gap_s'] * 1e3:.0f} ms")
+    row(
+        "running stream: longest gap while a 1024x1024 image is admitted",
+        lambda r: f"{r['pause']['longest_pause_s'] * 1e3:.0f} ms",
+    )
+    row("image request: time to first text", lambda r: f"{r['pause']['admit_s'] * 1e3:.0f} ms")
     failed = [
         f"- {system}, {name}: {figure['error']}"
         for system, figures in output["results"].items()
@@ -336,11 +387,13 @@ def render(output: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     model = args.model or presets.checkpoint(args.preset, args.layers, args.vision_blocks, root=args.cache)
-    systems = ["ours"] + [s for s in args.compare.split(",") if s]
+    systems = ["ours"] + ["before"] * bool(args.before) + [s for s in args.compare.split(",") if s]
     results = {}
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     for system in systems:
-        server = Server(system, model, args.dtype, logs / f"mlx-qwen3vl-serve-{system}.log", args.timeout)
+        root = args.before.resolve() if system == "before" else ROOT
+        log = logs / f"mlx-qwen3vl-serve-{system}.log"
+        server = Server(system, model, args.dtype, log, args.timeout, root)
         try:
             results[system] = measure(server, args)
         finally:
