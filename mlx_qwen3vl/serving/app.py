@@ -2,8 +2,9 @@
 `POST /v1/chat/completions` (streamed as server-sent events or not).
 
 Every refusal is OpenAI's error object with a 4xx status and one line (an unknown route and a wrong
-method too); a bug in one request is a 500 for it alone. Host, Origin and the body's size are checked
-first (guard.py). A streaming client that disconnects cancels its request, which stops within a token.
+method too); a bug in one request is a 500 for it alone. Host, Origin, the API key and the body's size
+are checked first (guard.py). A streaming client that disconnects cancels its request, which stops
+within a token.
 """
 
 from __future__ import annotations
@@ -77,16 +78,6 @@ def create_app(
     async def failed(_request: Request, error: Exception):
         return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(
-                    ApiError(401, "missing or wrong API key (Authorization: Bearer ...)").body(),
-                    status_code=401,
-                )
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -143,7 +134,7 @@ def create_app(
         return completion(cid, model_name, answer, event.finish, event.prompt_tokens, event.tokens, logprobs)
 
     limit = access.max_request_bytes or request_limit(policy.max_bytes)
-    app.add_middleware(Guard, access=access, max_request_bytes=limit)  # added last: outermost
+    app.add_middleware(Guard, access=access, max_request_bytes=limit, api_key=api_key)
     return app
 
 

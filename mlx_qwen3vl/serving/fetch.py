@@ -52,7 +52,7 @@ def download(url: str, policy, what: str) -> bytes:
                 if response.status in REDIRECTS and location:
                     url = urljoin(url, location)
                     continue
-                if response.status != 200:
+                if not 200 <= response.status < 300:
                     raise Qwen3VLError(f"{what}: {url} answered HTTP {response.status}")
                 return _body(response, url, policy, what)
             finally:

@@ -1,4 +1,5 @@
-"""Who may call the server and how much one request may send, checked before any other work.
+"""Who may call the server and how much one request may send, checked before any other work: Host,
+Origin, the API key, the body's size.
 
 A web page may send requests to any address, this machine's loopback included. It cannot read a
 cross-origin answer without CORS headers, but a "simple" request (a POST of text/plain needs no
@@ -11,11 +12,12 @@ page. An IP address as `Host` cannot be rebound (rebinding needs a name); a serv
 interface takes any of them, since it cannot know all the addresses it is reached by.
 
 The body is counted as it arrives and refused past `max_request_bytes` (at once when its Content-Length
-says so), before anything parses it.
+says so), before anything parses it; it is read only once the rest of the request is accepted.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -89,11 +91,12 @@ def _unspecified(address: str) -> bool:
 
 
 class Guard:
-    """ASGI middleware, outermost: Host, then Origin (a preflight answered here, before the API key a
-    preflight never carries), then the body's size; CORS headers on the answers to allowed origins."""
+    """ASGI middleware, outermost: Host, then Origin (a preflight answered here: it never carries the
+    API key), then the API key (on every route but /health), then the body's size; CORS headers on the
+    answers to allowed origins. The body is read here, after the key: a refused request's never is."""
 
-    def __init__(self, app, access: Access, max_request_bytes: int):
-        self.app, self.access, self.limit = app, access, max_request_bytes
+    def __init__(self, app, access: Access, max_request_bytes: int, api_key: str | None = None):
+        self.app, self.access, self.limit, self.api_key = app, access, max_request_bytes, api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,12 +113,15 @@ class Guard:
         if scope["method"] == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
             requested = headers.get("access-control-request-headers", "")
             return await _preflight(cors, requested, send)
+        if self.api_key and scope["path"] != "/health" and not _key_matches(headers, self.api_key):
+            message = "missing or wrong API key (Authorization: Bearer ...)"
+            return await _refuse(401, message, scope, receive, send, cors)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
             return await _refuse(413, self._too_large(), scope, receive, send, cors)
         body = bytearray()
         more = True
-        while more:
+        while more:  # counted as it comes: a body without a length is refused as soon as it is too long
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
@@ -127,6 +133,26 @@ class Guard:
 
     def _too_large(self) -> str:
         return f"the request body is over the limit of {self.limit:,} bytes (see --max-request-bytes)"
+
+
+def _key_matches(headers: dict, api_key: str) -> bool:
+    given = headers.get("authorization", "").encode("latin-1")
+    return hmac.compare_digest(given, f"Bearer {api_key}".encode())  # in a time that tells nothing
+
+
+def _replay(body: bytes, receive):
+    """The body read here given to the app as one message, then the connection's own messages (a
+    client's disconnect, which a stream watches for)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 def _cors(origin: str) -> list[tuple[bytes, bytes]]:
@@ -147,21 +173,6 @@ async def _preflight(cors, requested: str, send) -> None:
     ]
     await send({"type": "http.response.start", "status": 204, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
-
-
-def _replay(body: bytes, receive):
-    """The body read here given to the app as one message, then the connection's own messages (a
-    client's disconnect, which a stream watches for)."""
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
 
 
 def _with_headers(send, headers):
