@@ -154,16 +154,18 @@ def test_a_body_over_the_limit_is_refused_as_it_arrives_and_the_server_goes_on(g
         )
         head = sock.recv(4096)
     assert head.startswith(b"HTTP/1.1 413"), head[:80]
-    # A body without a length (chunked) that grows past the limit: counted as it comes, refused.
-    connection = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=HANG)
+    # A body without a length (chunked) that grows past the limit: counted as it comes, refused; without
+    # the API key, refused for that before it is read.
     body = chat("word " * LIMIT)
-    chunks = (body[i : i + 4096] for i in range(0, len(body), 4096))
-    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-    connection.request("POST", "/v1/chat/completions", body=chunks, headers=headers, encode_chunked=True)
-    response = connection.getresponse()
-    message = refusal((response.status, None, json.loads(response.read())), 413)
-    assert f"{LIMIT:,} bytes" in message
-    connection.close()
+    for key, status in ((KEY, 413), (None, 401)):
+        connection = http.client.HTTPConnection("127.0.0.1", guarded.port, timeout=HANG)
+        chunks = (body[i : i + 4096] for i in range(0, len(body), 4096))
+        headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+        connection.request("POST", "/v1/chat/completions", body=chunks, headers=headers, encode_chunked=True)
+        response = connection.getresponse()
+        message = refusal((response.status, None, json.loads(response.read())), status)
+        connection.close()
+        assert status == 401 or f"{LIMIT:,} bytes" in message
     assert isinstance(ask(guarded, [user("Hi")]), str)  # and the next request is answered
 
 
@@ -382,8 +384,9 @@ def test_server_py_checks_its_new_options(capsys, tmp_path):
         ),
         (json.dumps({"messages": [user(image_part("http://127.0.0.1:9/a\r\nX-Evil: 1"))]}), "control"),
         (json.dumps({"messages": [user(image_part("/tmp/a\nb\0c"))]}), "control"),
+        (json.dumps({"messages": [user(image_part("http://[::1/cat.png"))]}), "not a valid URL"),
     ],
-    ids=["deep", "surrogate", "max_pixels-list", "crlf-url", "crlf-path"],
+    ids=["deep", "surrogate", "max_pixels-list", "crlf-url", "crlf-path", "bad-ipv6-url"],
 )
 def test_client_mistakes_are_400s_with_one_line(guarded, body, message):
     assert message in refusal(send(guarded, "POST", "/v1/chat/completions", body.encode()), 400)

@@ -7,6 +7,7 @@ credentials in the URL, and every address its name resolves to public unless the
 URLs. The connection is made to the address that was checked, so a second DNS answer (DNS rebinding)
 cannot send it elsewhere; https still verifies the certificate against the name. The whole download is
 under one deadline, enforced on every read (each read may take only the time left), and one size limit.
+Messages show at most the first 200 characters of a URL.
 Proxies from the environment are not used: a proxy would connect to addresses this module never sees.
 
 Downloads run on their own few threads (`DOWNLOADS`), never on the pool that requests carrying their
@@ -53,35 +54,38 @@ def download(url: str, policy, what: str) -> bytes:
                     url = urljoin(url, location)
                     continue
                 if not 200 <= response.status < 300:
-                    raise Qwen3VLError(f"{what}: {url} answered HTTP {response.status}")
+                    raise Qwen3VLError(f"{what}: {url:.200} answered HTTP {response.status}")
                 return _body(response, url, policy, what)
             finally:
                 connection.close()
-        raise Qwen3VLError(f"{what}: {url} redirects more than {MAX_REDIRECTS} times")
+        raise Qwen3VLError(f"{what}: {url:.200} redirects more than {MAX_REDIRECTS} times")
     except TimeoutError:
         if time.monotonic() >= deadline:
             raise Qwen3VLError(
-                f"{what}: {url} took more than the deadline of {policy.total_timeout:g} s to download"
+                f"{what}: {url:.200} took more than the deadline of {policy.total_timeout:g} s to download"
             ) from None
-        raise Qwen3VLError(f"{what}: {url} did not answer within {policy.connect_timeout:g} s") from None
+        raise Qwen3VLError(f"{what}: {url:.200} did not answer within {policy.connect_timeout:g} s") from None
     except (OSError, http.client.HTTPException) as e:
-        raise Qwen3VLError(f"{what}: {url} could not be downloaded ({type(e).__name__}: {e})") from None
+        raise Qwen3VLError(f"{what}: {url:.200} could not be downloaded ({type(e).__name__}: {e})") from None
 
 
 def _open(url: str, policy, deadline: float, what: str):
     """One hop: the URL checked, its name resolved and every address checked, a connection to one of
     them, the request sent and the response's headers read."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed [ of an IPv6 address
+        raise Qwen3VLError(f"{what}: {url:.200}: not a valid URL") from None
     if parts.scheme not in ("http", "https"):
-        raise Qwen3VLError(f"{what}: {url}: only http and https URLs are fetched")
+        raise Qwen3VLError(f"{what}: {url:.200}: only http and https URLs are fetched")
     if parts.username is not None or parts.password is not None:
         raise Qwen3VLError(f"{what}: URLs with credentials (user:password@) are refused")
     try:
         host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise Qwen3VLError(f"{what}: {url}: not a valid port") from None
+        raise Qwen3VLError(f"{what}: {url:.200}: not a valid port") from None
     if not host:
-        raise Qwen3VLError(f"{what}: {url}: no host")
+        raise Qwen3VLError(f"{what}: {url:.200}: no host")
     addresses = _addresses(host, port, policy.allow_private_urls, url, what)
     target = parts.path or "/"
     if parts.query:
@@ -108,13 +112,13 @@ def _addresses(host: str, port: int, allow_private: bool, url: str, what: str) -
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        raise Qwen3VLError(f"{what}: {url}: the host name does not resolve") from None
+        raise Qwen3VLError(f"{what}: {url:.200}: the host name does not resolve") from None
     addresses = []
     for *_, sockaddr in infos:
         address = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if not allow_private and not _public(address):
             raise Qwen3VLError(
-                f"{what}: {url} names a private, local or reserved address ({address}); "
+                f"{what}: {url:.200} names a private, local or reserved address ({address}); "
                 "the server fetches public addresses only (unless started with --allow-private-urls)"
             )
         addresses.append(sockaddr[0])
@@ -142,12 +146,12 @@ def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 def _body(response: http.client.HTTPResponse, url: str, policy, what: str) -> bytes:
     length = response.getheader("Content-Length")
     if length and length.isdigit() and int(length) > policy.max_bytes:
-        raise Qwen3VLError(f"{what}: {url} is over the limit of {policy.max_bytes:,} bytes")
+        raise Qwen3VLError(f"{what}: {url:.200} is over the limit of {policy.max_bytes:,} bytes")
     data = bytearray()
     while chunk := response.read1(CHUNK):
         data += chunk
         if len(data) > policy.max_bytes:
-            raise Qwen3VLError(f"{what}: {url} is over the limit of {policy.max_bytes:,} bytes")
+            raise Qwen3VLError(f"{what}: {url:.200} is over the limit of {policy.max_bytes:,} bytes")
     return bytes(data)
 
 
