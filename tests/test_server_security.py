@@ -13,10 +13,12 @@ import ipaddress
 import json
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from test_server import HANG, KEY, Server, ask, data_url, image_part, png, user
@@ -29,6 +31,8 @@ from mlx_qwen3vl.serving.guard import Access
 from mlx_qwen3vl.serving.media import MediaPolicy, fetch
 
 ALLOWED_ORIGIN = "https://chat.example"
+# A self-signed certificate (and its key) for the name localhost, valid for a century: the https host.
+LOCALHOST_TLS = Path(__file__).parent / "data" / "tls" / "localhost.pem"
 LIMIT = 20_000  # bytes of request body, for the size tests
 
 
@@ -80,6 +84,13 @@ class Media(http.server.BaseHTTPRequestHandler):
             pass
 
 
+class QuietServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # a client that refused the certificate, or went away: what these tests make clients do
+
+
 CAT = png(3)
 DRIP = 60  # bytes sent by /drip, one a tenth of a second
 REDIRECTS = {
@@ -91,11 +102,22 @@ REDIRECTS = {
 
 @pytest.fixture(scope="module")
 def media_host():
-    httpd = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Media)
-    httpd.daemon_threads = True
+    httpd = QuietServer(("127.0.0.1", 0), Media)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd.server_address[1]
     Media.released.set()
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tls_media_host():
+    """The same host over https, with the localhost certificate."""
+    httpd = QuietServer(("127.0.0.1", 0), Media)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(LOCALHOST_TLS)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1]
     httpd.shutdown()
 
 
@@ -287,6 +309,25 @@ def test_a_dripping_download_stops_at_the_deadline(media_host):
     assert "deadline of 1 s" in message
     assert Media.drip_ended.wait(HANG)
     assert Media.dripped < DRIP
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tls_media_host, monkeypatch):
+    """The connection goes to the address checked, while the certificate is verified for the URL's name
+    (unknown issuer refused; trusted, the download goes through, under the same deadline)."""
+    url = f"https://localhost:{tls_media_host}"
+    assert "CERTIFICATE_VERIFY_FAILED" in refused_fetch(f"{url}/cat.png", allow_private_urls=True)
+    default_context = ssl.create_default_context
+
+    def trusting(*args, **kwargs):
+        context = default_context(*args, **kwargs)
+        context.load_verify_locations(LOCALHOST_TLS)
+        return context
+
+    monkeypatch.setattr(ssl, "create_default_context", trusting)
+    assert fetch(f"{url}/cat.png", MediaPolicy(allow_private_urls=True), "image 1").data == CAT
+    message = refused_fetch(f"{url}/drip", allow_private_urls=True, connect_timeout=5.0, total_timeout=1.0)
+    assert "deadline of 1 s" in message
+    assert "private, local or reserved address" in refused_fetch(f"{url}/cat.png")
 
 
 def test_the_server_refuses_private_urls_by_default(strict, media_host):
