@@ -10,11 +10,52 @@ Argument parsing only: the server lives in `mlx_qwen3vl/serving/`.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # Light imports only: --help and argument errors answer before MLX and transformers are loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
 from mlx_qwen3vl.cli import ArgumentParser, add_kv_cache_arguments, fail, number, quiet_libraries
 from mlx_qwen3vl.options import DTYPE_NAMES, MAX_BATCH
+
+
+def directory(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a directory")
+    return path.resolve()
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number of bytes")
+    return value
+
+
+def origin(text: str) -> str:
+    """A web origin as browsers send it: scheme://host[:port], nothing after."""
+    scheme, sep, rest = text.partition("://")
+    if text != "*" and (scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an origin (https://example.com[:port], or *)")
+    return text
+
+
+def host_name(text: str) -> str:
+    if not text or any(c in text for c in "/@ ") or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a host name (example.com, or *)")
+    return text
+
+
+def names(check):
+    """A comma-separated list, each item checked: the value of an option that may also be repeated."""
+
+    def parse(text: str) -> list[str]:
+        return [check(item.strip()) for item in text.split(",") if item.strip()]
+
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,8 +79,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--allow-local-files",
+        metavar="DIR",
+        type=directory,
+        help="let requests name files under DIR (off: URLs only)",
+    )
+    p.add_argument(
+        "--allow-private-urls",
         action="store_true",
-        help="let requests name files of this machine (off: URLs only)",
+        help="fetch URLs of this machine and its private networks too (off: public addresses only)",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        metavar="ORIGINS",
+        type=names(origin),
+        action="extend",
+        default=[],
+        help="web origins whose pages may call the server, comma-separated or repeated ('*': any; "
+        "the loopback ones and --host always)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        type=names(host_name),
+        action="extend",
+        default=[],
+        help="Host names the server answers to ('*': any; the loopback ones and --host always)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=positive,
+        help="largest request body (default: four media at --max-media-bytes, base64-encoded, and 1 MB)",
     )
     p.add_argument(
         "--cache-entries", type=int, default=8, help="conversations whose KV cache is kept (%(default)s)"
@@ -74,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
             max_media_bytes=args.max_media_bytes,
             allow_local_files=args.allow_local_files,
+            allow_private_urls=args.allow_private_urls,
+            allowed_origins=tuple(args.allowed_origins),
+            allowed_hosts=tuple(args.allowed_hosts),
+            max_request_bytes=args.max_request_bytes,
             cache_entries=args.cache_entries,
             cache_bytes=int(args.cache_gb * 10**9),
             max_batch=args.max_batch,

@@ -41,14 +41,14 @@ HANG = 300  # seconds: a bound on waits, so that a hang fails; far above what an
 class Server:
     """create_app + uvicorn in a thread of this process, so tests can look at the engine."""
 
-    def __init__(self, checkpoint: Path, engine_options: dict | None = None, **policy):
+    def __init__(self, checkpoint: Path, engine_options: dict | None = None, access=None, **policy):
         model, processor = load(checkpoint, dtype="float32")
         self.engine = Engine(model, processor, **(engine_options or {}))
         self.engine.start()
         # A socket bound here to a port the system picks: no other process can take the port meanwhile.
         listening = socket.create_server(("127.0.0.1", 0))
         self.port = listening.getsockname()[1]
-        app = create_app(self.engine, "tiny", api_key=KEY, policy=MediaPolicy(**policy))
+        app = create_app(self.engine, "tiny", api_key=KEY, policy=MediaPolicy(**policy), access=access)
         config = uvicorn.Config(app, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listening]}, daemon=True)
@@ -68,7 +68,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    s = Server(tiny_checkpoint, connect_timeout=1.0, total_timeout=2.0, max_bytes=2_000_000)
+    # Private URLs allowed: the media tests fetch from a web server of their own on the loopback address.
+    s = Server(
+        tiny_checkpoint, connect_timeout=1.0, total_timeout=2.0, max_bytes=2_000_000, allow_private_urls=True
+    )
     yield s
     s.close()
 
@@ -562,7 +565,7 @@ def test_bad_media_urls_get_a_400(server, web, path, message):
 
 def test_local_files_only_when_allowed(tiny_checkpoint, web):
     _, folder = web
-    allowed = Server(tiny_checkpoint, allow_local_files=True)
+    allowed = Server(tiny_checkpoint, allow_local_files=folder)
     try:
         answer = ask(allowed, [user(image_part(str(folder / "cat.png")), "What?")])
         assert isinstance(answer, str) and answer

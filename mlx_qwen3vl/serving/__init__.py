@@ -1,9 +1,12 @@
 """An OpenAI-compatible HTTP server for Qwen3-VL: `python server.py` (the command line), `serve()` (from
-Python). The web layer (app.py) checks requests (protocol.py) and fetches their media (media.py); the
+Python). The web layer (app.py) admits requests (guard.py), checks them (protocol.py) and fetches their
+media (media.py, fetch.py); the
 engine (engine.py) owns the model, continues each request from its store of prefix caches and
 decodes the answers of concurrent requests together (batch.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from ..options import DEFAULT_KV_GROUP_SIZE, KVCacheOptions
 
@@ -16,7 +19,11 @@ def serve(
     api_key: str | None = None,
     dtype: str | None = None,
     max_media_bytes: int = 20 * 10**6,
-    allow_local_files: bool = False,
+    allow_local_files: str | Path | None = None,
+    allow_private_urls: bool = False,
+    allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] = (),
+    max_request_bytes: int | None = None,
     cache_entries: int = 8,
     cache_bytes: int = 2 * 10**9,
     max_batch: int = 8,
@@ -26,12 +33,16 @@ def serve(
 ) -> None:
     """Load the model once and serve it until interrupted: up to `max_batch` answers decoded together.
     `kv_bits` (8 or 4): every request's KV cache holds keys and values quantized (`stream_generate`); its
-    answers then advance together a forward pass each (serving/batch.py)."""
+    answers then advance together a forward pass each (serving/batch.py). `allow_local_files`: the
+    directory whose files requests may name; `allow_private_urls`: URLs of this machine and its networks
+    fetched too; `allowed_origins`, `allowed_hosts`: web origins and Host names allowed besides the
+    loopback ones and `host` ("*": any; guard.py); `max_request_bytes`: the largest request body."""
     import uvicorn
 
     from ..loading import load
     from .app import create_app
     from .engine import Engine
+    from .guard import Access
     from .media import MediaPolicy
 
     kv_cache = KVCacheOptions(kv_bits, kv_group_size)  # checked before the model loads
@@ -45,8 +56,13 @@ def serve(
         kv_cache=kv_cache,
     )
     engine.start()
-    policy = MediaPolicy(max_bytes=max_media_bytes, allow_local_files=allow_local_files)
-    app = create_app(engine, model_name=str(model_path), api_key=api_key, policy=policy)
+    policy = MediaPolicy(
+        max_bytes=max_media_bytes,
+        allow_local_files=None if allow_local_files is None else Path(allow_local_files),
+        allow_private_urls=allow_private_urls,
+    )
+    access = Access(tuple(allowed_origins), tuple(allowed_hosts), host, max_request_bytes)
+    app = create_app(engine, model_name=str(model_path), api_key=api_key, policy=policy, access=access)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:

@@ -1,26 +1,33 @@
 """The OpenAI-compatible HTTP API over the engine, with FastAPI: `GET /health`, `GET /v1/models`,
 `POST /v1/chat/completions` (streamed as server-sent events or not).
 
-Every refusal is OpenAI's error object with a 4xx status and one line; a bug in one request is a 500 for
-it alone. A streaming client that disconnects cancels its request, which stops within a token.
+Every refusal is OpenAI's error object with a 4xx status and one line (an unknown route and a wrong
+method too); a bug in one request is a 500 for it alone. Host, Origin, the API key and the body's size
+are checked first (guard.py). A streaming client that disconnects cancels its request, which stops
+within a token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..errors import Qwen3VLError
 from .engine import Engine, Event, Job
+from .fetch import download_pool, remote
+from .guard import Access, Guard, request_limit
 from .media import MediaPolicy, MediaReader, fetch
 from .protocol import (
     ApiError,
     completion,
     completion_id,
+    decode_body,
     from_user_error,
     message,
     parse_request,
@@ -31,30 +38,45 @@ from .protocol import (
 
 
 def create_app(
-    engine: Engine, model_name: str, api_key: str | None = None, policy: MediaPolicy | None = None
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    policy: MediaPolicy | None = None,
+    access: Access | None = None,
 ):
-    policy = policy or MediaPolicy()
+    policy, access = policy or MediaPolicy(), access or Access()
     reader = MediaReader(engine.processor)
-    app = FastAPI(title="mlx-qwen3vl", docs_url=None, redoc_url=None, openapi_url=None)
+    downloads = download_pool()  # not the default pool, which requests with inline media need too
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        downloads.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="mlx-qwen3vl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def refused(_request: Request, error: ApiError):
         return JSONResponse(error.body(), status_code=error.status)
 
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, error: HTTPException):
+        if error.status_code == 404:
+            text = f"no such route: {request.method} {request.url.path}"
+        elif error.status_code == 405:
+            text = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            text = str(error.detail)
+        return JSONResponse(
+            ApiError(error.status_code, text[:200]).body(),
+            status_code=error.status_code,
+            headers=error.headers,
+        )
+
     @app.exception_handler(Exception)
     async def failed(_request: Request, error: Exception):
         return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return JSONResponse(
-                    ApiError(401, "missing or wrong API key (Authorization: Bearer ...)").body(),
-                    status_code=401,
-                )
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -67,15 +89,14 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
-        try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        request = parse_request(body)
+        request = parse_request(decode_body(await http.body()))
+        loop = asyncio.get_running_loop()
         try:
             fetched = await asyncio.gather(
                 *(
-                    asyncio.to_thread(fetch, m.url, policy, f"{m.kind} {i + 1}")
+                    loop.run_in_executor(
+                        downloads if remote(m.url) else None, fetch, m.url, policy, f"{m.kind} {i + 1}"
+                    )
                     for i, m in enumerate(request.media)
                 )
             )
@@ -85,7 +106,7 @@ def create_app(
             turn = await asyncio.to_thread(reader.turn, request, list(fetched))
         except Qwen3VLError as e:
             raise ApiError(400, str(e)) from None
-        job = Job(request, turn, asyncio.get_running_loop())
+        job = Job(request, turn, loop)
         engine.submit(job)
         first = await job.events.get()
         if first.kind == "error":
@@ -112,6 +133,8 @@ def create_app(
         answer = message("".join(text), "".join(reasoning) if thinks else None, calls)
         return completion(cid, model_name, answer, event.finish, event.prompt_tokens, event.tokens, logprobs)
 
+    limit = access.max_request_bytes or request_limit(policy.max_bytes)
+    app.add_middleware(Guard, access=access, max_request_bytes=limit, api_key=api_key)
     return app
 
 

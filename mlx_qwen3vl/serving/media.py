@@ -1,10 +1,10 @@
 """Images and videos named in requests: fetched under limits a server must keep, and identified by their
 content, so that a resent image is found in the caches without being decoded again.
 
-An http(s) URL is downloaded with connect and total timeouts, at most MAX_REDIRECTS redirects and at most
-`max_bytes`; a `data:` URL is decoded under the same size limit; a local path or `file:` URL only when the
-server allows local files (a client must not read the server's files). Videos are written to a private
-temporary file for OpenCV, removed after decoding.
+An http(s) URL is downloaded by fetch.py (public addresses only, one deadline, at most `max_bytes`); a
+`data:` URL is decoded under the same size limit; a local path or `file:` URL only under the directory the
+server allows (a client must not read the server's other files, nor learn which exist). Videos are
+written to a private temporary file for OpenCV, removed after decoding.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 import tempfile
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,21 +24,22 @@ from ..errors import Qwen3VLError
 from ..media import MediaItem
 from ..processor import Processor
 from ..turn import Turn
+from .fetch import download, remote
 from .protocol import Request
 
-MAX_REDIRECTS = 5
 CONNECT_TIMEOUT = 10.0  # seconds to open the connection (and between two reads)
 TOTAL_TIMEOUT = 60.0  # seconds for the whole download
-CHUNK = 1 << 16
 MEDIA_ENTRIES = 32  # images and videos kept read, by content and options
 
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    """What the server lets a request name."""
+    """What the server lets a request name: `allow_local_files`, the directory whose files requests may
+    name (None: none); `allow_private_urls`, URLs of this machine and its private networks too."""
 
     max_bytes: int = 20 * 10**6
-    allow_local_files: bool = False
+    allow_local_files: Path | None = None
+    allow_private_urls: bool = False
     connect_timeout: float = CONNECT_TIMEOUT
     total_timeout: float = TOTAL_TIMEOUT
 
@@ -57,10 +56,12 @@ def fetch(source: str, policy: MediaPolicy, what: str) -> Fetched:
     """The bytes behind a URL, data: URL or (allowed) local path. One Qwen3VLError line otherwise."""
     if not isinstance(source, str) or not source:
         raise Qwen3VLError(f"{what}: expected a URL string")
+    if not source.isprintable():  # CR/LF would split the request a URL goes into, and the error's line
+        raise Qwen3VLError(f"{what}: the URL holds a control or unprintable character")
     if source.startswith("data:"):
         data = _data_url(source, policy, what)
-    elif source.startswith(("http://", "https://")):
-        data = _download(source, policy, what)
+    elif remote(source):
+        data = download(source, policy, what)
     else:
         data = _local(source, policy, what)
     return Fetched(data, hashlib.sha256(data).hexdigest())
@@ -78,50 +79,24 @@ def _data_url(source: str, policy: MediaPolicy, what: str) -> bytes:
         raise Qwen3VLError(f"{what}: the data: URL is not valid base64") from None
 
 
-class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
-    max_redirections = MAX_REDIRECTS
-
-
-def _download(url: str, policy: MediaPolicy, what: str) -> bytes:
-    opener = urllib.request.build_opener(_LimitedRedirects())
-    deadline = time.monotonic() + policy.total_timeout
-    try:
-        with opener.open(url, timeout=policy.connect_timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > policy.max_bytes:
-                raise Qwen3VLError(f"{what}: {url} is over the limit of {policy.max_bytes:,} bytes")
-            data = bytearray()
-            while chunk := response.read(CHUNK):
-                data += chunk
-                if len(data) > policy.max_bytes:
-                    raise Qwen3VLError(f"{what}: {url} is over the limit of {policy.max_bytes:,} bytes")
-                if time.monotonic() > deadline:
-                    raise Qwen3VLError(f"{what}: {url} took more than {policy.total_timeout:g} s to download")
-            return bytes(data)
-    except Qwen3VLError:
-        raise
-    except urllib.error.HTTPError as e:
-        if 300 <= e.code < 400:
-            raise Qwen3VLError(f"{what}: {url} redirects more than {MAX_REDIRECTS} times") from None
-        raise Qwen3VLError(f"{what}: {url} answered HTTP {e.code}") from None
-    except TimeoutError:
-        raise Qwen3VLError(f"{what}: {url} did not answer within {policy.connect_timeout:g} s") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise Qwen3VLError(f"{what}: {url} could not be downloaded ({reason})") from None
-
-
 def _local(source: str, policy: MediaPolicy, what: str) -> bytes:
-    if not policy.allow_local_files:
+    """A file under the allowed directory, links resolved first (a link inside may point outside). A
+    file outside and a missing file get the same message: a client learns nothing of the rest of the
+    machine."""
+    if policy.allow_local_files is None:
         raise Qwen3VLError(
-            f"{what}: local files are not served (start the server with --allow-local-files); "
+            f"{what}: local files are not served (start the server with --allow-local-files DIR); "
             "send an http(s) or data: URL"
         )
-    path = Path(source.removeprefix("file://")).expanduser()
-    if not path.is_file():
-        raise Qwen3VLError(f"{what}: {path}: no such file")
+    root = Path(policy.allow_local_files).resolve()
+    try:
+        path = (root / Path(source.removeprefix("file://")).expanduser()).resolve()
+    except (OSError, RuntimeError, ValueError):
+        path = None
+    if path is None or not path.is_relative_to(root) or not path.is_file():
+        raise Qwen3VLError(f"{what}: {source}: no such file in the served directory")
     if path.stat().st_size > policy.max_bytes:
-        raise Qwen3VLError(f"{what}: {path} is over the limit of {policy.max_bytes:,} bytes")
+        raise Qwen3VLError(f"{what}: {source} is over the limit of {policy.max_bytes:,} bytes")
     return path.read_bytes()
 
 
@@ -164,7 +139,9 @@ class MediaReader:
         """An image or video from fetched bytes, read with these options, or as read before. Its digest
         (its identity in the prefix caches) is that of the bytes and the options: cheaper than the pixel
         rows', and as exact, since they make the rows."""
-        key = (kind, fetched.digest, tuple(sorted(options.items())))
+        # The options as JSON: they come from JSON, and any JSON value (a list given for max_pixels) makes
+        # a key; the processor then refuses the wrong ones with their one line.
+        key = (kind, fetched.digest, json.dumps(options, sort_keys=True))
         with self.lock:
             if key in self.read:
                 self.read.move_to_end(key)

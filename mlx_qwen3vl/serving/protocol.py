@@ -27,6 +27,8 @@ from ..options import (
 from ..processor import media_defaults
 from ..tools import ToolCall, tool_names
 
+MAX_DEPTH = 64  # levels of JSON nesting a request may use (a tool's schema nests a few)
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Media options a request may carry as extra fields (vLLM and mlx-vlm take them so too).
 MEDIA_OPTIONS = ("min_pixels", "max_pixels", "fps", "nframes", "total_pixels", "video_start", "video_end")
 
@@ -49,6 +51,30 @@ def from_user_error(error: Qwen3VLError) -> ApiError:
     """A Qwen3VLError as a 400, naming the option it is about when its message starts with one."""
     match = re.match(r"(?:video option )?(\w+)=", str(error))
     return ApiError(400, str(error), param=match[1] if match else None)
+
+
+def decode_body(raw: bytes) -> Any:
+    """The request body as JSON, refused when it is none, nests deeper than MAX_DEPTH (code further on
+    recurses through it: a deep one must be a 400 here, not a RecursionError there) or holds a lone
+    surrogate (JSON's escapes allow one; UTF-8, and so the tokenizer and every answer, does not)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels") from None
+    pending = [(body, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            value = [*value, *value.values()]
+        if isinstance(value, list):
+            if depth > MAX_DEPTH:
+                raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels")
+            pending += [(item, depth + 1) for item in value]
+        elif isinstance(value, str) and LONE_SURROGATE.search(value):
+            raise ApiError(400, "the request body holds a lone UTF-16 surrogate (\\ud800 to \\udfff)")
+    return body
 
 
 class ResponseFormat(BaseModel):
