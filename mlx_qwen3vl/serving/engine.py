@@ -15,14 +15,15 @@ import asyncio
 import queue
 import threading
 import traceback
+import weakref
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from ..answer import AnswerText
-from ..errors import Qwen3VLError
-from ..generation import generation_stream, prefill, turn_input
+from ..errors import BrokenWeightsError, Qwen3VLError
+from ..generation import check_finite, generation_stream, logits_are_finite, prefill, turn_input
 from ..model import Model
 from ..options import KVCacheOptions
 from ..prefix_cache import PrefixCache, PrefixCacheStore
@@ -103,6 +104,10 @@ class Engine:
         self.max_batch = max_batch
         self.batch = make_batch(model, self.kv_cache)
         self.sequences: list[Sequence] = []  # one per row of the batch, in its order
+        # Every request submitted and still referenced by its web handler, to end them all at shutdown.
+        self.submitted: weakref.WeakSet[Job] = weakref.WeakSet()
+        self.submitting = threading.Lock()
+        self.closing: str | None = None  # why new requests are refused: the server is shutting down
         self.reused = 0  # prompt tokens the last request found in the cache (for tests and logs)
         self.widest = 0  # the most rows decoded together so far (for tests and logs)
 
@@ -114,7 +119,24 @@ class Engine:
         self.thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        with self.submitting:
+            if self.closing is None:
+                self.submitted.add(job)
+                self.jobs.put(job)
+                return
+        job.emit(Event("error", text=self.closing, status=503))
+
+    def end_all(self, reason: str) -> None:
+        """End every request submitted, running or waiting, with an error event saying `reason` (a 503),
+        and refuse those that come later: a server shutting down would otherwise wait for each streamed
+        answer to run to its end, since its connection stays open until then. The engine's thread drops
+        the cancelled requests within a token (or a prompt chunk)."""
+        with self.submitting:
+            self.closing = reason
+            jobs = list(self.submitted)
+        for job in jobs:
+            job.cancel()
+            job.emit(Event("error", text=reason, status=503))
 
     def _run(self) -> None:
         # Raised on Metal for as long as the engine runs (mlx-lm's), so a model that fits is not paged out.
@@ -146,6 +168,8 @@ class Engine:
             self._prefill(job)
         except Cancelled:
             pass
+        except BrokenWeightsError as e:  # the server's fault, not the request's
+            job.emit(Event("error", text=str(e), status=500))
         except Qwen3VLError as e:
             job.emit(Event("error", text=str(e), status=400))
         except Exception as e:  # a bug must fail its request, never the server
@@ -167,6 +191,9 @@ class Engine:
             sampler = turn.sampler()
             with mx.stream(generation_stream):
                 token, distribution = sampler(logits)
+                finite = logits_are_finite(logits)
+            mx.eval(token, distribution, finite)
+            check_finite(finite)
         except BaseException:
             self._give_back(turn, cache, [])
             raise
