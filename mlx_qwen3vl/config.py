@@ -149,8 +149,6 @@ class MoeConfig:
         if params.get("mlp_only_layers") is None:  # null means none
             params["mlp_only_layers"] = []
         config = _from_known_keys(cls, params, "text_config")
-        if config.decoder_sparse_step < 1:
-            raise Qwen3VLError(f"config.json: decoder_sparse_step {config.decoder_sparse_step} must be >= 1")
         if config.num_experts > 0 and not 1 <= config.num_experts_per_tok <= config.num_experts:
             raise Qwen3VLError(
                 f"config.json: num_experts_per_tok {config.num_experts_per_tok} must be between 1 and "
