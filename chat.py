@@ -366,17 +366,32 @@ def chat(
 def read_question(args: argparse.Namespace) -> str | None:
     """The one-shot question: --prompt, else standard input when it is not a terminal; None: interactive."""
     if args.prompt is not None:
-        return args.prompt
+        return readable(args.prompt)
     return None if sys.stdin.isatty() else sys.stdin.read().strip()
+
+
+def readable(text: str) -> str:
+    """Command-line text as characters: bytes that are not UTF-8 reach Python as lone surrogates
+    (errors="surrogateescape"), which the tokenizer cannot take; they become U+FFFD, as on standard input."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that no byte decodes to (a shell's own escapes)
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()
+    # Typed or piped bytes that are not UTF-8 become U+FFFD instead of an error.
+    sys.stdin.reconfigure(errors="replace")
     try:
         for kind in ("image", "video"):
             for path in getattr(args, kind):
                 check_file(path, kind)
+        if args.draw is not None:
+            from mlx_qwen3vl.grounding import check_drawing_folder
+
+            check_drawing_folder(args.draw)
         question = read_question(args)
         if question == "" and not (args.image or args.video):
             raise Qwen3VLError("no question: the prompt (--prompt or standard input) is empty")
@@ -387,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         session = ChatSession(
             model,
             processor,
-            system=args.system,
+            system=None if args.system is None else readable(args.system),
             max_tokens=args.max_tokens,
             kv_bits=args.kv_bits,
             kv_group_size=args.kv_group_size,

@@ -15,7 +15,7 @@ from pathlib import Path
 # Light imports only: --help and argument errors answer before MLX and transformers are loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
 from mlx_qwen3vl.cli import ArgumentParser, add_kv_cache_arguments, fail, number, quiet_libraries
-from mlx_qwen3vl.options import DTYPE_NAMES, MAX_BATCH
+from mlx_qwen3vl.options import CACHE_GB, DTYPE_NAMES, MAX_BATCH, MAX_MEDIA_BYTES, PORT
 
 
 def directory(text: str) -> Path:
@@ -66,14 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)"
     )
-    p.add_argument("--port", type=int, default=8080, help="%(default)s")
+    p.add_argument("--port", type=number(PORT), default=8080, help="%(default)s")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but /health")
     p.add_argument(
         "--dtype", choices=DTYPE_NAMES, help="compute dtype (default: bfloat16 on a GPU, float32 on the CPU)"
     )
     p.add_argument(
         "--max-media-bytes",
-        type=int,
+        type=number(MAX_MEDIA_BYTES),
         default=20 * 10**6,
         help="largest image or video a request may send or name",
     )
@@ -113,7 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cache-entries", type=int, default=8, help="conversations whose KV cache is kept (%(default)s)"
     )
-    p.add_argument("--cache-gb", type=float, default=2.0, help="memory for those caches, in GB (%(default)s)")
+    p.add_argument(
+        "--cache-gb", type=number(CACHE_GB), default=2.0, help="memory for those caches, in GB (%(default)s)"
+    )
     p.add_argument(
         "--max-batch",
         type=number(MAX_BATCH),

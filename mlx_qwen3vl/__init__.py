@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 # Before anything imports mlx.core: on Linux, route MLX's float32 matmuls to the system OpenBLAS.
 from .cpu import use_system_openblas
-from .errors import Qwen3VLError
+from .errors import BrokenWeightsError, Qwen3VLError
 from .options import DEFAULT_MODEL
 
 use_system_openblas()
@@ -35,6 +35,7 @@ _SUBMODULES = ("grounding",)
 __all__ = [
     "DEFAULT_MODEL",
     "Answer",
+    "BrokenWeightsError",
     "ChatSession",
     "GenerationResponse",
     "InvalidToolCall",

@@ -175,7 +175,7 @@ class ChatSession:
         """The messages a turn adds, checked."""
         messages = isinstance(content, list) and all(isinstance(m, dict) and "role" in m for m in content)
         if messages and content:
-            turn = normalize_messages(content)
+            turn = normalize_messages(content, before=self.messages)
             if any(m["role"] not in TURN_ROLES for m in turn):
                 raise Qwen3VLError("a turn adds user or tool messages; the answers are the model's")
             return turn

@@ -11,15 +11,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Qwen3VLError
+from .file_values import ANY_NUMBER, NON_NEGATIVE, check_value, checked_fields
+
+CONFIG_FILE = "config.json"
 
 
 def _from_known_keys(cls, params: dict[str, Any], section: str):
-    """Build a dataclass from a config dict, ignoring keys the model does not use."""
+    """Build a dataclass from a config dict, ignoring keys the model does not use, each value checked
+    against the field's type and range (`file_values.py`). `section`: where the dict is in config.json
+    ("" for its top level)."""
     known = inspect.signature(cls).parameters
     missing = [k for k, p in known.items() if p.default is inspect.Parameter.empty and k not in params]
     if missing:
-        raise Qwen3VLError(f"config.json is incomplete: {section} lacks {', '.join(missing)}")
-    return cls(**{k: v for k, v in params.items() if k in known})
+        raise Qwen3VLError(f"config.json is incomplete: {section or CONFIG_FILE} lacks {', '.join(missing)}")
+    checked = checked_fields(cls, params, CONFIG_FILE, section)
+    return cls(**{k: v for k, v in checked.items() if k in known})
+
+
+def _section(params: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """A nested object of config.json (null or absent: empty)."""
+    value = params.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Qwen3VLError(f"config.json: {where}.{key} is {value!r:.40}, must be an object")
+    return value
 
 
 # transformers' activation names that the vision MLP may use: True for the tanh approximation.
@@ -33,7 +49,7 @@ class VisionConfig:
     num_heads: int
     intermediate_size: int
     out_hidden_size: int
-    deepstack_visual_indexes: list[int] = field(default_factory=list)
+    deepstack_visual_indexes: list[int] = field(default_factory=list, metadata=NON_NEGATIVE)
     hidden_act: str = "gelu_pytorch_tanh"
     in_channels: int = 3
     patch_size: int = 16
@@ -46,10 +62,15 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> VisionConfig:
         params = dict(params)
-        rope = params.get("rope_parameters") or {}
+        rope = _section(params, "rope_parameters", "vision_config")
         if "rope_theta" in rope:
             params["rope_theta"] = rope["rope_theta"]
         config = _from_known_keys(cls, params, "vision_config")
+        if config.hidden_size % config.num_heads:
+            raise Qwen3VLError(
+                f"config.json: vision_config.hidden_size {config.hidden_size} is not a multiple of "
+                f"num_heads {config.num_heads}"
+            )
         if config.hidden_act not in VISION_ACTIVATIONS:
             raise Qwen3VLError(f"config.json: vision hidden_act {config.hidden_act!r} is not supported")
         if any(not 0 <= i < config.depth for i in config.deepstack_visual_indexes):
@@ -76,20 +97,23 @@ class YarnScaling:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
+    mscale: float | None = field(default=None, metadata=ANY_NUMBER)
+    mscale_all_dim: float | None = field(default=None, metadata=ANY_NUMBER)
     truncate: bool = True
 
     @classmethod
-    def from_dict(cls, rope: dict[str, Any], text: dict[str, Any]) -> YarnScaling:
+    def from_dict(cls, rope: dict[str, Any], text: dict[str, Any], section: str) -> YarnScaling:
         """From the merged rope settings and the rest of text_config. As in transformers: a top-level
         original_max_position_embeddings wins, else the rope's own, else max_position_embeddings; a
-        missing factor is max_position_embeddings over the original length; beta 0 or None is the default."""
+        missing factor is max_position_embeddings over the original length; beta 0 or None is the default.
+        `section`: where `rope` is in config.json, for errors."""
         rope = {k: v for k, v in rope.items() if v is not None}
         max_positions = text.get("max_position_embeddings", 262144)
-        original = text.get("original_max_position_embeddings") or rope.get(
-            "original_max_position_embeddings", max_positions
-        )
+        name = "original_max_position_embeddings"
+        if text.get(name):
+            original = check_value(text[name], int, CONFIG_FILE, f"text_config.{name}")
+        else:
+            original = check_value(rope.get(name, max_positions), int, CONFIG_FILE, f"{section}.{name}")
         factor = rope.get("factor", max_positions / original)
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
             raise Qwen3VLError(f"config.json: yarn factor {factor!r} must be a number >= 1")
@@ -97,8 +121,9 @@ class YarnScaling:
         settings = {k: rope[k] for k in optional if k in rope}
         for beta in ("beta_fast", "beta_slow"):
             if rope.get(beta):
-                settings[beta] = float(rope[beta])
-        return cls(float(factor), int(original), **settings)
+                settings[beta] = rope[beta]
+        settings = checked_fields(cls, settings, CONFIG_FILE, section)
+        return cls(float(factor), original, **settings)
 
 
 @dataclass
@@ -109,11 +134,11 @@ class MoeConfig:
     Qwen3VLMoeTextDecoderLayer). The router always renormalises its top-k weights: transformers'
     Qwen3-VL-MoE router reads no norm_topk_prob (unlike Qwen3-MoE's), and neither does this one."""
 
-    num_experts: int
+    num_experts: int = field(metadata=NON_NEGATIVE)
     num_experts_per_tok: int
     moe_intermediate_size: int
     decoder_sparse_step: int = 1
-    mlp_only_layers: list[int] = field(default_factory=list)
+    mlp_only_layers: list[int] = field(default_factory=list, metadata=NON_NEGATIVE)
 
     @classmethod
     def from_dict(cls, text: dict[str, Any]) -> MoeConfig:
@@ -121,10 +146,9 @@ class MoeConfig:
         # transformers 5's save_pretrained writes num_experts under its attribute-map name.
         if "num_local_experts" in params:
             params.setdefault("num_experts", params["num_local_experts"])
-        params["mlp_only_layers"] = list(params.get("mlp_only_layers") or [])  # null means none
+        if params.get("mlp_only_layers") is None:  # null means none
+            params["mlp_only_layers"] = []
         config = _from_known_keys(cls, params, "text_config")
-        if config.decoder_sparse_step < 1:
-            raise Qwen3VLError(f"config.json: decoder_sparse_step {config.decoder_sparse_step} must be >= 1")
         if config.num_experts > 0 and not 1 <= config.num_experts_per_tok <= config.num_experts:
             raise Qwen3VLError(
                 f"config.json: num_experts_per_tok {config.num_experts_per_tok} must be between 1 and "
@@ -151,7 +175,7 @@ class TextConfig:
     head_dim: int
     vocab_size: int
     rope_theta: float
-    mrope_section: list[int]
+    mrope_section: list[int] = field(metadata=NON_NEGATIVE)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 262144
     hidden_act: str = "silu"
@@ -174,12 +198,14 @@ class TextConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any], sparse: bool = False) -> TextConfig:
         """From text_config; `sparse`: a MoE model's, whose expert settings it also reads."""
-        params = dict(params)
+        # Checked first: the sizes below are computed from the file's values.
+        params = checked_fields(cls, params, CONFIG_FILE, "text_config")
         if sparse:
             params["moe"] = MoeConfig.from_dict(params)
         # 5.x layout: everything in rope_parameters; 4.57 layout: rope_theta + rope_scaling.
-        rope = dict(params.get("rope_scaling") or {})
-        rope.update(params.get("rope_parameters") or {})
+        rope = dict(_section(params, "rope_scaling", "text_config"))
+        rope.update(_section(params, "rope_parameters", "text_config"))
+        where = "text_config." + ("rope_parameters" if params.get("rope_parameters") else "rope_scaling")
         theta = rope.get("rope_theta", params.get("rope_theta"))
         if theta is None:
             raise Qwen3VLError(
@@ -187,7 +213,7 @@ class TextConfig:
             )
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "yarn":
-            params["yarn"] = YarnScaling.from_dict(rope, params)
+            params["yarn"] = YarnScaling.from_dict(rope, params, where)
         elif rope_type != "default":
             raise Qwen3VLError(
                 f"config.json: rope_type {rope_type!r} is not supported (Qwen3-VL uses 'default', "
@@ -197,13 +223,21 @@ class TextConfig:
             raise Qwen3VLError(
                 "config.json: non-interleaved MRoPE (Qwen2-VL style) is not supported; this is not Qwen3-VL"
             )
-        params["rope_theta"] = float(theta)
-        params["mrope_section"] = list(rope.get("mrope_section", [24, 20, 20]))
+        params["rope_theta"] = check_value(theta, float, CONFIG_FILE, f"{where}.rope_theta")
+        sections = rope.get("mrope_section", [24, 20, 20])
+        params["mrope_section"] = check_value(
+            sections, list[int], CONFIG_FILE, f"{where}.mrope_section", ">= 0"
+        )
         if "num_attention_heads" in params:
             params.setdefault("num_key_value_heads", params["num_attention_heads"])
             if "hidden_size" in params:
                 params.setdefault("head_dim", params["hidden_size"] // params["num_attention_heads"])
         config = _from_known_keys(cls, params, "text_config")
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise Qwen3VLError(
+                f"config.json: text_config.num_attention_heads {config.num_attention_heads} is not a "
+                f"multiple of num_key_value_heads {config.num_key_value_heads}"
+            )
         if sum(config.mrope_section) * 2 != config.head_dim:
             raise Qwen3VLError(
                 f"config.json: mrope_section {config.mrope_section} does not cover head_dim {config.head_dim}"
@@ -222,10 +256,10 @@ MOE_MODEL_TYPE = "qwen3_vl_moe"
 class ModelConfig:
     text_config: TextConfig
     vision_config: VisionConfig
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
+    image_token_id: int = field(default=151655, metadata=NON_NEGATIVE)
+    video_token_id: int = field(default=151656, metadata=NON_NEGATIVE)
+    vision_start_token_id: int = field(default=151652, metadata=NON_NEGATIVE)
+    vision_end_token_id: int = field(default=151653, metadata=NON_NEGATIVE)
     tie_word_embeddings: bool = False
     model_type: str = SUPPORTED_MODEL_TYPE
 
@@ -246,4 +280,4 @@ class ModelConfig:
         params.setdefault("tie_word_embeddings", text.get("tie_word_embeddings", False))
         params["text_config"] = TextConfig.from_dict(text, sparse=model_type == MOE_MODEL_TYPE)
         params["vision_config"] = VisionConfig.from_dict(params["vision_config"])
-        return _from_known_keys(cls, params, "config.json")
+        return _from_known_keys(cls, params, "")

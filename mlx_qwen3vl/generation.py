@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from .answer import Answer, TokenLogprobs
-from .errors import Qwen3VLError
+from .errors import BrokenWeightsError, Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import (
     DEFAULT_KV_GROUP_SIZE,
@@ -67,6 +67,29 @@ def prefill(
     raise Qwen3VLError("the prompt is empty")
 
 
+# What a prompt's logits that are not all finite say about the model, and how to check it.
+BROKEN_WEIGHTS = (
+    "the model's output for this prompt is not a number (NaN or infinite logits): its weights are "
+    "probably corrupt or badly converted; check the .safetensors files against their source (sizes and "
+    "checksums, e.g. sha256sum), or convert or download the model again"
+)
+
+
+def logits_are_finite(logits: mx.array) -> mx.array:
+    """A lazy flag: every logit of the prompt's last position is finite. Their sum is finite exactly
+    then (a NaN or an infinity carries into it; finite logits are far too small to overflow it), and
+    takes one pass over the vocabulary where an elementwise test and its `all()` take two; it is
+    evaluated with the first token's sampling (bench/finite_check.py measures what it adds)."""
+    return mx.isfinite(logits.sum())
+
+
+def check_finite(finite: mx.array) -> None:
+    """Stop before the first token of an answer from a model whose logits are NaN or infinite: its
+    tokens would be garbage (`!!!!` from an argmax over NaN), silently."""
+    if not finite.item():
+        raise BrokenWeightsError(BROKEN_WEIGHTS)
+
+
 def default_prefill_step(model: Model) -> int:
     backend = getattr(model, "backend", None)
     return backend.prefill_step_size if backend is not None else PREFILL_STEP_SIZE
@@ -92,13 +115,17 @@ def generate_step(
             return sample(model(token[None], cache=cache)[:, -1])
 
     with mx.stream(generation_stream):
-        token, distribution = sample(prefill(model, prompt, cache, prefill_step_size, progress))
-    mx.async_eval(token, distribution)
-    for _ in range(max_tokens):
+        logits = prefill(model, prompt, cache, prefill_step_size, progress)
+        token, distribution = sample(logits)
+        finite = logits_are_finite(logits)
+    mx.async_eval(token, distribution, finite)
+    for n in range(max_tokens):
         # Feed the current token before handing it out (so the cache always holds every token
         # yielded) and let that step run while the caller works on this one.
         next_token, next_distribution = step(token)
         mx.async_eval(next_token, next_distribution)
+        if n == 0:
+            check_finite(finite)  # evaluated with the first token, which is awaited next anyway
         yield token.item(), distribution
         token, distribution = next_token, next_distribution
 

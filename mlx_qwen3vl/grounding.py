@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -394,9 +395,28 @@ def _stem(source) -> str:
     return re.sub(r"[^\w.-]+", "_", stem).strip("._") or "image"
 
 
+def check_drawing_folder(folder: str | Path) -> Path:
+    """`folder` as a place drawings can be saved in, created when the first one is (a run that draws
+    nothing leaves no folder behind); or a Qwen3VLError saying what it should be and what is wrong with
+    it, where the system's own message would only say "File exists"."""
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise Qwen3VLError(f"{folder}: is a file; drawings are saved in a folder (give a folder's path)")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise Qwen3VLError(f"{folder}: cannot create this folder for the drawings ({existing} is a file)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise Qwen3VLError(f"{folder}: cannot save drawings there ({existing} is not writable)")
+    return path
+
+
 def _new_path(folder: Path, stem: str) -> Path:
     """`folder/stem-grounding.png`, or -2, -3, ... when taken: saving again never overwrites."""
-    folder.mkdir(parents=True, exist_ok=True)
+    check_drawing_folder(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Qwen3VLError(f"{folder}: cannot create this folder for the drawings ({e.strerror})") from None
     path, n = folder / f"{stem}-grounding.png", 1
     while path.exists():
         n += 1

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import Qwen3VLError
+from .file_values import ANY_NUMBER, checked_fields
 from .options import MEDIA
 
 MAX_ASPECT_RATIO = 200
@@ -36,22 +37,26 @@ class PatchSettings:
     merge_size: int = 2
     min_pixels: int = 65536
     max_pixels: int = 16777216
-    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5], metadata=ANY_NUMBER)
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     @classmethod
-    def from_dict(cls, params: dict) -> PatchSettings:
+    def from_dict(cls, params: dict, file: str = "preprocessor_config.json") -> PatchSettings:
+        """From a preprocessor config's values, each checked (`file` names it in errors)."""
         size = params.get("size") or {}
+        if not isinstance(size, dict):
+            raise Qwen3VLError(f"{file}: size is {size!r:.40}, must be an object")
         defaults = cls()
-        return cls(
-            patch_size=params.get("patch_size", defaults.patch_size),
-            temporal_patch_size=params.get("temporal_patch_size", defaults.temporal_patch_size),
-            merge_size=params.get("merge_size", defaults.merge_size),
-            min_pixels=size.get("shortest_edge", params.get("min_pixels", defaults.min_pixels)),
-            max_pixels=size.get("longest_edge", params.get("max_pixels", defaults.max_pixels)),
-            image_mean=list(params.get("image_mean", defaults.image_mean)),
-            image_std=list(params.get("image_std", defaults.image_std)),
-        )
+        values = {
+            "patch_size": params.get("patch_size", defaults.patch_size),
+            "temporal_patch_size": params.get("temporal_patch_size", defaults.temporal_patch_size),
+            "merge_size": params.get("merge_size", defaults.merge_size),
+            "min_pixels": size.get("shortest_edge", params.get("min_pixels", defaults.min_pixels)),
+            "max_pixels": size.get("longest_edge", params.get("max_pixels", defaults.max_pixels)),
+            "image_mean": params.get("image_mean", defaults.image_mean),
+            "image_std": params.get("image_std", defaults.image_std),
+        }
+        return cls(**checked_fields(cls, values, file))
 
     @property
     def factor(self) -> int:

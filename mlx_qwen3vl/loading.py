@@ -74,8 +74,10 @@ def read_config(path: Path) -> ModelConfig:
         raise Qwen3VLError(f"{path}: no config.json, this is not a model directory")
     try:
         params = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Qwen3VLError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise Qwen3VLError(f"{file}: must be a JSON object, not {type(params).__name__}")
     try:
         return ModelConfig.from_dict(params)
     except Qwen3VLError as e:
@@ -86,11 +88,7 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a model directory, from its index when there is one."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise Qwen3VLError(f"{index}: unreadable index ({e})") from None
-        files = [path / name for name in names]
+        files = [path / name for name in sorted(set(index_weight_map(index).values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise Qwen3VLError(f"{path}: weight file {missing[0]} listed in the index is missing")
@@ -99,6 +97,23 @@ def weight_files(path: Path) -> list[Path]:
     if not files:
         raise Qwen3VLError(f"{path}: no *.safetensors weight files")
     return files
+
+
+def index_weight_map(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name: file name), checked: a file of another
+    shape would fail later as a Python error with neither the file nor the field in it."""
+    try:
+        content = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Qwen3VLError(f"{index}: not valid JSON ({e})") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(name, str) and isinstance(file, str) and file for name, file in weight_map.items()
+    ):
+        raise Qwen3VLError(
+            f"{index}: weight_map is {weight_map!r:.40}, must be an object of tensor names to file names"
+        )
+    return weight_map
 
 
 def read_weights(path: Path) -> dict[str, mx.array]:

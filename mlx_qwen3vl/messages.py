@@ -5,6 +5,7 @@ parts without a source. Pure Python: nothing here reads a file or knows the mode
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,10 +88,11 @@ ROLES = ("system", "user", "assistant", "tool")
 PART_TYPES = ("text", *MEDIA_TYPES)
 
 
-def normalize_messages(messages_or_text, images=(), videos=()) -> list[dict]:
+def normalize_messages(messages_or_text, images=(), videos=(), before: list[dict] = ()) -> list[dict]:
     """Messages as a list of dicts, every field checked; content a string, None or a list of parts
     (`content_parts` gives the list). A plain string becomes one user message holding the given images,
-    then videos, then the text; a bare string in a content list is a text part."""
+    then videos, then the text; a bare string in a content list is a text part. `before`: the checked
+    conversation these messages continue (a chat session's), which a first tool message may answer."""
     if isinstance(messages_or_text, str):
         content = [{"type": "image"} for _ in images or []] + [{"type": "video"} for _ in videos or []]
         return [{"role": "user", "content": content + [{"type": "text", "text": messages_or_text}]}]
@@ -98,7 +100,27 @@ def normalize_messages(messages_or_text, images=(), videos=()) -> list[dict]:
         isinstance(m, dict) for m in messages_or_text
     ):
         raise Qwen3VLError("messages must be a string or a list of {'role': ..., 'content': ...} dicts")
-    return [_checked_message(i, m) for i, m in enumerate(messages_or_text, start=1)]
+    messages = [_checked_message(i, m) for i, m in enumerate(messages_or_text, start=1)]
+    _check_tool_results(list(before), messages)
+    return messages
+
+
+def _check_tool_results(before: list[dict], messages: list[dict]) -> None:
+    """Each tool message answers a call: it follows an assistant message with `tool_calls`, or another
+    tool message (the results of several calls), as OpenAI's API requires. Without a call, the template
+    would render a result the model never asked for."""
+    previous = before[-1]["role"] if before else None
+    calls = bool(before and before[-1].get("tool_calls"))
+    for number, message in enumerate(messages, start=1):
+        role = message["role"]
+        if role == "tool" and not (previous == "tool" or (previous == "assistant" and calls)):
+            after = f"after a {previous} message" if previous else "first"
+            raise Qwen3VLError(
+                f"message {number}: a tool message must follow the assistant message with the tool_calls "
+                f"it answers, not come {after}"
+            )
+        if role != "tool":
+            previous, calls = role, bool(message.get("tool_calls"))
 
 
 def _checked_message(number: int, message: dict) -> dict:
@@ -109,6 +131,8 @@ def _checked_message(number: int, message: dict) -> dict:
     if role not in ROLES:
         problem = "has no role" if role is None else f"has role {role!r:.40}"
         raise Qwen3VLError(f"{where} {problem}: must be one of {', '.join(ROLES)}")
+    if "tool_calls" in message:
+        _check_tool_calls(where, role, message["tool_calls"])
     content = message.get("content")
     if isinstance(content, str) or content is None:
         return message
@@ -118,6 +142,34 @@ def _checked_message(number: int, message: dict) -> dict:
         )
     parts = [_checked_part(f"{where}, part {k}", part) for k, part in enumerate(content, start=1)]
     return {**message, "content": parts}
+
+
+def _check_tool_calls(where: str, role: str, calls) -> None:
+    """An assistant message's `tool_calls` in OpenAI's form (`{"type": "function", "function": {"name":
+    ..., "arguments": ...}}`, or the function object itself, as the template reads either): a name, and
+    arguments that are an object or the JSON text of one."""
+    if calls is None:
+        return
+    if role != "assistant":
+        raise Qwen3VLError(f"{where}: only assistant messages have tool_calls, this one has role {role!r}")
+    if not isinstance(calls, (list, tuple)):
+        raise Qwen3VLError(f"{where}: tool_calls must be a list, got {type(calls).__name__}")
+    for k, call in enumerate(calls, start=1):
+        at = f"{where}, tool_calls item {k}"
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise Qwen3VLError(
+                f"{at}: must be {{'function': {{'name': ..., 'arguments': ...}}}}, got {call!r:.60}"
+            )
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                raise Qwen3VLError(f"{at}: arguments {function['arguments']!r:.40} is not JSON") from None
+        if not isinstance(arguments, dict):
+            given = function.get("arguments")
+            raise Qwen3VLError(f"{at}: arguments must be a JSON object (or its JSON text), got {given!r:.40}")
 
 
 def content_parts(message: dict) -> list[dict]:

@@ -37,6 +37,7 @@ _RANGES = {
     "> 0": lambda v: v > 0,
     "in [0, 1]": lambda v: 0 <= v <= 1,
     "in [0, 20]": lambda v: 0 <= v <= 20,
+    "in [0, 65535]": lambda v: 0 <= v <= 65535,
 }
 
 
@@ -104,6 +105,11 @@ MAX_TOKENS = NumberOption("max_tokens", int, ">= 1", "per answer")
 LOGPROBS = NumberOption("logprobs", int, "in [0, 20]")
 TOP_LOGPROBS = NumberOption("top_logprobs", int, "in [0, 20]")
 MAX_BATCH = NumberOption("max_batch", int, ">= 1", "answers the server decodes together")
+# server.py's own settings (0: a port the system picks).
+PORT = NumberOption("port", int, "in [0, 65535]")
+MAX_MEDIA_BYTES = NumberOption("max_media_bytes", int, ">= 1", "largest image or video a request may send")
+CACHE_GB = NumberOption("cache_gb", float, ">= 0", "memory for the kept KV caches, in GB")
+CACHE_BYTES = NumberOption("cache_bytes", int, ">= 0")
 # What chat.py offers of the media options; the processor checks every media option where it is defined
 # (image.py, video.py VideoOptions), these only parse the command line.
 MEDIA = _options(

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from .config import ModelConfig
 from .errors import Qwen3VLError
+from .file_values import check_value
 from .image import PatchSettings, image_patches, load_image, patchify
 from .media import MediaItem, stack_media
 from .messages import collect_media, media_arguments, normalize_messages, template_messages
@@ -48,11 +49,32 @@ def load_tokenizer(path: Path, eos_token_ids=None) -> TokenizerWrapper:
     byte-level BPE (Qwen's). mlx-lm's own loader makes the same choice by parsing the 11 MB
     tokenizer.json in Python first, a second parse after transformers' own, a quarter of the loading
     time. The loaded tokenizer's decoder says the same."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # the tokenizers library's parse errors have no type of their own
+        detail = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise Qwen3VLError(
+            f"{unreadable_tokenizer_file(path)}: cannot be read as a tokenizer ({detail})"
+        ) from None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     byte_level = backend is not None and isinstance(backend.decoder, ByteLevel)
     detokenizer = ByteLevelDetokenizer if byte_level else NaiveStreamingDetokenizer
     return TokenizerWrapper(tokenizer, detokenizer, eos_token_ids=eos_token_ids)
+
+
+# The tokenizer's JSON files, in the order transformers reads them.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
+
+
+def unreadable_tokenizer_file(path: Path) -> Path:
+    """Which of the tokenizer's files a failed load is about: the first that is not a JSON object (read
+    only after a failure, so a healthy load parses the large tokenizer.json once), else the directory."""
+    for name in TOKENIZER_FILES:
+        try:
+            _read_json(path / name)
+        except Qwen3VLError:
+            return path / name
+    return path
 
 
 class Processor:
@@ -81,17 +103,22 @@ class Processor:
         # chat_template.json as published, or the .jinja file newer transformers write; without either,
         # the tokenizer's own (tokenizer_config.json).
         template = _read_json(path / "chat_template.json").get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise Qwen3VLError(f"{path / 'chat_template.json'}: chat_template must be a string")
         if template is None and (path / "chat_template.jinja").exists():
             template = (path / "chat_template.jinja").read_text()
         generation = _read_json(path / "generation_config.json")
         # Every end-of-turn id of generation_config.json stops generation (<|im_end|> and <|endoftext|>).
         eos = generation.get("eos_token_id")
+        if eos is not None:
+            annotation = int if not isinstance(eos, list) else list[int]
+            check_value(eos, annotation, str(path / "generation_config.json"), "eos_token_id", ">= 0")
         tokenizer = load_tokenizer(path, eos_token_ids=eos)
         return cls(
             tokenizer,
             config,
-            PatchSettings.from_dict(image),
-            PatchSettings.from_dict(video),
+            PatchSettings.from_dict(image, str(path / "preprocessor_config.json")),
+            PatchSettings.from_dict(video, str(path / "video_preprocessor_config.json")),
             template,
             generation,
         )
@@ -187,6 +214,7 @@ class Processor:
         timestamp as it does there (`"this: "` + `"<0.5 seconds>"` gives `' <'` as one token). Each
         block's pad is written once and repeated after tokenizing: pads are special tokens, which the
         tokenizer always splits on, so the text around them tokenizes the same."""
+        check_unicode(text)
         pieces = _PLACEHOLDERS.split(text)
         found = _PLACEHOLDERS.findall(text)
         if len(found) != len(media):
@@ -234,6 +262,19 @@ class Processor:
         return {"input_ids": np.array([ids], dtype=np.int32), **stack_media(media)}
 
 
+def check_unicode(text: str) -> None:
+    """Refuse text the tokenizer cannot take: a lone surrogate (what Python makes of bytes that are not
+    UTF-8 when it decodes with errors="surrogateescape", as for command-line arguments) would fail inside
+    it as a TypeError. Text read from bytes should be decoded with errors="replace"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Qwen3VLError(
+            f"the prompt holds {e.object[e.start]!r}, a lone surrogate that is not a character (text "
+            "decoded from bytes that are not UTF-8?); decode it with errors='replace'"
+        ) from None
+
+
 def media_defaults(options: dict) -> dict[str, dict]:
     """Call-wide media options split into those of images (min_pixels, max_pixels) and of videos."""
     defaults = {
@@ -247,9 +288,13 @@ def media_defaults(options: dict) -> dict[str, dict]:
 
 
 def _read_json(file: Path) -> dict:
+    """A JSON object from the model directory, {} when the file is absent."""
     if not file.exists():
         return {}
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        content = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Qwen3VLError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(content, dict):
+        raise Qwen3VLError(f"{file}: must be a JSON object, not {type(content).__name__}")
+    return content

@@ -107,14 +107,22 @@ class ToolCallPiece:
 class ToolCallSplit:
     """Splits an answer's streamed text into its text and its calls. Text that may be the start of
     `<tool_call>` (and the whitespace before it, which would be a separator) is held back until it is
-    decided; the inside of a block is shown only if the block turns out invalid."""
+    decided; the inside of a block is shown only if the block turns out invalid.
+
+    The work is linear in the answer's length, however long a block is: the inside of an open block is
+    kept as a list of pieces (not one string grown a token at a time), and each piece is searched for
+    `</tool_call>` once, with only the few characters before it that a marker split across pieces may
+    begin in. `scanned` counts the characters searched."""
 
     def __init__(self, names: set[str]):
         self.names = names
-        self.pending = ""  # text not decided yet: outside a block, or the inside of an open block
+        self.pending = ""  # text outside a block not decided yet (what may begin a marker or separate)
         self.inside = False
+        self.block: list[str] = []  # the inside of the open block so far, as it came
+        self.tail = ""  # its last characters, where a `</tool_call>` split across pieces may begin
         self.gap = ""  # the whitespace dropped before the open block, given back if it is invalid
         self.after_call = False  # only whitespace since the last valid call
+        self.scanned = 0
 
     @property
     def ended_with_call(self) -> bool:
@@ -124,33 +132,43 @@ class ToolCallSplit:
     def add(self, text: str, final: bool = False) -> ToolCallPiece:
         """Take the next text (`final`: the answer's last) and say what it decides."""
         piece = ToolCallPiece()
-        self.pending += text
-        while self._step(piece):
-            pass
+        rest: str | None = text
+        while rest is not None:
+            rest = self._in_block(rest, piece) if self.inside else self._outside(rest, piece)
         if final:
             self._finish(piece)
         return piece
 
-    def _step(self, piece: ToolCallPiece) -> bool:
-        """Decide as much of `pending` as one marker allows; True when another step may decide more."""
-        if self.inside:
-            end = self.pending.find(CALL_END)
-            if end < 0:
-                return False
-            call = parse_call(self.pending[:end], self.names)
-            self.pending, self.inside = self.pending[end + len(CALL_END) :], False
-            if isinstance(call, ToolCall):
-                piece.calls.append(call)
-                self.after_call = True
-            else:
-                piece.invalid.append(call)
-                piece.text += self.gap + call.text
-                self.after_call = False
-            return True
+    def _in_block(self, text: str, piece: ToolCallPiece) -> str | None:
+        """Take text inside the open block: the text after the block's end when it ends, else None."""
+        self.block.append(text)
+        window = self.tail + text
+        self.scanned += len(window)
+        end = window.find(CALL_END)
+        if end < 0:
+            self.tail = window[-(len(CALL_END) - 1) :]
+            return None
+        inside = "".join(self.block)
+        cut = len(inside) - len(window) + end  # the window is the end of `inside`
+        self.block, self.tail, self.inside = [], "", False
+        call = parse_call(inside[:cut], self.names)
+        if isinstance(call, ToolCall):
+            piece.calls.append(call)
+            self.after_call = True
+        else:
+            piece.invalid.append(call)
+            piece.text += self.gap + call.text
+            self.after_call = False
+        return inside[cut + len(CALL_END) :]
+
+    def _outside(self, text: str, piece: ToolCallPiece) -> str | None:
+        """Take text outside a block: what follows a `<tool_call>` it opens, else None."""
+        self.pending += text
         if self.after_call:  # whitespace after a call separates it from what follows
             self.pending = self.pending.lstrip()
             if not self.pending:
-                return False
+                return None
+        self.scanned += len(self.pending)
         start = self.pending.find(CALL_START)
         if start >= 0:
             before = self.pending[:start]
@@ -158,8 +176,8 @@ class ToolCallSplit:
             piece.text += text
             self.after_call = self.after_call and not text
             self.gap = before[len(text) :]
-            self.pending, self.inside = self.pending[start + len(CALL_START) :], True
-            return True
+            rest, self.pending, self.inside = self.pending[start + len(CALL_START) :], "", True
+            return rest
         undecided = held_back(self.pending, [CALL_START])
         decided = self.pending[: len(self.pending) - undecided]
         undecided += len(decided) - len(decided.rstrip())  # a separator if a call follows
@@ -167,14 +185,14 @@ class ToolCallSplit:
         piece.text += shown
         self.after_call = self.after_call and not shown
         self.pending = self.pending[len(shown) :]
-        return False
+        return None
 
     def _finish(self, piece: ToolCallPiece) -> None:
         if self.inside:  # the answer ended inside a block
-            written = CALL_START + self.pending
+            written = CALL_START + "".join(self.block)
             piece.invalid.append(InvalidToolCall(written, f"{CALL_START} is never closed by {CALL_END}"))
             piece.text += self.gap + written
-            self.inside, self.after_call = False, False
+            self.inside, self.after_call, self.block, self.tail = False, False, [], ""
         elif self.pending:  # text held back (after a call, its whitespace is gone already)
             piece.text += self.pending
             self.after_call = False

@@ -112,7 +112,7 @@ def test_sparse_layer_choice_follows_transformers_config(text_config):
     [
         ({"num_experts": None, "num_local_experts": None}, "text_config lacks num_experts"),
         ({"num_experts_per_tok": 9}, "num_experts_per_tok 9 must be between 1 and num_experts"),
-        ({"decoder_sparse_step": 0}, "decoder_sparse_step 0 must be >= 1"),
+        ({"decoder_sparse_step": 0}, "text_config.decoder_sparse_step is 0, must be a whole number >= 1"),
     ],
 )
 def test_broken_moe_configs_are_refused(change, message):

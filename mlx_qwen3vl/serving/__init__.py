@@ -6,9 +6,26 @@ decodes the answers of concurrent requests together (batch.py)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
-from ..options import DEFAULT_KV_GROUP_SIZE, KVCacheOptions
+from ..errors import Qwen3VLError
+from ..options import CACHE_BYTES, DEFAULT_KV_GROUP_SIZE, MAX_MEDIA_BYTES, PORT, KVCacheOptions
+
+# Seconds uvicorn waits, once asked to stop, for requests that are not over; then it cancels them. Answers
+# in flight are ended at once (`Engine.end_all`): this bounds what is left, such as a media download.
+GRACEFUL_SHUTDOWN = 3
+SHUTTING_DOWN = "the server is shutting down"
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, opened before the model loads: an address that is in use, not this
+    machine's or not resolvable is refused at once, in one line."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:  # socket.gaierror included
+        raise Qwen3VLError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def serve(
@@ -45,8 +62,17 @@ def serve(
     from .guard import Access
     from .media import MediaPolicy
 
-    kv_cache = KVCacheOptions(kv_bits, kv_group_size)  # checked before the model loads
-    model, processor = load(model_path, dtype=dtype)
+    # Everything is checked before the model loads.
+    kv_cache = KVCacheOptions(kv_bits, kv_group_size)
+    PORT.check(port)
+    MAX_MEDIA_BYTES.check(max_media_bytes)
+    CACHE_BYTES.check(cache_bytes)
+    listening = listen(host, port)
+    try:
+        model, processor = load(model_path, dtype=dtype)
+    except BaseException:
+        listening.close()
+        raise
     engine = Engine(
         model,
         processor,
@@ -63,7 +89,21 @@ def serve(
     )
     access = Access(tuple(allowed_origins), tuple(allowed_hosts), host, max_request_bytes)
     app = create_app(engine, model_name=str(model_path), api_key=api_key, policy=policy, access=access)
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, whose first Ctrl-C (or SIGTERM) also ends the answers in flight: uvicorn
+        waits for open connections to close, and a streamed answer keeps its own open to its end."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                engine.end_all(SHUTTING_DOWN)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN
+    )
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        Server(config).run(sockets=[listening])
     finally:
+        listening.close()
         engine.stop()

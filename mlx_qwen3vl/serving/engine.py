@@ -17,6 +17,7 @@ import asyncio
 import queue
 import threading
 import traceback
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -24,8 +25,8 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from ..answer import AnswerText
-from ..errors import Qwen3VLError
-from ..generation import generation_stream, prefill
+from ..errors import BrokenWeightsError, Qwen3VLError
+from ..generation import check_finite, generation_stream, logits_are_finite, prefill
 from ..model import Model
 from ..options import KVCacheOptions
 from ..prefix_cache import PrefixCache, PrefixCacheStore
@@ -115,6 +116,10 @@ class Engine:
         self.waiting: deque[Job] = deque()  # arrived, to be admitted one after another
         self.admitting: Job | None = None  # the one whose prefill `admission` runs piece by piece
         self.admission = Admission()
+        # Every request submitted and still referenced by its web handler, to end them all at shutdown.
+        self.submitted: weakref.WeakSet[Job] = weakref.WeakSet()
+        self.submitting = threading.Lock()
+        self.closing: str | None = None  # why new requests are refused: the server is shutting down
         self.reused = 0  # prompt tokens the last request found in the cache (for tests and logs)
         self.widest = 0  # the most rows decoded together so far (for tests and logs)
 
@@ -127,7 +132,24 @@ class Engine:
         self.admission.stop()
 
     def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+        with self.submitting:
+            if self.closing is None:
+                self.submitted.add(job)
+                self.jobs.put(job)
+                return
+        job.emit(Event("error", text=self.closing, status=503))
+
+    def end_all(self, reason: str) -> None:
+        """End every request submitted, running or waiting, with an error event saying `reason` (a 503),
+        and refuse those that come later: a server shutting down would otherwise wait for each streamed
+        answer to run to its end, since its connection stays open until then. The engine's thread drops
+        the cancelled requests within a token (or a prompt chunk)."""
+        with self.submitting:
+            self.closing = reason
+            jobs = list(self.submitted)
+        for job in jobs:
+            job.cancel()
+            job.emit(Event("error", text=reason, status=503))
 
     def _run(self) -> None:
         # Raised on Metal for as long as the engine runs (mlx-lm's), so a model that fits is not paged out.
@@ -170,6 +192,8 @@ class Engine:
             self._join(self.admission.result)
         except Cancelled:
             pass
+        except BrokenWeightsError as e:  # the server's fault, not the request's
+            job.emit(Event("error", text=str(e), status=500))
         except Qwen3VLError as e:
             job.emit(Event("error", text=str(e), status=400))
         except Exception as e:  # a bug must fail its request, never the server
@@ -195,7 +219,10 @@ class Engine:
             prompt = cache.remainder(turn, piece_done)
             self.reused = len(turn.ids) - prompt.length
             logits = prefill(self.model, prompt, cache.kv, progress=piece_done)
-            mx.eval(logits, [layer.state for layer in cache.kv])
+            with mx.stream(generation_stream):
+                finite = logits_are_finite(logits)
+            mx.eval(logits, finite, [layer.state for layer in cache.kv])
+            check_finite(finite)
             sampler, answer = turn.sampler(), turn.answer_text()
         return Sequence(job, turn, cache, answer, sampler, logits)
 
