@@ -21,6 +21,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+import mlx.core as mx
+
 
 class _Stopped(Exception):
     """The engine stopped while a work was paused."""
@@ -64,20 +66,22 @@ class Admission:
 
     def stop(self) -> None:
         """End the worker thread (a paused work ends with an exception, so that it gives back what it
-        took)."""
+        took), and wait for it: MLX must not be torn down at exit under a thread still using it."""
         self._stopping = True
         self._go.release()
+        self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._go.acquire()
             if self._stopping:
-                return
+                break
             try:
                 self.result = self._work(self.pause)
             except BaseException as e:  # handed to the engine's thread, which reports it
                 self.error = e
             self._work, self.done = None, True
-            if self._stopping:
-                return
-            self._paused.release()
+            if not self._stopping:
+                self._paused.release()
+        # This thread's streams released before it ends: otherwise MLX can abort the process at exit.
+        mx.clear_streams()

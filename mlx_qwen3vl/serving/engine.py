@@ -159,6 +159,8 @@ class Engine:
                 self._admit_piece()
                 if self.sequences:
                     self._decode_step()
+        # This thread's streams released before it ends: otherwise MLX can abort the process at exit.
+        mx.clear_streams()
 
     def _arrivals(self) -> list[Job] | None:
         """The requests that came: waits for one when there is nothing to do, else takes what has come, up
