@@ -42,9 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="let requests name files of this machine (off: URLs only)",
     )
     p.add_argument(
-        "--cache-entries", type=int, default=8, help="conversations whose KV cache is kept (%(default)s)"
+        "--cache-gb",
+        type=float,
+        default=2.0,
+        help="memory for the KV caches of recent conversations, in GB (%(default)s)",
     )
-    p.add_argument("--cache-gb", type=float, default=2.0, help="memory for those caches, in GB (%(default)s)")
     p.add_argument(
         "--max-batch",
         type=number(MAX_BATCH),
@@ -74,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
             max_media_bytes=args.max_media_bytes,
             allow_local_files=args.allow_local_files,
-            cache_entries=args.cache_entries,
             cache_bytes=int(args.cache_gb * 10**9),
             max_batch=args.max_batch,
             kv_bits=args.kv_bits,

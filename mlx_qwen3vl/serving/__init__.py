@@ -17,7 +17,6 @@ def serve(
     dtype: str | None = None,
     max_media_bytes: int = 20 * 10**6,
     allow_local_files: bool = False,
-    cache_entries: int = 8,
     cache_bytes: int = 2 * 10**9,
     max_batch: int = 8,
     kv_bits: int | None = None,
@@ -39,7 +38,6 @@ def serve(
     engine = Engine(
         model,
         processor,
-        cache_entries=cache_entries,
         cache_bytes=cache_bytes,
         max_batch=max_batch,
         kv_cache=kv_cache,
