@@ -111,10 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="largest request body (default: four media at --max-media-bytes, base64-encoded, and 1 MB)",
     )
     p.add_argument(
-        "--cache-entries", type=int, default=8, help="conversations whose KV cache is kept (%(default)s)"
-    )
-    p.add_argument(
-        "--cache-gb", type=number(CACHE_GB), default=2.0, help="memory for those caches, in GB (%(default)s)"
+        "--cache-gb",
+        type=number(CACHE_GB),
+        default=2.0,
+        help="memory for the KV caches of recent conversations, in GB (%(default)s)",
     )
     p.add_argument(
         "--max-batch",
@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
             allowed_origins=tuple(args.allowed_origins),
             allowed_hosts=tuple(args.allowed_hosts),
             max_request_bytes=args.max_request_bytes,
-            cache_entries=args.cache_entries,
             cache_bytes=int(args.cache_gb * 10**9),
             max_batch=args.max_batch,
             kv_bits=args.kv_bits,

@@ -384,6 +384,29 @@ def render(output: dict) -> str:
     return "\n".join(lines)
 
 
+def output_of(model: Path, args: argparse.Namespace, results: dict) -> dict:
+    """A run's record: when, where, on what, with which arguments, and its results."""
+    from measure import backend
+
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(),
+        "backend": backend()[0],
+        "checkpoint": model.name,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+    }
+
+
+def save(output: dict, text: str, kind: str, args: argparse.Namespace) -> None:
+    """bench/results/<date>_<backend>_<checkpoint>_<dtype>_<kind>[_label].json and .md."""
+    stem = f"{output['date'][:10]}_{output['backend']}_{output['checkpoint']}_{args.dtype}_{kind}"
+    stem += f"_{args.label}" if args.label else ""
+    (HERE / "results" / f"{stem}.json").write_text(json.dumps(output, indent=1, default=str))
+    (HERE / "results" / f"{stem}.md").write_text(text + "\n")
+    print(f"[{kind}] saved bench/results/{stem}.json and .md")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     model = args.model or presets.checkpoint(args.preset, args.layers, args.vision_blocks, root=args.cache)
@@ -398,26 +421,13 @@ def main(argv=None) -> dict:
             results[system] = measure(server, args)
         finally:
             server.stop()
-    from measure import backend
-
-    output = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "backend": backend()[0],
-        "checkpoint": model.name,
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-    }
+    output = output_of(model, args, results)
     text = render(output)
     print(text)
     if args.json:
         args.json.write_text(json.dumps(output, indent=1, default=str))
     if args.save:
-        stem = f"{output['date'][:10]}_{output['backend']}_{model.name}_{args.dtype}_serve"
-        stem += f"_{args.label}" if args.label else ""
-        (HERE / "results" / f"{stem}.json").write_text(json.dumps(output, indent=1, default=str))
-        (HERE / "results" / f"{stem}.md").write_text(text + "\n")
-        print(f"[serve] saved bench/results/{stem}.json and .md")
+        save(output, text, "serve", args)
     return output
 
 

@@ -13,11 +13,19 @@ def first_marker(text: str, markers, start: int = 0) -> int | None:
 
 
 def held_back(text: str, markers) -> int:
-    """How many trailing characters of `text` could be the start of one of `markers` (not shown yet)."""
+    """How many trailing characters of `text` could be the start of one of `markers` (not shown yet).
+    Only the last len(marker) - 1 characters can be, so only they are looked at, and only where the
+    marker's first character stands: the work per call is bounded by the markers' lengths, whatever the
+    length of `text` (a stream calls this once per token with all its text so far)."""
     longest = 0
     for marker in markers:
-        for k in range(min(len(marker) - 1, len(text)), 0, -1):
-            if text.endswith(marker[:k]):
-                longest = max(longest, k)
+        if len(marker) < 2:
+            continue
+        tail = text[-(len(marker) - 1) :]
+        start = tail.find(marker[0])
+        while start >= 0:  # leftmost first: the first match is the longest
+            if marker.startswith(tail[start:]):
+                longest = max(longest, len(tail) - start)
                 break
+            start = tail.find(marker[0], start + 1)
     return longest

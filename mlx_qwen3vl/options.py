@@ -154,14 +154,32 @@ def check_max_tokens(value) -> int:
     return MAX_TOKENS.check(value)
 
 
+# Stop strings: at most MAX_STOPS (OpenAI's limit) of at most MAX_STOP_CHARS characters each. Every token,
+# the text that could still begin a stop string is held back from the stream and looked at again for each
+# stop string, so these two bound both the work per token and how much text a stream may hold back. The
+# length is far above any end marker or delimiter a client stops at (a closing tag, a role prefix, a
+# fence), and under what would hold back a paragraph.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
+
+
 def check_stop(stop) -> list[str]:
-    """`stop`: None, a string or a list of strings; as a list without empty strings."""
+    """`stop`: None, a string or a list of strings (at most MAX_STOPS, each at most MAX_STOP_CHARS
+    characters); as a list without empty strings."""
     if stop is None:
         return []
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
         raise Qwen3VLError(f"stop={stop!r:.80}: must be a string or a list of strings")
+    if len(stop) > MAX_STOPS:
+        raise Qwen3VLError(f"stop=[{len(stop):,} strings]: at most {MAX_STOPS} stop strings are allowed")
+    for s in stop:
+        if len(s) > MAX_STOP_CHARS:
+            raise Qwen3VLError(
+                f"stop={s!r:.40}...: a stop string may hold at most {MAX_STOP_CHARS} characters, "
+                f"this one holds {len(s):,}"
+            )
     return [s for s in stop if s]
 
 

@@ -125,21 +125,22 @@ class PrefixCache:
 
 
 class PrefixCacheStore:
-    """The server's caches of recent conversations: at most `entries` of at most `max_bytes` in all (as
-    held: quantized ones count their packed size), least recently used out first; new caches are of the
-    kind `kv_cache` says. A chat client resends the whole conversation every turn; only its new part is
-    prefilled, and an image or video in the reused prefix is neither read nor encoded again."""
+    """The server's caches of recent conversations: at most `max_bytes` in all (as held: quantized ones
+    count their packed size), least recently used out first; a cache larger than the whole budget is not
+    kept. New caches are of the kind `kv_cache` says. A chat client resends the whole conversation every
+    turn; only its new part is prefilled, and an image or video in the reused prefix is neither read nor
+    encoded again.
 
-    def __init__(
-        self,
-        model: Model,
-        entries: int = 8,
-        max_bytes: int = 2 * 10**9,
-        kv_cache: KVCacheOptions | None = None,
-    ):
-        self.model, self.kv_cache = model, kv_cache
-        self.capacity, self.max_bytes = entries, max_bytes
+    Bytes alone bound it: a model's keys and values take tens of KB or more per position, held in blocks
+    of hundreds of positions, so the budget also bounds how many caches a request's search goes through."""
+
+    def __init__(self, model: Model, max_bytes: int = 2 * 10**9, kv_cache: KVCacheOptions | None = None):
+        self.model, self.kv_cache, self.max_bytes = model, kv_cache, max_bytes
         self.entries: list[PrefixCache] = []  # most recent last
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self.entries)
 
     def take(self, turn: Turn) -> PrefixCache:
         """The cache this turn continues furthest from, out of the store (it comes back with `give_back`),
@@ -166,13 +167,11 @@ class PrefixCacheStore:
         """Keep a cache for later turns, settled on the turn it ran and the `answer` tokens handed out
         (`PrefixCache.settle`); one holding the same keys as another replaces it."""
         cache.settle(turn, answer)
-        if cache.offset == 0:
+        if cache.offset == 0 or cache.nbytes > self.max_bytes:
             return
         cache.keep()
         self.entries = [e for e in self.entries if e.keys != cache.keys] + [cache]
-        while len(self.entries) > self.capacity or (
-            len(self.entries) > 1 and sum(e.nbytes for e in self.entries) > self.max_bytes
-        ):
+        while self.nbytes > self.max_bytes:  # ends by the newest at the latest: it fits alone
             self.entries.pop(0)
 
     def clear(self) -> None:

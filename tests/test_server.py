@@ -661,7 +661,7 @@ def test_a_soak_of_mixed_requests_leaves_the_server_answering_in_bounded_memory(
         list(pool.map(one, range(240)))
     assert ask(server, [user("Hi")]) == expected
     grown = mx.get_active_memory() - baseline
-    assert grown < 200 * 10**6, grown  # the prompt cache is bounded (entries and bytes)
+    assert grown < 200 * 10**6, grown  # the prompt cache is bounded (in bytes)
     idle(server)  # the abandoned answers leave
 
 

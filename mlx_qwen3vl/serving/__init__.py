@@ -41,7 +41,6 @@ def serve(
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] = (),
     max_request_bytes: int | None = None,
-    cache_entries: int = 8,
     cache_bytes: int = 2 * 10**9,
     max_batch: int = 8,
     kv_bits: int | None = None,
@@ -76,7 +75,6 @@ def serve(
     engine = Engine(
         model,
         processor,
-        cache_entries=cache_entries,
         cache_bytes=cache_bytes,
         max_batch=max_batch,
         kv_cache=kv_cache,

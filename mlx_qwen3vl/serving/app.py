@@ -3,8 +3,9 @@
 
 Every refusal is OpenAI's error object with a 4xx status and one line (an unknown route and a wrong
 method too); a bug in one request is a 500 for it alone. Host, Origin, the API key and the body's size
-are checked first (guard.py). A streaming client that disconnects cancels its request, which stops
-within a token.
+are checked first (guard.py). A client that disconnects, streaming or not, cancels its request, which
+stops within a token; nothing of a refused or finished request is kept but what the caches keep on
+purpose (the images of accepted requests, the KV caches of answered ones).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
+import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -54,6 +56,7 @@ def create_app(
         downloads.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="mlx-qwen3vl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.media_reader = reader  # (for tests and logs: what it holds)
     created = int(time.time())
 
     @app.exception_handler(ApiError)
@@ -105,30 +108,41 @@ def create_app(
         try:
             turn = await asyncio.to_thread(reader.turn, request, list(fetched))
         except Qwen3VLError as e:
+            # The refusal's frames hold what was read (a large image's pixel rows): let go of them now,
+            # not once the response is sent and the exception dropped.
+            traceback.clear_frames(e.__traceback__)
             raise ApiError(400, str(e)) from None
         job = Job(request, turn, loop)
         engine.submit(job)
-        first = await job.events.get()
-        if first.kind == "error":
-            raise ApiError(first.status, first.text)
-        cid = completion_id()
-        if request.stream:
-            return StreamingResponse(
-                stream(job, first, cid, model_name, request.include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        text, reasoning, calls, event = [], [], [], first
-        logprobs = None if request.options.logprobs is None else []
-        while event.kind == "text":
-            text.append(event.text)
-            reasoning.append(event.reasoning)
-            calls += event.tool_calls
-            if logprobs is not None:
-                logprobs += event.logprobs
-            event = await job.events.get()
-        if event.kind == "error":
-            raise ApiError(event.status, event.text)
+        # Until a stream takes over (it watches its client itself), the client's going away cancels the job.
+        watcher = asyncio.create_task(cancel_when_gone(http, job))
+        streaming = False
+        try:
+            first = await job.events.get()
+            refuse_unless_answered(first)
+            reader.keep(turn)
+            cid = completion_id()
+            if request.stream:
+                streaming = True
+                return StreamingResponse(
+                    stream(job, first, cid, model_name, request.include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
+            text, reasoning, calls, event = [], [], [], first
+            logprobs = None if request.options.logprobs is None else []
+            while event.kind == "text":
+                text.append(event.text)
+                reasoning.append(event.reasoning)
+                calls += event.tool_calls
+                if logprobs is not None:
+                    logprobs += event.logprobs
+                event = await job.events.get()
+            refuse_unless_answered(event)
+        finally:
+            watcher.cancel()
+            if not streaming:
+                job.cancel()
         thinks = engine.processor.thinks
         answer = message("".join(text), "".join(reasoning) if thinks else None, calls)
         return completion(cid, model_name, answer, event.finish, event.prompt_tokens, event.tokens, logprobs)
@@ -136,6 +150,22 @@ def create_app(
     limit = access.max_request_bytes or request_limit(policy.max_bytes)
     app.add_middleware(Guard, access=access, max_request_bytes=limit, api_key=api_key)
     return app
+
+
+def refuse_unless_answered(event: Event) -> None:
+    """An error event as the request's refusal; a cancelled job's (its client is gone) answers no one."""
+    if event.kind == "error":
+        raise ApiError(event.status, event.text)
+    if event.kind == "cancelled":
+        raise ApiError(499, "the client closed the request")
+
+
+async def cancel_when_gone(http: Request, job: Job) -> None:
+    """Cancel the job when its client disconnects. The server tells a handler only through `receive`:
+    once the body is read, the next message it gives is the disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 def delta(event: Event, calls_before: int) -> dict:

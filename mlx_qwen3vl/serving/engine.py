@@ -48,8 +48,8 @@ class Cancelled(Exception):
 @dataclass
 class Event:
     """What a job reports: "text" (a piece of the answer: its text, a Thinking model's reasoning, tool
-    calls completed), "done" (finish reason and counts) or "error" (an HTTP status and message; before
-    any text, the request fails with it)."""
+    calls completed), "done" (finish reason and counts), "error" (an HTTP status and message; before
+    any text, the request fails with it) or "cancelled" (the job was cancelled: no more events come)."""
 
     kind: str
     text: str = ""
@@ -75,7 +75,12 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        """Stop the job (its client went away): the engine drops it within a token, and whoever awaits
+        its events is woken (the engine sends none for a cancelled job)."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if not self.loop.is_closed():  # (a stream closed as the server stops: no one waits)
+                self.emit(Event("cancelled"))
 
 
 @dataclass
@@ -100,14 +105,13 @@ class Engine:
         self,
         model: Model,
         processor: Processor,
-        cache_entries: int = 8,
         cache_bytes: int = 2 * 10**9,
         max_batch: int = 8,
         kv_cache: KVCacheOptions | None = None,
     ):
         self.model, self.processor = model, processor
         self.kv_cache = kv_cache or KVCacheOptions()
-        self.store = PrefixCacheStore(model, cache_entries, cache_bytes, self.kv_cache)
+        self.store = PrefixCacheStore(model, cache_bytes, self.kv_cache)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="mlx-qwen3vl-engine", daemon=True)
         self.max_batch = max_batch

@@ -29,7 +29,9 @@ from .protocol import Request
 
 CONNECT_TIMEOUT = 10.0  # seconds to open the connection (and between two reads)
 TOTAL_TIMEOUT = 60.0  # seconds for the whole download
-MEDIA_ENTRIES = 32  # images and videos kept read, by content and options
+# The pixel rows of recently read images and videos kept for resent ones: a photo's are tens of MB, a
+# video's up to hundreds.
+MEDIA_CACHE_BYTES = 512 * 10**6
 
 
 @dataclass(frozen=True)
@@ -117,14 +119,17 @@ class VideoFile:
 
 
 class MediaReader:
-    """Fetched images and videos read into `MediaItem`s with their options, the most recent `entries`
-    kept by content and options, so that a resent one (a chat client resends the whole conversation) is
-    not decoded again. Used from the request threads at once (a lock guards the entries; two threads may
-    read the same item twice, never wrongly)."""
+    """Fetched images and videos read into `MediaItem`s with their options. Those of accepted turns are
+    kept by content and options, the most recently used first out of `max_bytes` of pixel rows, so that
+    a resent one (a chat client resends the whole conversation) is not decoded again. Nothing of a
+    refused request is kept: its items are kept only once the engine took its turn (`keep`), and one
+    larger than the whole budget never is. Used from the request threads at once (a lock guards the
+    entries; two threads may read the same item twice, never wrongly)."""
 
-    def __init__(self, processor: Processor, entries: int = MEDIA_ENTRIES):
-        self.processor, self.entries = processor, entries
-        self.read: OrderedDict[tuple, MediaItem] = OrderedDict()
+    def __init__(self, processor: Processor, max_bytes: int = MEDIA_CACHE_BYTES):
+        self.processor, self.max_bytes = processor, max_bytes
+        self.read: OrderedDict[str, MediaItem] = OrderedDict()  # by digest, most recently used last
+        self.nbytes = 0  # the kept items' pixel rows
         self.lock = threading.Lock()
 
     def turn(self, request: Request, fetched: list[Fetched]) -> Turn:
@@ -137,23 +142,32 @@ class MediaReader:
 
     def item(self, kind: str, fetched: Fetched, options: dict) -> MediaItem:
         """An image or video from fetched bytes, read with these options, or as read before. Its digest
-        (its identity in the prefix caches) is that of the bytes and the options: cheaper than the pixel
-        rows', and as exact, since they make the rows."""
+        (its identity here and in the prefix caches) is that of the bytes and the options: cheaper than
+        the pixel rows', and as exact, since they make the rows."""
         # The options as JSON: they come from JSON, and any JSON value (a list given for max_pixels) makes
         # a key; the processor then refuses the wrong ones with their one line.
-        key = (kind, fetched.digest, json.dumps(options, sort_keys=True))
+        digest = repr((kind, fetched.digest, json.dumps(options, sort_keys=True)))
         with self.lock:
-            if key in self.read:
-                self.read.move_to_end(key)
-                return self.read[key]
+            if digest in self.read:
+                self.read.move_to_end(digest)
+                return self.read[digest]
         if kind == "image":
             item = self.processor.read_media("image", fetched.data, options)
         else:
             with VideoFile(fetched.data) as path:
                 item = self.processor.read_media("video", path, options)
-        item.digest = repr(key)
-        with self.lock:
-            self.read[key] = item
-            while len(self.read) > self.entries:
-                self.read.popitem(last=False)
+        item.digest = digest
         return item
+
+    def keep(self, turn: Turn) -> None:
+        """The engine took this turn: keep its images and videos for later requests, within the budget."""
+        with self.lock:
+            for item in turn.media:
+                size = item.pixel_values.nbytes
+                if item.digest in self.read or size > self.max_bytes:
+                    continue
+                self.read[item.digest] = item
+                self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, dropped = self.read.popitem(last=False)
+                self.nbytes -= dropped.pixel_values.nbytes
