@@ -151,9 +151,9 @@ class Engine:
         with self.submitting:
             self.closing = reason
             jobs = list(self.submitted)
-        for job in jobs:
-            job.cancel()
+        for job in jobs:  # the error first: whoever awaits the job's events reads it before the wake-up
             job.emit(Event("error", text=reason, status=503))
+            job.cancel()
 
     def _run(self) -> None:
         # Raised on Metal for as long as the engine runs (mlx-lm's), so a model that fits is not paged out.
