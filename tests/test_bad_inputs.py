@@ -6,7 +6,6 @@ answer's tool-call parsing kept linear in the answer's length."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import http.client
 import json
@@ -16,10 +15,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 from checkpoints import published_config
+from serving import wait_until_healthy
 from terminal import ROOT, child_env, run_chat
 
 from mlx_qwen3vl import BrokenWeightsError, ChatSession, Qwen3VLError, generate, load
@@ -325,15 +324,7 @@ def test_ctrl_c_while_a_stream_is_answered_stops_the_server(tiny_checkpoint, tmp
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + HANG
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, "the server did not start"
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            time.sleep(0.2)
+        wait_until_healthy(process, port, HANG, (tmp_path / "server.log").read_text)
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
         body = {"messages": [{"role": "user", "content": "Tell a long story."}], "stream": True}
         body |= {"max_tokens": 100_000, "temperature": 0}

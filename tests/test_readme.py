@@ -23,7 +23,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from functools import cache
@@ -32,6 +31,7 @@ from pathlib import Path
 import pytest
 from media import picture, write_video
 from scripted import say
+from serving import wait_until_healthy
 
 from mlx_qwen3vl.config import ModelConfig
 
@@ -320,16 +320,8 @@ def readme_server(tiny_checkpoint, tiny_f32, tmp_path):
         [sys.executable, "-c", SERVE, json.dumps(tokens), *argv], cwd=ROOT, stdout=log, stderr=log
     )
     try:
-        deadline = time.monotonic() + 180  # imports and loading take seconds; a hang must still fail
-        while True:
-            log_text = (tmp_path / "server.log").read_text
-            assert process.poll() is None, f"`{shlex.join(argv)}` exited: {log_text()}"
-            assert time.monotonic() < deadline, "the README's server did not start"
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            time.sleep(0.2)
+        # Imports and loading take seconds; a hang must still fail.
+        wait_until_healthy(process, port, 180, (tmp_path / "server.log").read_text)
         yield port
     finally:
         process.terminate()

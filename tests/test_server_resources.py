@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serving import wait_until_healthy
 from test_server import (
     HANG,
     KEY,
@@ -241,16 +242,7 @@ def test_refused_huge_images_leave_the_server_process_no_larger(tiny_checkpoint)
     command = [sys.executable, str(ROOT / "server.py"), "--model", str(tiny_checkpoint), "--port", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + HANG
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                connection.request("GET", "/health")
-                if connection.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until_healthy(process, port, HANG)
 
         def send(body: dict) -> int:
             connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HANG)
