@@ -71,8 +71,11 @@ class AnswerText:
     ):
         self.detokenizer = tokenizer.detokenizer  # mlx-lm's wrapper gives each caller a fresh copy
         self.stops, self.stop_ids, self.max_tokens, self.top = stops, stop_ids, max_tokens, top
-        self.count = self.shown = 0
-        self.cut: int | None = None
+        self.count = 0
+        # The answer's text not shown yet: what may still begin a stop string, then the newest piece. Only
+        # it is searched for stop strings, so a token's work does not grow with the answer's length.
+        self.unshown = ""
+        self.cut: int | None = None  # where a stop string begins in `unshown`
         self.finish_reason: str | None = None
         self.logprobs: TokenLogprobs | None = None  # of the last token added
         self.reasoning = ReasoningSplit() if reasoning else None
@@ -101,21 +104,24 @@ class AnswerText:
         if self.top is not None:
             self.logprobs = token_logprobs(token, distribution, self.top)
         self.detokenizer.add_token(token)
-        text = self.detokenizer.text
-        self.cut = first_marker(text, self.stops, self.shown)
+        self.unshown += self.detokenizer.last_segment
+        self.cut = first_marker(self.unshown, self.stops)
         if self.cut is not None:
             return self._end("stop_string")
         if self.count == self.max_tokens:
             return self._end("length")
-        visible = max(self.shown, len(text) - held_back(text, self.stops))
-        piece, self.shown = text[self.shown : visible], visible
+        # Shown text never holds the start of a stop string (it was held back), so what may begin one
+        # lies within `unshown`.
+        visible = len(self.unshown) - held_back(self.unshown, self.stops)
+        piece, self.unshown = self.unshown[:visible], self.unshown[visible:]
         return piece
 
     def _end(self, reason: str) -> str:
         self.finish_reason = reason
         if self.cut is None:
             self.detokenizer.finalize()
-        return self.detokenizer.text[self.shown : self.cut]
+            self.unshown += self.detokenizer.last_segment
+        return self.unshown[: self.cut]
 
 
 class Answer(str):

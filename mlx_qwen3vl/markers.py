@@ -4,11 +4,11 @@ can no longer be the start of one, so that a marker split over several tokens ne
 from __future__ import annotations
 
 
-def first_marker(text: str, markers, start: int = 0) -> int | None:
-    """Where the first of `markers` begins in `text` at or after `start`, or None. A stream passes the
-    length it has shown: a marker cannot begin in shown text (`held_back` kept its start back), so each
-    token's search covers only the unshown tail, not the whole answer again."""
-    positions = [p for p in (text.find(m, start) for m in markers if m) if p >= 0]
+def first_marker(text: str, markers) -> int | None:
+    """Where the first of `markers` begins in `text`, or None. A stream passes the text it has not shown:
+    a marker cannot begin in shown text (`held_back` kept its start back), so each token's search covers
+    only the unshown tail, not the whole answer again."""
+    positions = [p for p in (text.find(m) for m in markers if m) if p >= 0]
     return min(positions) if positions else None
 
 

@@ -35,13 +35,51 @@ _PLACEHOLDERS = re.compile(re.escape(IMAGE_PLACEHOLDER) + "|" + re.escape(VIDEO_
 VIDEO_OPTION_NAMES = set(VideoOptions.__dataclass_fields__) | {"source_fps"}
 
 
-class ByteLevelDetokenizer(BPEStreamingDetokenizer):
-    """mlx-lm's byte-level streaming detokenizer, keeping a space the answer begins with: mlx-lm drops
-    it (a SentencePiece convention), where transformers' decode, the reference, keeps it; the streamed
-    text is then exactly the decoded tokens."""
+# The byte-level alphabet's character for the space byte (GPT-2's byte-to-unicode table).
+BYTE_LEVEL_SPACE = "\u0120"
 
-    def _maybe_trim_space(self, current_text):
-        return current_text
+
+class ByteLevelDetokenizer(BPEStreamingDetokenizer):
+    """mlx-lm's byte-level streaming detokenizer (its token table and byte decoding), with the text kept
+    as the pieces it came in. mlx-lm's appends each piece to one string the object holds, which copies
+    the whole answer at every token: quadratic in a long answer's length. Here `last_segment` hands out
+    the new pieces only, and `text` joins them when asked.
+
+    The pieces are mlx-lm's: a piece waits while a character's bytes are incomplete, and a lone space
+    waits for the next token. Unlike mlx-lm's, a space the answer begins with is kept (mlx-lm drops it, a
+    SentencePiece convention; transformers' decode, the reference, keeps it): the streamed text is then
+    exactly the decoded tokens."""
+
+    def reset(self):
+        self.offset = 0
+        self.tokens: list[int] = []
+        self._unflushed = ""
+        self._pieces: list[str] = []
+        self._handed = 0  # pieces already handed out by last_segment
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    @property
+    def last_segment(self) -> str:
+        segment = "".join(self._pieces[self._handed :])
+        self._handed = len(self._pieces)
+        return segment
+
+    def add_token(self, token):
+        self.tokens.append(token)
+        symbol = self.tokenmap[token] if token < len(self.tokenmap) else "!"  # (a padded vocabulary)
+        self._unflushed += symbol
+        text = self._decode_bytes(self._unflushed)
+        if not text.endswith("\ufffd") and symbol != BYTE_LEVEL_SPACE:
+            self._pieces.append(text)
+            self._unflushed = ""
+
+    def finalize(self):
+        if self._unflushed:
+            self._pieces.append(self._decode_bytes(self._unflushed))
+            self._unflushed = ""
 
 
 def load_tokenizer(path: Path, eos_token_ids=None) -> TokenizerWrapper:

@@ -22,6 +22,7 @@ from serving import wait_until_healthy
 from terminal import ROOT, child_env, run_chat
 
 from mlx_qwen3vl import BrokenWeightsError, ChatSession, Qwen3VLError, generate, load
+from mlx_qwen3vl.answer import AnswerText
 from mlx_qwen3vl.config import ModelConfig
 from mlx_qwen3vl.messages import normalize_messages
 from mlx_qwen3vl.serving.engine import Engine, Job
@@ -461,6 +462,35 @@ def test_a_long_tool_call_block_is_parsed_in_work_linear_in_its_length():
     assert len(long_calls[0].arguments["note"]) == 300_000
     assert long.scanned < 11 * short.scanned
     assert long.scanned < 6 * 300_000  # a few times each character: the piece and a marker's length before it
+
+
+def test_a_long_answer_is_read_in_work_linear_in_its_length(tiny_default):
+    """A long answer with a stop string offered, token by token: the answer reader takes only each
+    token's new text from the detokenizer (`last_segment`), never the whole answer again (reading it per
+    token copied the answer at every token), and the pieces it shows are exactly the decoded tokens."""
+    _model, processor = tiny_default
+    tokenizer = processor.tokenizer
+    text = '<tool_call> {"note": "' + "ab cd é " * 6_000 + '"} </tool_call> done'
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    end = min(tokenizer.eos_token_ids)
+    answer = AnswerText(tokenizer, ["never said"], {end}, max_tokens=len(tokens) + 1)
+    answer.detokenizer = watched = WholeTextReads(answer.detokenizer)
+    pieces = [answer.add(token).text for token in tokens]
+    pieces.append(answer.add(end).text)  # the end of the turn: what was held back comes out
+    assert answer.finish_reason == "stop"
+    assert "".join(pieces) == tokenizer.decode(tokens)
+    assert watched.reads == 0
+
+
+class WholeTextReads:
+    """A detokenizer that counts the reads of its whole text (`text`) from outside."""
+
+    def __init__(self, detokenizer):
+        self.detokenizer, self.reads = detokenizer, 0
+
+    def __getattr__(self, name):
+        self.reads += name == "text"
+        return getattr(self.detokenizer, name)
 
 
 # ---- odd standard input and arguments -------------------------------------------------------------------
