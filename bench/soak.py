@@ -182,10 +182,13 @@ def run(server: Server, args: argparse.Namespace) -> dict:
     soak = Soak(server)
     figures = {}
     started = time.perf_counter()
+    figures["every_hundred"] = []  # resident memory after each FIRST requests: the curve between the two
     with ThreadPoolExecutor(args.clients) as pool:
-        list(pool.map(soak.one, range(FIRST)))
-        figures["after_first"] = rss(server.process.pid)
-        list(pool.map(soak.one, range(FIRST, args.requests)))
+        for start in range(0, args.requests, FIRST):
+            list(pool.map(soak.one, range(start, min(start + FIRST, args.requests))))
+            figures["every_hundred"].append(rss(server.process.pid)["rss"])
+            if start == 0:
+                figures["after_first"] = rss(server.process.pid)
     time.sleep(2)  # the last abandoned answers leave the engine (their next token sees the cancel)
     figures["at_end"] = rss(server.process.pid)
     figures["ratio"] = figures["at_end"]["rss"] / figures["after_first"]["rss"]
@@ -210,6 +213,9 @@ def render(output: dict) -> str:
         f"{r['after_first']['peak'] / mb:,.0f} MB |",
         f"| at the end | {r['at_end']['rss'] / mb:,.0f} MB | {r['at_end']['peak'] / mb:,.0f} MB |",
         f"| end / after the first {FIRST} | {r['ratio']:.2f}x | |",
+        "",
+        f"Resident after every {FIRST} requests (MB): "
+        + ", ".join(f"{b / mb:,.0f}" for b in r.get("every_hundred", [])),
         "",
         "Requests: " + ", ".join(f"{n} {kind}" for kind, n in sorted(r["kinds"].items())) + ".",
         f"Wrong statuses: {len(r['wrong'])}" + "".join(f"\n- {w}" for w in r["wrong"][:20]),
