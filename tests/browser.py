@@ -102,6 +102,12 @@ class Browser:
     def resize(self, width: int, height: int) -> None:
         self.call("POST", "/window/rect", {"width": width, "height": height})
 
+    def color_scheme(self, scheme: str) -> None:
+        """Emulate the system's "light" or "dark" preference (a DevTools command, through chromedriver)."""
+        feature = {"name": "prefers-color-scheme", "value": scheme}
+        command = {"cmd": "Emulation.setEmulatedMedia", "params": {"features": [feature]}}
+        self.call("POST", "/goog/cdp/execute", command)
+
     def screenshot(self, path: Path) -> None:
         path.write_bytes(base64.b64decode(self.call("GET", "/screenshot")))
 

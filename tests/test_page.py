@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from browser import KEYS, Browser
-from media import picture, png_bytes
+from media import picture, png_bytes, write_video
 from PIL import Image, ImageDraw
 from scripted import Scripted, say
 from test_server import KEY, Server
@@ -302,6 +302,37 @@ def test_stop_cancels_the_answer_on_the_server(browser, server, monkeypatch):
     assert last(browser, ".assistant > .stats").startswith("stopped")
 
 
+def contrast(colours: list[str]) -> float:
+    """WCAG 2's contrast ratio of two CSS rgb() colours."""
+
+    def luminance(css: str) -> float:
+        channels = [int(v) / 255 for v in css[css.index("(") + 1 : -1].split(",")[:3]]
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    high, low = sorted(map(luminance, colours), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_text_reads_in_light_and_dark_mode(browser, screenshots):
+    """Text on its background at WCAG AA's 4.5:1 at least, in the light and the dark scheme (whichever
+    the system asks for)."""
+    pairs = """return [...document.querySelectorAll(arguments[0])].map((e) => {
+      const s = getComputedStyle(e); return [s.color, s.backgroundColor]; });"""
+    parts = "header, .message.user, .message.assistant, #bottom, #prompt"
+    backgrounds = {}
+    for scheme in ("dark", "light"):
+        browser.color_scheme(scheme)
+        colours = browser.run(pairs, parts)
+        assert len(colours) >= 5 and all(contrast(pair) >= 4.5 for pair in colours), colours
+        backgrounds[scheme] = colours[0][1]
+        if scheme == "dark":
+            browser.resize(*NARROW)
+            browser.screenshot(screenshots / "page-360px-dark.png")
+            browser.resize(*WIDE)
+    assert backgrounds["dark"] != backgrounds["light"]
+
+
 def test_a_reload_keeps_the_conversation_and_new_chat_starts_another(browser, server):
     connected(browser)
     messages = "return [...document.querySelectorAll('.message')].map((m) => m.textContent)"
@@ -357,33 +388,55 @@ def test_the_page_is_served_without_the_key_under_its_policy_and_the_api_is_not(
     assert request(server, "GET", "/metrics")[0] == 401
 
 
-def test_the_server_returns_the_parsed_detections_with_the_answer(server, monkeypatch):
-    say(monkeypatch, server.engine.processor.tokenizer, "</think>\n\n", GROUNDED)
-    image = png_bytes(picture(200, 100, 3))
-    url = "data:image/png;base64," + base64.b64encode(image).decode()
-    part = {"type": "image_url", "image_url": {"url": url}, "max_pixels": 200 * 100}
+def data_url(data: bytes, kind: str) -> str:
+    return f"data:{kind};base64," + base64.b64encode(data).decode()
+
+
+def test_the_server_says_what_an_image_or_a_video_becomes(server, tmp_path):
     auth = {"Authorization": f"Bearer {KEY}"}
+    processor = server.engine.processor
+    image = png_bytes(picture(200, 100, 3))
+    part = {"type": "image_url", "image_url": {"url": data_url(image, "image/png")}, "max_pixels": 20000}
     status, _, body = request(server, "POST", "/v1/media", part, **auth)
-    item = server.engine.processor.read_image(image, max_pixels=200 * 100)
+    item = processor.read_image(image, max_pixels=20000)
+    t, h, w = item.grid_thw
     assert status == 200 and json.loads(body) == {
         "kind": "image",
         "description": item.description,
-        "tokens": item.grid_thw[1] * item.grid_thw[2] // 4,
+        "tokens": t * h * w // processor.image_settings.merge_size**2,
     }
-    messages = [{"role": "user", "content": [part, {"type": "text", "text": "Locate them."}]}]
+    video = write_video(tmp_path / "clip.avi", frames=16)
+    part = {"type": "video_url", "video_url": {"url": data_url(Path(video).read_bytes(), "video/x-msvideo")}}
+    status, _, body = request(server, "POST", "/v1/media", part | {"fps": 4}, **auth)
+    item = processor.read_media("video", video, {"fps": 4})
+    assert status == 200 and json.loads(body)["description"] == item.description
+    status, _, body = request(server, "POST", "/v1/media", part | {"fps": -1}, **auth)
+    assert status == 400 and "fps" in json.loads(body)["error"]["message"]
+    status, _, body = request(server, "POST", "/v1/media", {"type": "text", "text": "?"}, **auth)
+    assert status == 400 and "one image_url or video_url" in json.loads(body)["error"]["message"]
+
+
+def test_the_server_returns_the_parsed_detections_with_the_answer(server, monkeypatch):
+    say(monkeypatch, server.engine.processor.tokenizer, "</think>\n\n", GROUNDED)
+    first, last = (png_bytes(picture(*size, 3)) for size in ((200, 100), (120, 90)))
+    parts = [{"type": "image_url", "image_url": {"url": data_url(i, "image/png")}} for i in (first, last)]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": "Locate them."}]}]
     status, _, body = request(server, "POST", "/v1/chat/completions", {"messages": messages}, **auth)
-    detections = json.loads(body)["choices"][0]["message"]["detections"]
+    # On the conversation's last image, in its pixels.
     expected = [
-        {
-            "image": 0,
-            "size": [200, 100],
-            "label": d.label,
-            "box": d.box and list(d.box),
-            "point": d.point and list(d.point),
-        }
-        for d in grounding.parse(GROUNDED, (200, 100))
+        {"image": 1, "size": [120, 90], "label": d.label}
+        | {"box": d.box and list(d.box), "point": d.point and list(d.point)}
+        for d in grounding.parse(GROUNDED, (120, 90))
     ]
-    assert status == 200 and detections == expected
+    assert status == 200 and json.loads(body)["choices"][0]["message"]["detections"] == expected
+    # No image: nothing to locate on, no field.
+    point = '{"point_2d": [10, 20]}'
+    say(monkeypatch, server.engine.processor.tokenizer, "</think>\n\n", point)
+    messages = [{"role": "user", "content": "Locate them."}]
+    status, _, body = request(server, "POST", "/v1/chat/completions", {"messages": messages}, **auth)
+    message = json.loads(body)["choices"][0]["message"]
+    assert status == 200 and message["content"] == point and "detections" not in message
 
 
 def test_the_page_is_its_own_origin_under_any_address_of_the_server():

@@ -501,6 +501,7 @@ function wire() {
     state.pinned = conversation.scrollHeight - conversation.scrollTop - conversation.clientHeight < 40;
   });
   conversation.addEventListener("load", follow, true); // images and videos change the height as they load
+  window.addEventListener("resize", follow);
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
