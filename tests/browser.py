@@ -45,7 +45,7 @@ class Browser:
         capabilities = {
             "browserName": "chrome",
             "goog:chromeOptions": options,
-            "goog:loggingPrefs": {"performance": "ALL"},
+            "goog:loggingPrefs": {"performance": "ALL", "browser": "ALL"},
         }
         session = self._request("POST", "/session", {"capabilities": {"alwaysMatch": capabilities}})
         self.session = f"/session/{session['sessionId']}"
@@ -117,6 +117,11 @@ class Browser:
         entries = self.call("POST", "/se/log", {"type": "performance"})
         messages = [json.loads(entry["message"])["message"] for entry in entries]
         return [m["params"]["request"]["url"] for m in messages if m["method"] == "Network.requestWillBeSent"]
+
+    def console(self) -> list[str]:
+        """The page's console messages since the last call (errors and Content-Security-Policy
+        violations included)."""
+        return [entry["message"] for entry in self.call("POST", "/se/log", {"type": "browser"})]
 
     def wait(self, condition, what: str):
         """`condition()`'s first true value, polled; fails after `bound` seconds (a hang, not a speed)."""

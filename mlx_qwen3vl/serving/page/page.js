@@ -261,7 +261,9 @@ function showAttachments() {
 // ---- an answer, streamed --------------------------------------------------------------------------------
 
 function apiMessages(messages) {
-  return messages.map((m) => {
+  // An answer that failed before its first word is left out: the question stands alone.
+  const said = messages.filter((m) => m.role === "user" || m.content || m.tool_calls.length);
+  return said.map((m) => {
     if (m.role === "user") {
       const parts = m.media.map((item) => mediaPart(item, item.options || {}));
       return { role: "user", content: [...parts, { type: "text", text: m.text }] };
@@ -307,7 +309,10 @@ async function send() {
     await stream(request, answer, view);
   } catch (e) {
     if (e.name === "AbortError") answer.stats = `stopped${answer.stats ? `, ${answer.stats}` : ""}`;
-    else notify(e.message);
+    else {
+      answer.stats = "failed";
+      notify(e.message);
+    }
   } finally {
     setRunning(false);
     view.parts.stats.textContent = answer.stats;
