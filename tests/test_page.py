@@ -448,3 +448,6 @@ def test_the_page_is_its_own_origin_under_any_address_of_the_server():
     assert everywhere.origin_allowed("http://192.168.1.5:8080", "192.168.1.5:8080")
     assert not everywhere.origin_allowed("http://192.168.1.5:9090", "192.168.1.5:8080")
     assert not everywhere.origin_allowed("http://192.168.1.5:8080")
+    # A name the server only takes because it takes any ("*") may be one rebound to it: not its own.
+    assert not Access(hosts=("*",)).origin_allowed("http://rebound.example:8080", "rebound.example:8080")
+    assert Access(hosts=("chat.example",)).origin_allowed("https://chat.example", "chat.example")

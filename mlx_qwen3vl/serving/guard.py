@@ -55,19 +55,25 @@ class Access:
     max_request_bytes: int | None = None
 
     def host_allowed(self, host: str) -> bool:
+        return ANY in self.hosts or self._own(host)
+
+    def _own(self, host: str) -> bool:
+        """A Host that names this server itself: a loopback name, the listening address, a listed name,
+        or (listening everywhere) any IP address; not merely any name ("*")."""
         name = _name(host)
-        if ANY in self.hosts or name in (*LOOPBACK_NAMES, _name(self.bound), *map(_name, self.hosts)):
+        if name in (*LOOPBACK_NAMES, _name(self.bound), *map(_name, self.hosts)):
             return True
         return _unspecified(self.bound) and _ip(name)
 
     def origin_allowed(self, origin: str, host: str | None = None) -> bool:
-        """`host`: the request's Host header (already allowed); an origin that names it is the server's
-        own page."""
+        """`host`: the request's Host header; an origin that is that host, when the host names this server
+        itself, is the server's own page (with --allowed-hosts "*", a rebound name would pass)."""
         origin = origin.lower().rstrip("/")
         if ANY in self.origins or origin in (o.lower().rstrip("/") for o in self.origins):
             return True
         parts = urlsplit(origin)
-        if host is not None and parts.scheme in ("http", "https") and parts.netloc == host.strip().lower():
+        same = host is not None and parts.netloc == host.strip().lower() and self._own(host)
+        if same and parts.scheme in ("http", "https"):
             return True
         try:
             parts.port  # noqa: B018  (a malformed port is refused, not an error)
