@@ -104,13 +104,16 @@ def metrics(server) -> dict:
     return data
 
 
-DROP = """
-const [data, name] = arguments;
+# A PNG given to the page as a user gives it: dropped on the conversation, or pasted into the message.
+GIVE = """
+const [data, name, how] = arguments;
 const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
 const files = new DataTransfer();
 files.items.add(new File([bytes], name, {type: "image/png"}));
-document.querySelector("main").dispatchEvent(
-  new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+const event = how === "drop"
+  ? new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true})
+  : new ClipboardEvent("paste", {clipboardData: files, bubbles: true, cancelable: true});
+document.querySelector(how === "drop" ? "main" : "#prompt").dispatchEvent(event);
 """
 
 # Every state the last answer's text goes through: the old value of each change of its text, as it is
@@ -145,10 +148,17 @@ def test_a_dropped_image_is_sent_and_the_answer_streams_piece_by_piece(browser, 
     answer = "A red square on a white ground, seen from above."
     say(monkeypatch, tokenizer, "</think>\n\n", answer)
     image = png_bytes(picture(96, 64, 1))
-    browser.run(DROP, base64.b64encode(image).decode(), "square.png")
+    thumbnails = "return [...document.querySelectorAll('#attachments li')].map((e) => e.textContent)"
+    # Pasted, then taken back.
+    browser.run(GIVE, base64.b64encode(image).decode(), "pasted.png", "paste")
+    browser.wait(lambda: "tokens" in "".join(browser.run(thumbnails)), "the pasted image's thumbnail")
+    browser.click("#attachments .remove")
+    assert browser.run(thumbnails) == []
+    browser.run(GIVE, base64.b64encode(image).decode(), "square.png", "drop")
     # The thumbnail says what the image becomes, as the server's processor reads it.
     expected = server.engine.processor.read_image(image).description
     browser.wait(lambda: expected in (text(browser, "#attachments") or ""), "the thumbnail's description")
+    assert len(browser.run(thumbnails)) == 1
     browser.run(WATCH)
     browser.type("#prompt", "Describe", SHIFT_ENTER, "briefly.", ENTER)
     answered(browser)
