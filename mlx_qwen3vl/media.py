@@ -13,8 +13,9 @@ import numpy as np
 @dataclass
 class MediaItem:
     """One image or video as the vision tower takes it: its kind ("image" or "video"), pixel rows and
-    grid (t, h, w), for a video the time of each temporal group, and what the input became (for a front
-    end: "image 4032x3024 -> ..."). Once its features are in a KV cache, the rows may be dropped
+    grid (t, h, w), for a video the time of each temporal group, what the input became (for a front
+    end: "image 4032x3024 -> ...") and the input's own size (width, height: what grounding coordinates
+    are pixels of). Once its features are in a KV cache, the rows may be dropped
     (`spent`): the grid and the digest still describe the prompt's positions and the cache's keys."""
 
     kind: str
@@ -22,6 +23,7 @@ class MediaItem:
     grid_thw: tuple[int, int, int]
     timestamps: list[float] | None = None
     description: str = ""
+    source_size: tuple[int, int] | None = None
 
     @cached_property
     def digest(self) -> str:
@@ -40,9 +42,13 @@ class MediaItem:
     def tokens_per_group(self, merge_size: int) -> int:
         return self.grid_thw[1] * self.grid_thw[2] // merge_size**2
 
+    def tokens(self, merge_size: int) -> int:
+        """The prompt tokens the item fills."""
+        return self.groups * self.tokens_per_group(merge_size)
+
     def spent(self) -> MediaItem:
         """The item without its pixel rows, its digest kept."""
-        item = MediaItem(self.kind, None, self.grid_thw, self.timestamps, self.description)
+        item = MediaItem(self.kind, None, self.grid_thw, self.timestamps, self.description, self.source_size)
         item.digest = self.digest
         return item
 

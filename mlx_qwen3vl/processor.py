@@ -166,7 +166,7 @@ class Processor:
     def read_image(self, source, min_pixels: int | None = None, max_pixels: int | None = None) -> MediaItem:
         image = load_image(source)
         pixels, grid = image_patches(image, self.image_settings, min_pixels, max_pixels)
-        item = MediaItem("image", pixels, grid)
+        item = MediaItem("image", pixels, grid, source_size=image.size)
         item.description = f"image {image.width}x{image.height} -> {self._sized(item)}"
         return item
 
@@ -177,16 +177,17 @@ class Processor:
         video = load_video(source, options, fps=fps, progress=reading)
         settings = self.video_settings
         pixels, grid = patchify(video.frames, settings)
-        item = MediaItem("video", pixels, grid, video.group_timestamps(settings.temporal_patch_size))
+        timestamps = video.group_timestamps(settings.temporal_patch_size)
+        item = MediaItem("video", pixels, grid, timestamps, source_size=video.source_size)
         width, height = video.source_size
         frames = f"{len(video.frames)} frames of {width}x{height}"
         item.description = f"video, {frames} -> {grid[0]} x {self._sized(item)}"
         return item
 
     def _sized(self, item: MediaItem) -> str:
-        t, h, w = item.grid_thw
+        _, h, w = item.grid_thw
         patch = self.image_settings.patch_size
-        tokens = t * item.tokens_per_group(self.image_settings.merge_size)
+        tokens = item.tokens(self.image_settings.merge_size)
         return f"{w * patch}x{h * patch} pixels, {tokens:,} tokens"
 
     def read_media(self, kind: str, source, options: dict, reading=None) -> MediaItem:

@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP API over the engine, with FastAPI: `GET /health`, `GET /v1/models`,
-`POST /v1/chat/completions` (streamed as server-sent events or not).
+`POST /v1/chat/completions` (streamed as server-sent events or not); besides it, the chat page (`GET /`,
+chat_page.py), what an image or video becomes as the model takes it (`POST /v1/media`, for the page's
+thumbnails) and the engine's counters (`GET /metrics`).
 
 Every refusal is OpenAI's error object with a 4xx status and one line (an unknown route and a wrong
 method too); a bug in one request is a 500 for it alone. Host, Origin, the API key and the body's size
@@ -21,6 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..errors import Qwen3VLError
+from .chat_page import FILES as PAGE_FILES
+from .chat_page import page_file
 from .engine import Engine, Event, Job
 from .fetch import download_pool, remote
 from .guard import Access, Guard, request_limit
@@ -30,7 +34,9 @@ from .protocol import (
     completion,
     completion_id,
     decode_body,
+    detections,
     from_user_error,
+    media_request,
     message,
     parse_request,
     stream_chunk,
@@ -85,6 +91,33 @@ def create_app(
     async def health():
         return {"status": "ok"}
 
+    async def page(http: Request):
+        return page_file(http.url.path)
+
+    for path in PAGE_FILES:
+        app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
+
+    @app.get("/metrics")
+    async def metrics():
+        running = len(engine.sequences)
+        return {"tokens_generated": engine.tokens_generated, "answers_running": running}
+
+    @app.post("/v1/media")
+    async def media(http: Request):
+        """What an image or video becomes (size, tokens), read as a request would read it with these
+        options; kept read, so that the request that sends it next does not read it again."""
+        kind, url, options = media_request(decode_body(await http.body()))
+        try:
+            fetched = await asyncio.get_running_loop().run_in_executor(
+                downloads if remote(url) else None, fetch, url, policy, kind
+            )
+            item = await asyncio.to_thread(reader.item, kind, fetched, options)
+        except Qwen3VLError as e:
+            raise from_user_error(e) from None
+        reader.keep([item])
+        tokens = item.tokens(engine.processor.image_settings.merge_size)
+        return {"kind": kind, "description": item.description, "tokens": tokens}
+
     @app.get("/v1/models")
     async def models():
         entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3vl"}
@@ -120,12 +153,12 @@ def create_app(
         try:
             first = await job.events.get()
             refuse_unless_answered(first)
-            reader.keep(turn)
+            reader.keep(turn.media)
             cid = completion_id()
             if request.stream:
                 streaming = True
                 return StreamingResponse(
-                    stream(job, first, cid, model_name, request.include_usage),
+                    stream(job, first, cid, model_name, request.include_usage, image_sizes(turn)),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
@@ -144,7 +177,8 @@ def create_app(
             if not streaming:
                 job.cancel()
         thinks = engine.processor.thinks
-        answer = message("".join(text), "".join(reasoning) if thinks else None, calls)
+        located = detections("".join(text), image_sizes(turn))
+        answer = message("".join(text), "".join(reasoning) if thinks else None, calls, located)
         return completion(cid, model_name, answer, event.finish, event.prompt_tokens, event.tokens, logprobs)
 
     limit = access.max_request_bytes or request_limit(policy.max_bytes)
@@ -182,24 +216,33 @@ def delta(event: Event, calls_before: int) -> dict:
     return out
 
 
-async def stream(job: Job, first: Event, cid: str, model: str, include_usage: bool):
-    """Server-sent events: the role, the answer as it comes, the finish reason, the usage if asked,
-    [DONE]. A client gone (the generator closed or cancelled) cancels the job."""
+def image_sizes(turn) -> list[tuple[int, int]]:
+    return [item.source_size for item in turn.media if item.kind == "image"]
+
+
+async def stream(
+    job: Job, first: Event, cid: str, model: str, include_usage: bool, image_sizes: list[tuple[int, int]]
+):
+    """Server-sent events: the role, the answer as it comes, the finish reason (with the answer's
+    `detections` on the request's last image, if any), the usage if asked, [DONE]. A client gone (the
+    generator closed or cancelled) cancels the job."""
 
     def sse(data: dict) -> str:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     try:
         yield sse(stream_chunk(cid, model, {"role": "assistant", "content": ""}))
-        event, calls = first, 0
+        event, calls, text = first, 0, []
         while event.kind == "text":
             yield sse(stream_chunk(cid, model, delta(event, calls), logprobs=event.logprobs))
             calls += len(event.tool_calls)
+            text.append(event.text)
             event = await job.events.get()
         if event.kind == "error":  # after the answer started: the stream says it, as OpenAI's does
             yield sse(ApiError(event.status, event.text).body())
         else:
-            yield sse(stream_chunk(cid, model, {}, event.finish))
+            located = detections("".join(text), image_sizes)
+            yield sse(stream_chunk(cid, model, {"detections": located} if located else {}, event.finish))
             if include_usage:
                 yield sse(stream_chunk(cid, model, {}, usage_=usage(event.prompt_tokens, event.tokens)))
         yield "data: [DONE]\n\n"

@@ -126,6 +126,7 @@ class Engine:
         self.closing: str | None = None  # why new requests are refused: the server is shutting down
         self.reused = 0  # prompt tokens the last request found in the cache (for tests and logs)
         self.widest = 0  # the most rows decoded together so far (for tests and logs)
+        self.tokens_generated = 0  # every answer's tokens so far, the cancelled ones' included (/metrics)
 
     def start(self) -> None:
         self.thread.start()
@@ -274,6 +275,7 @@ class Engine:
         """A sequence's next token (already fed to its cache): send what it adds to the answer. True when
         the sequence is over (answered, or its client gone)."""
         sequence.fed.append(token)
+        self.tokens_generated += 1
         job, answer = sequence.job, sequence.answer
         if job.cancelled.is_set():
             return True

@@ -8,8 +8,10 @@ not allowed is refused whatever it holds. A page can also reach a loopback serve
 that it points at 127.0.0.1 (DNS rebinding): the browser then takes the server for that page's own site
 and sends no Origin of another, but its `Host` header is that name, so a `Host` that is none of the
 server's names is refused too. Requests without `Origin` (curl, the openai client, scripts) come from no
-page. An IP address as `Host` cannot be rebound (rebinding needs a name); a server listening on every
-interface takes any of them, since it cannot know all the addresses it is reached by.
+page; a request whose `Origin` is its own `Host` (an allowed one) comes from the server's own chat page
+(chat_page.py), under whatever address it was reached by. An IP address as `Host` cannot be rebound
+(rebinding needs a name); a server listening on every interface takes any of them, since it cannot know
+all the addresses it is reached by.
 
 The body is counted as it arrives and refused past `max_request_bytes` (at once when its Content-Length
 says so), before anything parses it; it is read only once the rest of the request is accepted.
@@ -24,11 +26,14 @@ from urllib.parse import urlsplit
 
 from starlette.responses import JSONResponse
 
+from .chat_page import FILES as PAGE_FILES
 from .protocol import ApiError
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 ANY = "*"
 PREFLIGHT_SECONDS = 600  # how long a browser may keep a preflight's answer
+# Served without the API key: the health check, and the chat page's files (which ask for the key).
+OPEN_PATHS = frozenset(["/health", *PAGE_FILES])
 
 
 def request_limit(max_media_bytes: int) -> int:
@@ -50,16 +55,26 @@ class Access:
     max_request_bytes: int | None = None
 
     def host_allowed(self, host: str) -> bool:
+        return ANY in self.hosts or self._own(host)
+
+    def _own(self, host: str) -> bool:
+        """A Host that names this server itself: a loopback name, the listening address, a listed name,
+        or (listening everywhere) any IP address; not merely any name ("*")."""
         name = _name(host)
-        if ANY in self.hosts or name in (*LOOPBACK_NAMES, _name(self.bound), *map(_name, self.hosts)):
+        if name in (*LOOPBACK_NAMES, _name(self.bound), *map(_name, self.hosts)):
             return True
         return _unspecified(self.bound) and _ip(name)
 
-    def origin_allowed(self, origin: str) -> bool:
+    def origin_allowed(self, origin: str, host: str | None = None) -> bool:
+        """`host`: the request's Host header; an origin that is that host, when the host names this server
+        itself, is the server's own page (with --allowed-hosts "*", a rebound name would pass)."""
         origin = origin.lower().rstrip("/")
         if ANY in self.origins or origin in (o.lower().rstrip("/") for o in self.origins):
             return True
         parts = urlsplit(origin)
+        same = host is not None and parts.netloc == host.strip().lower() and self._own(host)
+        if same and parts.scheme in ("http", "https"):
+            return True
         try:
             parts.port  # noqa: B018  (a malformed port is refused, not an error)
         except ValueError:
@@ -92,7 +107,7 @@ def _unspecified(address: str) -> bool:
 
 class Guard:
     """ASGI middleware, outermost: Host, then Origin (a preflight answered here: it never carries the
-    API key), then the API key (on every route but /health), then the body's size; CORS headers on the
+    API key), then the API key (on every route but `OPEN_PATHS`), then the body's size; CORS headers on the
     answers to allowed origins. The body is read here, after the key: a refused request's never is."""
 
     def __init__(self, app, access: Access, max_request_bytes: int, api_key: str | None = None):
@@ -106,14 +121,14 @@ class Guard:
         if host is not None and not self.access.host_allowed(host):
             message = f"Host {_name(host)!r:.80} is not a name of this server (see --allowed-hosts)"
             return await _refuse(403, message, scope, receive, send)
-        if origin is not None and not self.access.origin_allowed(origin):
+        if origin is not None and not self.access.origin_allowed(origin, host):
             message = f"requests from the web origin {origin!r:.80} are not allowed (see --allowed-origins)"
             return await _refuse(403, message, scope, receive, send)
         cors = _cors(origin) if origin is not None else []
         if scope["method"] == "OPTIONS" and origin is not None and "access-control-request-method" in headers:
             requested = headers.get("access-control-request-headers", "")
             return await _preflight(cors, requested, send)
-        if self.api_key and scope["path"] != "/health" and not _key_matches(headers, self.api_key):
+        if self.api_key and scope["path"] not in OPEN_PATHS and not _key_matches(headers, self.api_key):
             message = "missing or wrong API key (Authorization: Bearer ...)"
             return await _refuse(401, message, scope, receive, send, cors)
         length = headers.get("content-length", "")

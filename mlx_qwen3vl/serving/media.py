@@ -159,10 +159,11 @@ class MediaReader:
         item.digest = digest
         return item
 
-    def keep(self, turn: Turn) -> None:
-        """The engine took this turn: keep its images and videos for later requests, within the budget."""
+    def keep(self, media: list[MediaItem]) -> None:
+        """Keep these images and videos (of a turn the engine took, or read for a client that asked what
+        they become) for later requests, within the budget."""
         with self.lock:
-            for item in turn.media:
+            for item in media:
                 size = item.pixel_values.nbytes
                 if item.digest in self.read or size > self.max_bytes:
                     continue

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .. import grounding
 from ..errors import Qwen3VLError
 from ..messages import SOURCE_KEYS, media_parts, normalize_messages, part_options
 from ..options import (
@@ -185,6 +186,19 @@ def parse_request(body: Any) -> Request:
     )
 
 
+def media_request(body: Any) -> tuple[str, str, dict]:
+    """A `/v1/media` body, one image or video part as a message holds it (`{"type": "image_url",
+    "image_url": {"url": ...}, "max_pixels": ...}`): its kind, URL and options."""
+    try:
+        parts = list(media_parts(normalize_messages([{"role": "user", "content": [body]}])))
+    except Qwen3VLError as e:
+        raise from_user_error(e) from None
+    if len(parts) != 1:
+        raise ApiError(400, "the body must be one image_url or video_url content part")
+    kind, part = parts[0]
+    return kind, _url(part, kind), part_options(kind, part)
+
+
 def _logprobs(raw: ChatRequest) -> int | None:
     """OpenAI's pair: `logprobs` (true or false) and `top_logprobs` (0 to 20, only with logprobs)."""
     if raw.logprobs not in (None, True, False):
@@ -291,14 +305,32 @@ def tool_call_entry(call: ToolCall) -> dict:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
-def message(text: str, reasoning: str | None = None, calls: list[ToolCall] = ()) -> dict:
+def detections(answer: str, image_sizes: list[tuple[int, int]]) -> list[dict]:
+    """What the answer locates (`grounding.parse`), in pixels of the conversation's last image, each with
+    that image's index among the request's images and its size (width, height): the boxes and points a
+    client draws. Empty without an image."""
+    if not image_sizes:
+        return []
+    size = image_sizes[-1]
+    return [
+        {"image": len(image_sizes) - 1, "size": list(size), "label": d.label, "box": d.box, "point": d.point}
+        for d in grounding.parse(answer, size)
+    ]
+
+
+def message(
+    text: str, reasoning: str | None = None, calls: list[ToolCall] = (), located: list[dict] = ()
+) -> dict:
     """The assistant's message: its content (null when it is only calls), a Thinking model's reasoning as
-    `reasoning_content` (vLLM's name), and its calls."""
+    `reasoning_content` (vLLM's name), its calls, and what it locates on an image (`detections`, an extra
+    field that OpenAI's clients ignore; present when there are some)."""
     out = {"role": "assistant", "content": text if text or not calls else None}
     if reasoning is not None:
         out["reasoning_content"] = reasoning
     if calls:
         out["tool_calls"] = [tool_call_entry(call) for call in calls]
+    if located:
+        out["detections"] = list(located)
     return out
 
 
