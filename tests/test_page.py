@@ -52,8 +52,12 @@ def downloads(tmp_path_factory) -> Path:
 def browser(server, downloads):
     try:
         b = Browser(downloads, HANG)
-    except RuntimeError as e:  # fails, never skips: CI installs them (.ci/run)
-        pytest.fail(str(e))
+    except RuntimeError as e:
+        # CI installs the browser (.ci/run) and sets the variable: there a missing one fails. Elsewhere (a
+        # Mac without Chromium, a Linux box without the package) the page's tests are skipped, saying why.
+        if os.environ.get("MLX_QWEN3VL_REQUIRE_BROWSER"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
     b.resize(*WIDE)
     b.go(server.url)
     yield b
