@@ -1,0 +1,207 @@
+"""Qwen3-VL-Embedding and Qwen3-VL-Reranker against the reference computation: transformers' model on the
+same random weights, fed the prompts Qwen's reference code lays out (written out here), then its pooling
+(the last real token's final hidden state, right padding), L2 normalisation, and the reranker's
+sigmoid of the "yes" minus "no" logits. Float32 throughout: agreement within 1e-5."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import TINY, build_checkpoint, reference_model
+from media import picture, write_video
+from prompts import IMAGE_PAD, VISION_END, VISION_START, torch_inputs, video_blocks
+
+from mlx_qwen3vl import Qwen3VLError, embed, load, rerank
+from mlx_qwen3vl.progress import Progress
+from mlx_qwen3vl.video import VideoOptions
+
+# The reference's fixed texts, as its code writes them.
+EMBED_DEFAULT = "Represent the user's input."
+RERANK_SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
+RERANK_DEFAULT = "Given a search query, retrieve relevant candidates that answer the query."
+# Float32 on both sides; the values are of order 1 (normalised vectors, probabilities).
+TOLERANCE = 1e-5
+# Small video frames (a part's own options), to keep the test's prompts short.
+SMALL_FRAMES = {"min_pixels": 4096, "max_pixels": 8192}
+
+
+@pytest.fixture(scope="module")
+def embedder(tiny_checkpoint, checkpoint_root):
+    """The tiny checkpoint under an embedding model's name (the published ones are Qwen3-VL checkpoints
+    that only their name tells apart), loaded in float32."""
+    target = checkpoint_root / "tiny-Qwen3-VL-Embedding"
+    if not target.exists():
+        target.mkdir()
+        for file in tiny_checkpoint.iterdir():
+            (target / file.name).symlink_to(file)
+    return target, load(target, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reranker(checkpoint_root):
+    """A reranker with an untied lm_head (as the 8B), so its rows are read from lm_head, not the embedding."""
+    untied = {
+        **TINY,
+        "tie_word_embeddings": False,
+        "text_config": {**TINY["text_config"], "tie_word_embeddings": False},
+    }
+    path = checkpoint_root / "tiny-Qwen3-VL-Reranker"
+    if not path.exists():
+        build_checkpoint(path, untied, seed=3)
+    return path, load(path, dtype="float32")
+
+
+def image_ids(item) -> list[int]:
+    t, h, w = item.grid_thw
+    return [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
+
+
+def reference_ids(tokenizer, system: str, user: list) -> list[int]:
+    """The chat template's layout with `user` a list of text pieces and media items, each media item's
+    block expanded to its tokens as transformers' processor does."""
+    ids = tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+    for piece in user:
+        if isinstance(piece, str):
+            ids += tokenizer.encode(piece)
+        elif piece.kind == "image":
+            ids += image_ids(piece)
+        else:
+            ids += video_blocks(tokenizer, piece.grid_thw, piece.timestamps)
+    return ids + tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def reference_hidden(reference, rows: list[tuple[list[int], list]]) -> torch.Tensor:
+    """transformers' final hidden states of the rows (ids, media) run as one right-padded batch, as the
+    reference embedder runs them, pooled at each row's last real token."""
+    length = max(len(ids) for ids, _ in rows)
+    ids = np.full((len(rows), length), 151643, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for r, (row, _) in enumerate(rows):
+        ids[r, : len(row)], mask[r, : len(row)] = row, 1
+    media = [m for _, items in rows for m in items]
+    inputs = {"input_ids": ids}
+    for kind, values, grids in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        items = [m for m in media if m.kind == kind]
+        if items:
+            inputs[values] = np.concatenate([m.pixel_values for m in items])
+            inputs[grids] = np.array([m.grid_thw for m in items])
+    arguments = torch_inputs(inputs)
+    arguments["attention_mask"] = torch.tensor(mask)
+    with torch.no_grad():
+        hidden = reference.model(**arguments).last_hidden_state
+    last = torch.tensor(mask).flip(1).argmax(1)
+    return hidden[torch.arange(len(rows)), length - 1 - last]
+
+
+def test_embeddings_match_the_reference_and_a_batch_equals_one_by_one(embedder, tmp_path):
+    path, (model, processor) = embedder
+    photo, small = picture(96, 64, seed=1), picture(48, 80, seed=2)
+    video = write_video(tmp_path / "clip.avi", frames=12, fps=4.0)
+    clip = {"type": "video", "video": video, **SMALL_FRAMES}
+    inputs = [
+        "A woman playing with her dog on a beach at sunset.",
+        {"image": photo},
+        [clip],
+        [clip, {"type": "image_url", "image_url": {"url": small}}, {"type": "text", "text": "in both?"}],
+        {"text": "a picture and a question", "image": small},  # the reference's order: image, then text
+    ]
+    instruction = "Retrieve images that match the caption"  # no final punctuation: the reference adds "."
+    progress = []
+    ours = np.array(embed(model, processor, inputs, instruction=instruction, progress=progress.append))
+
+    # The reference's sizes: images between 4 and 1,800 merged tokens, videos at 1 frame per second.
+    read_photo = processor.read_image(photo, 4 * 32 * 32, 1800 * 32 * 32)
+    read_small = processor.read_image(small, 4 * 32 * 32, 1800 * 32 * 32)
+    read_video = processor.read_video(video, VideoOptions(fps=1.0, max_frames=64, **SMALL_FRAMES))
+    system = instruction + "."
+    rows = [
+        (reference_ids(processor.tokenizer, system, [inputs[0]]), []),
+        (reference_ids(processor.tokenizer, system, [read_photo]), [read_photo]),
+        (reference_ids(processor.tokenizer, system, [read_video]), [read_video]),
+        (
+            reference_ids(processor.tokenizer, system, [read_video, read_small, "in both?"]),
+            [read_small, read_video],
+        ),
+        (reference_ids(processor.tokenizer, system, [read_small, "a picture and a question"]), [read_small]),
+    ]
+    pooled = reference_hidden(reference_model(path, torch.float32), rows)
+    expected = torch.nn.functional.normalize(pooled, p=2, dim=-1).numpy()
+    assert ours.shape == (5, model.config.text_config.hidden_size)
+    np.testing.assert_allclose(ours, expected, atol=TOLERANCE)
+    assert progress[-1] == Progress("inputs", 5, 5)
+
+    # One by one, each alone (no padding), gives the batch's vectors.
+    alone = np.concatenate([np.array(embed(model, processor, [x], instruction=instruction)) for x in inputs])
+    np.testing.assert_allclose(alone, ours, atol=TOLERANCE)
+
+    # Matryoshka: the first `dimensions` components, normalised again; the default instruction.
+    cut = np.array(embed(model, processor, "a sentence", dimensions=64))
+    row = reference_ids(processor.tokenizer, EMBED_DEFAULT, ["a sentence"])
+    full = reference_hidden(reference_model(path, torch.float32), [(row, [])])[:, :64]
+    np.testing.assert_allclose(cut, torch.nn.functional.normalize(full, dim=-1).numpy(), atol=TOLERANCE)
+
+
+def test_reranker_scores_match_the_reference(reranker):
+    path, (model, processor) = reranker
+    assert not hasattr(model, "lm_head") and model.score_rows.shape == (2, 128)
+    photo = picture(64, 64, seed=4)
+    query = "a dog on a beach"
+    documents = [
+        "A golden retriever runs along the shore.",
+        {"image": photo},
+        {"text": "a photo", "image": photo},
+    ]
+    scores = rerank(model, processor, query, documents, instruction="Find the matching photo.")
+
+    reference = reference_model(path, torch.float32)
+    vocabulary = processor.tokenizer.get_vocab()
+    weight = reference.lm_head.weight
+    direction = weight[vocabulary["yes"]] - weight[vocabulary["no"]]
+    read_photo = processor.read_image(photo, 4 * 32 * 32, 1800 * 32 * 32)
+    docs = [[documents[0]], [read_photo], [read_photo, "a photo"]]
+    expected = []
+    for doc in docs:
+        user = ["<Instruct>: Find the matching photo.<Query>:", query, "\n<Document>:", *doc]
+        ids = reference_ids(processor.tokenizer, RERANK_SYSTEM, user)
+        hidden = reference_hidden(reference, [(ids, [m for m in doc if not isinstance(m, str)])])
+        expected.append(torch.sigmoid(hidden[0] @ direction).item())
+    np.testing.assert_allclose(scores, expected, atol=TOLERANCE)
+    assert all(0 <= s <= 1 for s in scores)
+    # The default instruction, and the batch of three against each document alone.
+    batch = rerank(model, processor, {"text": query}, documents)
+    alone = [rerank(model, processor, query, [d])[0] for d in documents]
+    np.testing.assert_allclose(batch, alone, atol=TOLERANCE)
+    user = [f"<Instruct>: {RERANK_DEFAULT}<Query>:", query, "\n<Document>:", documents[0]]
+    hidden = reference_hidden(reference, [(reference_ids(processor.tokenizer, RERANK_SYSTEM, user), [])])
+    np.testing.assert_allclose(batch[0], torch.sigmoid(hidden[0] @ direction).item(), atol=TOLERANCE)
+
+
+def test_bad_retrieval_inputs_are_one_line_errors(embedder, reranker, tiny_f32):
+    _, (model, processor) = embedder
+    cases = [
+        ([], "inputs is empty"),
+        ("   ", "input 1 is empty"),
+        ([{"text": "x", "colour": "red"}], "unknown key 'colour'"),
+        ([{"image": b"not an image"}], "image"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(Qwen3VLError, match=message):
+            embed(model, processor, inputs)
+    for dimensions in (0, 32, 129, "64"):
+        with pytest.raises(Qwen3VLError, match="dimensions="):
+            embed(model, processor, "x", dimensions=dimensions)
+    with pytest.raises(Qwen3VLError, match="needs a reranker"):
+        rerank(model, processor, "q", ["d"])
+    with pytest.raises(Qwen3VLError, match="needs an embedding model"):
+        embed(*reranker[1], "x")
+    with pytest.raises(Qwen3VLError, match="this is a chat model"):
+        embed(*tiny_f32, "x")
+    with pytest.raises(Qwen3VLError, match="documents is empty"):
+        rerank(*reranker[1], "q", [])
