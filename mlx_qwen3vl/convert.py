@@ -27,8 +27,10 @@ from tqdm import tqdm
 from .backend import resolve_dtype
 from .errors import Qwen3VLError
 from .loading import (
+    TASK_KEY,
     check_weights,
     model_directory,
+    model_task,
     read_config,
     read_weights,
 )
@@ -271,7 +273,10 @@ def convert(
     check_replaceable(target, source, force)
 
     config = read_config(source)
-    model = Model(config)  # its parameters stay lazy: only their names and shapes are used
+    # An embedding model is written without the vocabulary projection it never uses; a reranker keeps
+    # its checkpoint's layout (load() takes the two rows it reads), so other tools still read it.
+    task = model_task(source, str(hf_path))
+    model = Model(config, "embed" if task == "embed" else "generate")  # lazy: names and shapes only
     weights = model.sanitize(read_weights(source))
     if any(key.endswith(".scales") for key in weights):
         raise Qwen3VLError(
@@ -293,7 +298,10 @@ def convert(
     with staged(target, source, force) as staging:
         write_shards(tensors, staging, max_shard_size, progress)
         raw_config = json.loads((source / "config.json").read_text())
-        config_text = json.dumps(output_config(raw_config, dtype_name, quantization), indent=2)
+        written = output_config(raw_config, dtype_name, quantization)
+        if task != "generate":  # what the output is for, whatever it is named (loading.model_task)
+            written[TASK_KEY] = task
+        config_text = json.dumps(written, indent=2)
         (staging / "config.json").write_text(config_text + "\n")
         copy_model_files(source, staging)
         from_hub = not Path(hf_path).expanduser().exists()

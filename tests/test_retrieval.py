@@ -205,3 +205,29 @@ def test_bad_retrieval_inputs_are_one_line_errors(embedder, reranker, tiny_f32):
         embed(*tiny_f32, "x")
     with pytest.raises(Qwen3VLError, match="documents is empty"):
         rerank(*reranker[1], "q", [])
+
+
+def test_converted_models_keep_their_task_and_results(embedder, reranker, tmp_path):
+    """convert.py records what the model is for (the output's name need not say it); the embedding
+    model is written without lm_head; the reranker keeps its layout, quantized too."""
+    from mlx_qwen3vl.convert import convert
+    from mlx_qwen3vl.loading import read_weights
+
+    inputs = ["a sentence", {"image": picture(64, 64, seed=5)}]
+    out = convert(embedder[0], tmp_path / "vectors", progress=False)  # bfloat16, as stored: lossless
+    assert not any(k.startswith("lm_head") for k in read_weights(out))
+    converted = load(out, dtype="float32")
+    assert converted[0].task == "embed"
+    np.testing.assert_allclose(
+        np.array(embed(*converted, inputs)), np.array(embed(*embedder[1], inputs)), atol=1e-6
+    )
+
+    out = convert(reranker[0], tmp_path / "scores", q_bits=8, progress=False)
+    assert "lm_head.scales" in read_weights(out)
+    quantized = load(out, dtype="float32")
+    assert quantized[0].task == "rerank" and not hasattr(quantized[0], "lm_head")
+    documents = ["a dog", {"image": picture(64, 64, seed=6)}]
+    # 8-bit weights: the scores move by the quantization error of the whole model.
+    np.testing.assert_allclose(
+        rerank(*quantized, "q", documents), rerank(*reranker[1], "q", documents), atol=0.02
+    )
