@@ -151,7 +151,8 @@ def last_hidden_states(model: Model, prompts: list[Prompt], pad_id: int) -> mx.a
 
 def run(model: Model, processor: Processor, prompts: list[Prompt], head, progress=None) -> mx.array:
     """`head` of the pooled states of all prompts, in their order; each group of BATCH inputs is read
-    (media included) only when it runs, so a long list never holds more than a batch's pixels."""
+    (media included) only when it runs, so a long list never holds more than a batch's pixels. Each
+    prompt's `ids` stay (their count is a server's usage)."""
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[mx.array | None] = [None] * len(prompts)
@@ -220,6 +221,11 @@ def embed(
     `[parts]`. instruction: what the vectors are for (the reference's default "Represent the user's
     input."). dimensions: keep the first `dimensions` components (Matryoshka), then normalise. progress:
     called with a `Progress("inputs", done, total)` after each batch."""
+    return embed_prompts(model, processor, inputs, instruction, dimensions, progress)[0]
+
+
+def embed_prompts(model, processor, inputs, instruction=None, dimensions=None, progress=None):
+    """`embed`'s vectors and the prompts they came from (their token ids)."""
     _check_task(model, "embed", "embed")
     check_dimensions(dimensions, model.config.text_config.hidden_size)
     items = _as_list(inputs, "inputs")
@@ -229,7 +235,7 @@ def embed(
         pooled = pooled[:, :dimensions].astype(mx.float32)
         return pooled / mx.linalg.norm(pooled, axis=-1, keepdims=True)
 
-    return run(model, processor, prompts, head, progress)
+    return run(model, processor, prompts, head, progress), prompts
 
 
 def rerank(
@@ -238,6 +244,11 @@ def rerank(
     """How well each document answers the query, in [0, 1], from a reranker (Qwen3-VL-Reranker): the
     probability of "yes" against "no" as the answer's first token. The query and each document take the
     forms of `embed`'s inputs."""
+    return rerank_prompts(model, processor, query, documents, instruction, progress)[0]
+
+
+def rerank_prompts(model, processor, query, documents, instruction=None, progress=None):
+    """`rerank`'s scores and the prompts they came from (their token ids)."""
     _check_task(model, "rerank", "rerank")
     query_parts = content_parts(query, "the query")
     docs = _as_list(documents, "documents")
@@ -250,4 +261,4 @@ def rerank(
         logits = pooled.astype(mx.float32) @ model.score_rows.astype(mx.float32).T  # [n, (yes, no)]
         return mx.sigmoid(logits[:, 0] - logits[:, 1])
 
-    return run(model, processor, prompts, head, progress).tolist()
+    return run(model, processor, prompts, head, progress).tolist(), prompts

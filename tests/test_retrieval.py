@@ -5,15 +5,30 @@ sigmoid of the "yes" minus "no" logits. Float32 throughout: agreement within 1e-
 
 from __future__ import annotations
 
+import base64
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
 import numpy as np
+import openai
 import pytest
 import torch
+import uvicorn
 from checkpoints import TINY, build_checkpoint, reference_model
-from media import picture, write_video
+from media import picture, png_bytes, write_video
 from prompts import IMAGE_PAD, VISION_END, VISION_START, torch_inputs, video_blocks
+from starlette.testclient import TestClient
 
 from mlx_qwen3vl import Qwen3VLError, embed, load, rerank
 from mlx_qwen3vl.progress import Progress
+from mlx_qwen3vl.serving.app import create_app
+from mlx_qwen3vl.serving.engine import Engine
+from mlx_qwen3vl.serving.media import MediaPolicy
+from mlx_qwen3vl.serving.retrieval import create_retrieval_app
 from mlx_qwen3vl.video import VideoOptions
 
 # The reference's fixed texts, as its code writes them.
@@ -231,3 +246,139 @@ def test_converted_models_keep_their_task_and_results(embedder, reranker, tmp_pa
     np.testing.assert_allclose(
         rerank(*quantized, "q", documents), rerank(*reranker[1], "q", documents), atol=0.02
     )
+
+
+class Served:
+    """create_retrieval_app + uvicorn in a thread of this process, on a port the system picks."""
+
+    def __init__(self, model, processor):
+        listening = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+        app = create_retrieval_app(model, processor, "tiny", policy=MediaPolicy(max_bytes=1_000_000))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listening]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60  # a bound that makes a hang fail
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+
+
+def assert_refused(status: int, body: dict, words: str, param: str | None = None) -> None:
+    """OpenAI's error shape: a 400 with one line that says what is wrong."""
+    assert status == 400 and set(body) == {"error"}, body
+    assert words in body["error"]["message"] and "\n" not in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param
+
+
+def test_embeddings_server_answers_the_openai_client(embedder):
+    _, (model, processor) = embedder
+    served = Served(model, processor)
+    try:
+        client, photo = served.client, picture(64, 48, seed=7)
+        one = client.embeddings.create(model="tiny", input="a red bicycle")  # the client asks for base64
+        assert one.usage.prompt_tokens > 0 and one.data[0].index == 0
+        expected = np.array(embed(model, processor, ["a red bicycle", "two", {"image": photo}]))
+        np.testing.assert_allclose(one.data[0].embedding, expected[0], atol=1e-6)
+        many = client.embeddings.create(
+            model="tiny",
+            input=["a red bicycle", "two", {"type": "image_url", "image_url": {"url": data_url(photo)}}],
+            encoding_format="float",
+        )
+        np.testing.assert_allclose([d.embedding for d in many.data], expected, atol=1e-6)
+        cut = client.embeddings.create(model="tiny", input="two", dimensions=64)
+        np.testing.assert_allclose(
+            cut.data[0].embedding, embed(model, processor, "two", dimensions=64)[0], atol=1e-6
+        )
+        # vLLM's form: a system message is the instruction, the user message's parts one input.
+        status, body = served.post(
+            "/v1/embeddings",
+            {
+                "messages": [
+                    {"role": "system", "content": "Find photos."},
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": data_url(photo)}}],
+                    },
+                ]
+            },
+        )
+        assert status == 200
+        np.testing.assert_allclose(
+            body["data"][0]["embedding"],
+            embed(model, processor, {"image": photo}, instruction="Find photos.")[0],
+            atol=1e-6,
+        )
+
+        unreadable = {
+            "type": "image_url",
+            "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"no image").decode()},
+        }
+        for body, words, param in [
+            ({"input": ""}, "input 1 is empty", None),
+            ({"input": []}, "non-empty", "input"),
+            ({"input": [unreadable]}, "image", None),
+            ({"input": "x", "dimensions": 8}, "dimensions=8", "dimensions"),
+            ({"input": "x", "encoding_format": "int8"}, "encoding_format", "encoding_format"),
+        ]:
+            assert_refused(*served.post("/v1/embeddings", body), words, param)
+        with pytest.raises(openai.BadRequestError, match="dimensions=4096"):
+            client.embeddings.create(model="tiny", input="x", dimensions=4096)
+        with pytest.raises(openai.BadRequestError, match="needs a chat model"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert_refused(*served.post("/v1/rerank", {"query": "q", "documents": ["d"]}), "needs a reranker")
+    finally:
+        served.close()
+
+
+def test_rerank_server_answers_plain_http(reranker, tiny_f32):
+    _, (model, processor) = reranker
+    served = Served(model, processor)
+    try:
+        photo = picture(64, 48, seed=8)
+        documents = [
+            "a cat",
+            "a dog on a beach",
+            {"content": [{"type": "image_url", "image_url": {"url": data_url(photo)}}]},
+        ]
+        status, body = served.post("/v1/rerank", {"query": "a dog", "documents": documents, "top_n": 2})
+        assert status == 200, body
+        scores = rerank(model, processor, "a dog", ["a cat", "a dog on a beach", {"image": photo}])
+        best = sorted(range(3), key=lambda i: -scores[i])[:2]
+        assert [r["index"] for r in body["results"]] == best
+        np.testing.assert_allclose(
+            [r["relevance_score"] for r in body["results"]], [scores[i] for i in best], atol=1e-6
+        )
+        assert_refused(*served.post("/v1/rerank", {"query": "q", "documents": []}), "documents", "documents")
+        assert_refused(
+            *served.post("/v1/rerank", {"query": "q", "documents": ["d"], "top_n": 0}), "top_n", "top_n"
+        )
+        assert_refused(*served.post("/v1/embeddings", {"input": "x"}), "needs an embedding model")
+        assert_refused(*served.post("/v1/chat/completions", {"messages": []}), "needs a chat model")
+    finally:
+        served.close()
+    # The reverse: a chat model's server refuses the retrieval routes with the same one line.
+    chat = TestClient(create_app(Engine(*tiny_f32), "tiny"), base_url="http://127.0.0.1")
+    response = chat.post("/v1/embeddings", json={"input": "x"})
+    assert_refused(response.status_code, response.json(), "needs an embedding model")
+    response = chat.post("/v1/rerank", json={"query": "q", "documents": ["d"]})
+    assert_refused(response.status_code, response.json(), "needs a reranker")

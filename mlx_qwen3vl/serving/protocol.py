@@ -173,7 +173,7 @@ def parse_request(body: Any) -> Request:
         raise from_user_error(e) from None
     defaults = media_defaults({k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None})
     media = [
-        MediaRef(kind, _url(part, kind), defaults[kind] | part_options(kind, part))
+        MediaRef(kind, part_url(part, kind), defaults[kind] | part_options(kind, part))
         for kind, part in media_parts(messages)
     ]
     return Request(
@@ -220,7 +220,8 @@ def _tools(raw: ChatRequest) -> list[dict] | None:
     return raw.tools
 
 
-def _url(part: dict, kind: str) -> str:
+def part_url(part: dict, kind: str) -> str:
+    """The URL (or data: URL, or allowed path) a media part names."""
     for key in SOURCE_KEYS[kind]:
         value = part.get(key)
         if isinstance(value, dict):
