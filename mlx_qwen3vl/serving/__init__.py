@@ -46,6 +46,7 @@ def serve(
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     log_level: str = "info",
+    task: str | None = None,
 ) -> None:
     """Load the model once and serve it until interrupted: up to `max_batch` answers decoded together;
     an embedding model or a reranker answers `/v1/embeddings` or `/v1/rerank` instead (retrieval.py).
@@ -69,7 +70,7 @@ def serve(
     CACHE_BYTES.check(cache_bytes)
     listening = listen(host, port)
     try:
-        model, processor = load(model_path, dtype=dtype)
+        model, processor = load(model_path, dtype=dtype, task=task)
     except BaseException:
         listening.close()
         raise
