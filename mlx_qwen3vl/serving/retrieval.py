@@ -134,9 +134,9 @@ class RetrievalServer:
         self.worker.shutdown()
         self.downloads.shutdown(wait=False, cancel_futures=True)
 
-    async def fetched(self, inputs: list[list], param: str) -> list[list]:
-        """The inputs with each image and video part's URL replaced by its bytes (fetched under the
-        policy, at once)."""
+    async def fetched(self, inputs: list[list], names: list[str]) -> list[list]:
+        """The inputs (named in errors by `names`) with each image and video part's URL replaced by its
+        bytes, fetched under the policy, all at once."""
         loop = asyncio.get_running_loop()
         media = [(i, k, p) for i, item in enumerate(inputs) for k, p in enumerate(item) if media_kind(p)]
         try:
@@ -148,7 +148,7 @@ class RetrievalServer:
                         fetch,
                         url,
                         self.policy,
-                        f"{media_kind(part)} of {param} {i + 1}",
+                        f"{media_kind(part)} of {names[i]}",
                     )
                     for (i, _, part), url in zip(media, urls, strict=True)
                 )
@@ -161,21 +161,23 @@ class RetrievalServer:
             out[i][k] = {"type": kind, kind: got.data, **part_options(kind, part)}
         return out
 
-    async def run(self, work, *args):
-        """`work(*args)` on the model's thread, a fetched video's bytes as a temporary file meanwhile."""
+    async def run(self, work, inputs: list[list]):
+        """`work(inputs)` on the model's thread, each fetched video's bytes a temporary file meanwhile
+        (OpenCV reads files)."""
 
         def call():
             with contextlib.ExitStack() as files:
-                inputs = [
+                return work(
                     [
-                        {**p, "video": files.enter_context(VideoFile(p["video"]))}
-                        if isinstance(p, dict) and p.get("type") == "video"
-                        else p
-                        for p in item
+                        [
+                            {**p, "video": files.enter_context(VideoFile(p["video"]))}
+                            if media_kind(p) == "video"
+                            else p
+                            for p in item
+                        ]
+                        for item in inputs
                     ]
-                    for item in args[0]
-                ]
-                return work(inputs, *args[1:])
+                )
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self.worker, call)
@@ -213,8 +215,8 @@ def create_retrieval_app(
         if raw.encoding_format not in ("float", "base64"):
             raise ApiError(400, "encoding_format must be float or base64", param="encoding_format")
         inputs, instruction = embedding_inputs(raw)
-        inputs = await server.fetched(inputs, "input")
         instruction = check_instruction(instruction)
+        inputs = await server.fetched(inputs, [f"input {i + 1}" for i in range(len(inputs))])
 
         def work(items):  # on the model's thread, whose stream the arrays live on
             vectors, prompts = embed_prompts(model, processor, items, instruction, raw.dimensions)
@@ -251,12 +253,11 @@ def create_retrieval_app(
             for d in documents
         ]
         query = raw.query["content"] if isinstance(raw.query, dict) and "content" in raw.query else raw.query
-        query, *items = await server.fetched([parts(query, "query"), *items], "query or document")
+        instruction = check_instruction(raw.instruction)
+        names = ["the query", *(f"document {i + 1}" for i in range(len(items)))]
+        inputs = await server.fetched([parts(query, "query"), *items], names)
         scores, prompts = await server.run(
-            lambda both: rerank_prompts(
-                model, processor, both[0], both[1:], check_instruction(raw.instruction)
-            ),
-            [query, *items],
+            lambda both: rerank_prompts(model, processor, both[0], both[1:], instruction), inputs
         )
         order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
         results = []
