@@ -20,7 +20,7 @@ import torch
 import uvicorn
 from checkpoints import TINY, build_checkpoint, reference_model
 from media import picture, png_bytes, write_video
-from prompts import IMAGE_PAD, VISION_END, VISION_START, torch_inputs, video_blocks
+from prompts import torch_inputs
 from starlette.testclient import TestClient
 
 from mlx_qwen3vl import Qwen3VLError, embed, load, rerank
@@ -70,23 +70,23 @@ def reranker(checkpoint_root):
     return path, load(path, dtype="float32")
 
 
-def image_ids(item) -> list[int]:
-    t, h, w = item.grid_thw
-    return [VISION_START] + [IMAGE_PAD] * (t * h * w // 4) + [VISION_END]
-
-
 def reference_ids(tokenizer, system: str, user: list) -> list[int]:
-    """The chat template's layout with `user` a list of text pieces and media items, each media item's
-    block expanded to its tokens as transformers' processor does."""
-    ids = tokenizer.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+    """The chat template's text with `user` a list of text pieces and media items, each media item's
+    placeholder expanded to its tokens, tokenized as a whole, as transformers' processor does."""
+    text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
     for piece in user:
         if isinstance(piece, str):
-            ids += tokenizer.encode(piece)
-        elif piece.kind == "image":
-            ids += image_ids(piece)
+            text += piece
+            continue
+        t, h, w = piece.grid_thw
+        pads = ("<|image_pad|>" if piece.kind == "image" else "<|video_pad|>") * (h * w // 4)
+        if piece.kind == "image":
+            text += f"<|vision_start|>{pads}<|vision_end|>"
         else:
-            ids += video_blocks(tokenizer, piece.grid_thw, piece.timestamps)
-    return ids + tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
+            text += "".join(
+                f"<{s:.1f} seconds><|vision_start|>{pads}<|vision_end|>" for s in piece.timestamps
+            )
+    return tokenizer.encode(text + "<|im_end|>\n<|im_start|>assistant\n")
 
 
 def reference_hidden(reference, rows: list[tuple[list[int], list]]) -> torch.Tensor:
