@@ -286,6 +286,9 @@ class Model(nn.Module):
         position, or for the last `outputs` only: generation needs the last one's, and none for a prompt
         chunk before the last (None returned), so that the last layer and the vocabulary projection (the
         largest matmul) are computed for those alone."""
+        if self.task != "generate":  # every answering front end comes here; the vocabulary projection is gone
+            use = "embed()" if self.task == "embed" else "rerank()"
+            raise Qwen3VLError(f"this model was loaded for task={self.task!r} and does not answer: use {use}")
         h = self.hidden_states(prepared, cache, outputs)
         if outputs == 0:
             return None

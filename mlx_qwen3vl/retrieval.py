@@ -8,11 +8,13 @@ position is read and how the score is made follow Qwen's reference (docs/embeddi
 
 from __future__ import annotations
 
+import sys
 import unicodedata
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from .errors import Qwen3VLError
 from .media import MediaItem
@@ -156,6 +158,13 @@ def run(model: Model, processor: Processor, prompts: list[Prompt], head, progres
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[mx.array | None] = [None] * len(prompts)
+    bar = None
+    if progress is True:  # a bar on the terminal
+        bar = tqdm(total=len(prompts), unit="input", file=sys.stderr, leave=False)
+
+        def progress(report: Progress) -> None:
+            bar.update(report.done - bar.n)
+
     for start in range(0, len(prompts), BATCH):
         chunk = prompts[start : start + BATCH]
         for prompt in chunk:
@@ -169,6 +178,8 @@ def run(model: Model, processor: Processor, prompts: list[Prompt], head, progres
             prompt.media = None  # the pixel rows are not needed again
         if progress:
             progress(Progress("inputs", min(start + BATCH, len(prompts)), len(prompts)))
+    if bar is not None:
+        bar.close()
     return mx.stack(out)
 
 
@@ -220,7 +231,7 @@ def embed(
     and videos in every form `generate` takes. A list of content parts (not of inputs) is passed as
     `[parts]`. instruction: what the vectors are for (the reference's default "Represent the user's
     input."). dimensions: keep the first `dimensions` components (Matryoshka), then normalise. progress:
-    called with a `Progress("inputs", done, total)` after each batch."""
+    called with a `Progress("inputs", done, total)` after each batch; True: a bar on stderr."""
     return embed_prompts(model, processor, inputs, instruction, dimensions, progress)[0]
 
 

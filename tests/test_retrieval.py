@@ -23,7 +23,7 @@ from media import picture, png_bytes, write_video
 from prompts import torch_inputs
 from starlette.testclient import TestClient
 
-from mlx_qwen3vl import Qwen3VLError, embed, load, rerank
+from mlx_qwen3vl import Qwen3VLError, embed, generate, load, rerank
 from mlx_qwen3vl.progress import Progress
 from mlx_qwen3vl.serving.app import create_app
 from mlx_qwen3vl.serving.engine import Engine
@@ -214,6 +214,8 @@ def test_bad_retrieval_inputs_are_one_line_errors(embedder, reranker, tiny_f32):
             embed(model, processor, "x", dimensions=dimensions)
     with pytest.raises(Qwen3VLError, match="needs a reranker"):
         rerank(model, processor, "q", ["d"])
+    with pytest.raises(Qwen3VLError, match="does not answer: use embed"):
+        generate(model, processor, "hello", max_tokens=2)
     with pytest.raises(Qwen3VLError, match="needs an embedding model"):
         embed(*reranker[1], "x")
     with pytest.raises(Qwen3VLError, match="this is a chat model"):
