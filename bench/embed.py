@@ -8,22 +8,28 @@ Both get the same prompts: Qwen's reference layout (docs/embeddings.md), rendere
 ours and by mlx-vlm's own processor (`apply_chat_template`, `prepare_inputs`, right padding) for mlx-vlm;
 the images are 448x448 (a 28x28 patch grid, 196 tokens each in both). Each figure is the best of
 `--runs` passes over all inputs after one warm-up pass; the cosine of each pair of vectors checks that
-the two systems compute the same thing.
+the two systems compute the same thing. Each system runs in a process of its own (peak memory and the
+BLAS binding its own: ours binds the system OpenBLAS where there is one, mlx-vlm as shipped does not).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import mlx_qwen3vl  # noqa: F401  (before mlx.core: binds the system OpenBLAS unless told not to)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from inputs import noise_image  # noqa: E402
-from measure import Clock, finish, mlx_memory  # noqa: E402
+from measure import Clock, finish, mlx_memory, system_openblas  # noqa: E402
 from presets import checkpoint, checkpoint_name  # noqa: E402
 
 from mlx_qwen3vl.retrieval import EMBED_INSTRUCTION  # noqa: E402
@@ -120,30 +126,52 @@ def measure(system, kind: str, items: list, runs: int) -> tuple[dict, np.ndarray
     return {"per_second": len(items) / min(times), "seconds": times, "count": len(items)}, vectors
 
 
-def run(args) -> dict:
-    path = checkpoint(args.preset, args.layers, args.vision_blocks)
+def worker(args) -> None:
+    """One system's figures (`--worker NAME`): its row as JSON on stdout, its vectors in `--vectors`."""
     images = [noise_image(SIDE, SIDE, seed=k) for k in range(args.images)]
     texts = [TEXTS[k % len(TEXTS)] + f" ({k})" for k in range(args.texts)]
-    results, vectors = {}, {}
-    for name in args.systems.split(","):
-        gc.collect()
-        mx.clear_cache()
-        mlx_memory(reset=True)
-        system = SYSTEMS[name](path, args.dtype, args.batch)
-        row = {"load_peak_gb": mlx_memory(reset=True)}
-        for kind, items in (("image", images), ("text", texts)):
-            row[kind], vectors[name, kind] = measure(system, kind, items, args.runs)
-            row[kind]["peak_gb"] = mlx_memory(reset=True)
-        results[name] = row
-        del system
-    names = args.systems.split(",")
+    mlx_memory(reset=True)
+    system = SYSTEMS[args.worker](
+        checkpoint(args.preset, args.layers, args.vision_blocks), args.dtype, args.batch
+    )
+    row, vectors = {"load_peak_gb": mlx_memory(reset=True), "system_openblas": system_openblas()}, {}
+    for kind, items in (("image", images), ("text", texts)):
+        row[kind], vectors[kind] = measure(system, kind, items, args.runs)
+        row[kind]["peak_gb"] = mlx_memory(reset=True)
+    np.savez(args.vectors, **vectors)
+    print(json.dumps(row))
+
+
+def run(args) -> dict:
+    checkpoint(args.preset, args.layers, args.vision_blocks)  # built once, before any timing
+    names, results, vectors = args.systems.split(","), {}, {}
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in WORKER_OPTIONS]
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            file = Path(folder) / f"{name}.npz"
+            # mlx-vlm as shipped: MLX's own CPU matmuls, not the system OpenBLAS ours binds on import.
+            env = {**os.environ, **({"MLX_QWEN3VL_OPENBLAS": "0"} if name != "ours" else {})}
+            out = subprocess.run(
+                [sys.executable, __file__, "--worker", name, "--vectors", str(file), *options],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            vectors[name] = dict(np.load(file))
     if len(names) == 2:
         for kind in ("image", "text"):
-            a, b = (vectors[n, kind] for n in names)
+            a, b = (vectors[n][kind] for n in names)
             cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
             results[f"min_cosine_{kind}"] = float(cosine.min())
     results["checkpoint"] = checkpoint_name(args.preset, args.layers, args.vision_blocks)
     return results
+
+
+# The options a worker takes from the run.
+WORKER_OPTIONS = ("preset", "layers", "vision_blocks", "dtype", "images", "texts", "batch", "runs")
 
 
 def render(output: dict) -> str:
@@ -151,7 +179,8 @@ def render(output: dict) -> str:
     names = [n for n in config["systems"].split(",")]
     lines = [
         f"Embeddings per second, {results['checkpoint']} ({config['dtype']}), batches of {config['batch']}, "
-        f"load average {output['load_average']:.1f}",
+        f"load average {output['load_average']:.1f}; system OpenBLAS bound: "
+        + ", ".join(f"{n} {'yes' if results[n]['system_openblas'] else 'no'}" for n in names),
         "",
         "| system | 448x448 images / s | short texts / s | peak memory: images (GB) | texts (GB) |",
         "|---|---:|---:|---:|---:|",
@@ -187,7 +216,11 @@ def main() -> None:
     p.add_argument("--save", action="store_true")
     p.add_argument("--label", default="embed")
     p.add_argument("--render", type=Path)
+    p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    p.add_argument("--vectors", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        return worker(args)
     finish(args, run, render, lambda results: f"{results['checkpoint']}_{args.dtype}")
 
 
