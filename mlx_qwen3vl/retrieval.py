@@ -57,10 +57,13 @@ class Prompt:
 def content_parts(value, where: str) -> list[dict]:
     """An input as the content parts of a user message: a string is a text part; a dict in the
     reference's form ({"text", "image", "video"}, each one item or a list) gives its videos, then images,
-    then texts, as the reference lays them out; a list is content parts as in a chat message."""
+    then texts, as the reference lays them out; a dict with a "type" is one content part; a list is
+    content parts as in a chat message."""
     if isinstance(value, str):
         parts = [{"type": "text", "text": value}]
-    elif isinstance(value, dict) and (set(value) & set(INPUT_KEYS) or not value):
+    elif isinstance(value, dict) and "type" in value:  # one content part
+        parts = [value]
+    elif isinstance(value, dict):
         unknown = set(value) - set(INPUT_KEYS)
         if unknown:
             raise Qwen3VLError(f"{where}: unknown key {sorted(unknown)[0]!r} ({', '.join(INPUT_KEYS)})")

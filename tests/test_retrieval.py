@@ -126,6 +126,7 @@ def test_embeddings_match_the_reference_and_a_batch_equals_one_by_one(embedder, 
         [clip],
         [clip, {"type": "image_url", "image_url": {"url": small}}, {"type": "text", "text": "in both?"}],
         {"text": "a picture and a question", "image": small},  # the reference's order: image, then text
+        {"type": "image", "image": photo},  # one content part
     ]
     instruction = "Retrieve images that match the caption"  # no final punctuation: the reference adds "."
     progress = []
@@ -145,12 +146,13 @@ def test_embeddings_match_the_reference_and_a_batch_equals_one_by_one(embedder, 
             [read_small, read_video],
         ),
         (reference_ids(processor.tokenizer, system, [read_small, "a picture and a question"]), [read_small]),
+        (reference_ids(processor.tokenizer, system, [read_photo]), [read_photo]),
     ]
     pooled = reference_hidden(reference_model(path, torch.float32), rows)
     expected = torch.nn.functional.normalize(pooled, p=2, dim=-1).numpy()
-    assert ours.shape == (5, model.config.text_config.hidden_size)
+    assert ours.shape == (6, model.config.text_config.hidden_size)
     np.testing.assert_allclose(ours, expected, atol=TOLERANCE)
-    assert progress[-1] == Progress("inputs", 5, 5)
+    assert progress[-1] == Progress("inputs", 6, 6)
 
     # One by one, each alone (no padding), gives the batch's vectors.
     alone = np.concatenate([np.array(embed(model, processor, [x], instruction=instruction)) for x in inputs])
