@@ -205,13 +205,36 @@ def quantization_summary(
     return f"{bits} affine quantization, group size {quantization['group_size']} ({vision})"
 
 
-def write_model_card(directory: Path, name: str, base_model: str | None, description: str) -> None:
+# What a converted model's card shows: its hub pipeline tag and a line of Python that uses it.
+CARD_USES = {
+    "generate": (
+        "image-text-to-text",
+        "generate",
+        'generate(model, processor, "Describe this image.", images=["photo.jpg"])',
+    ),
+    "embed": (
+        "feature-extraction",
+        "embed",
+        'embed(model, processor, ["a sentence", {"image": "photo.jpg"}])',
+    ),
+    "rerank": (
+        "text-ranking",
+        "rerank",
+        'rerank(model, processor, "a query", ["a document", {"image": "photo.jpg"}])',
+    ),
+}
+
+
+def write_model_card(
+    directory: Path, name: str, base_model: str | None, description: str, task: str = "generate"
+) -> None:
     """A short card in the hub's format; base_model only for a hub source (the hub checks it is a repo)."""
     header = f"base_model: {base_model}\n" if base_model else ""
     source = f"`{base_model}`" if base_model else "Qwen3-VL"
+    tag, function, use = CARD_USES[task]
     card = f"""---
 library_name: mlx
-{header}pipeline_tag: image-text-to-text
+{header}pipeline_tag: {tag}
 tags:
 - mlx
 - qwen3_vl
@@ -222,10 +245,10 @@ tags:
 {source} converted to MLX by mlx-qwen3vl's `convert.py`: {description}.
 
 ```python
-from mlx_qwen3vl import generate, load
+from mlx_qwen3vl import {function}, load
 
 model, processor = load("{name}")
-print(generate(model, processor, "Describe this image.", images=["photo.jpg"]))
+print({use})
 ```
 """
     (directory / "README.md").write_text(card)
@@ -305,7 +328,7 @@ def convert(
         (staging / "config.json").write_text(config_text + "\n")
         copy_model_files(source, staging)
         from_hub = not Path(hf_path).expanduser().exists()
-        write_model_card(staging, target.path.name, str(hf_path) if from_hub else None, description)
+        write_model_card(staging, target.path.name, str(hf_path) if from_hub else None, description, task)
     if progress:
         print(f"Wrote {target.shown} ({directory_size(target.path) / 1e9:.2f} GB)", file=sys.stderr)
     return target.path

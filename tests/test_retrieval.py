@@ -236,6 +236,7 @@ def test_converted_models_keep_their_task_and_results(embedder, reranker, tmp_pa
     assert not any(k.startswith("lm_head") for k in read_weights(out))
     assert model_task(out, str(out)) == "embed" and model_task(embedder[0], "any") == "embed"
     assert model_task(out, str(out), "generate") == "generate"  # load(task=...) decides first
+    assert "print(embed(model, processor" in (out / "README.md").read_text()
 
     out = convert(reranker[0], tmp_path / "scores", q_bits=8, progress=False)
     assert "lm_head.scales" in read_weights(out)
