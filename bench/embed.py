@@ -188,7 +188,7 @@ def render(output: dict) -> str:
     for n in names:
         r = results[n]
         lines.append(
-            f"| {n} | {r['image']['per_second']:.2f} | {r['text']['per_second']:.2f} | "
+            f"| {n} | {r['image']['per_second']:.3g} | {r['text']['per_second']:.3g} | "
             f"{r['image']['peak_gb']:.2f} | {r['text']['peak_gb']:.2f} |"
         )
     if len(names) == 2:
