@@ -3,6 +3,7 @@ scripts in any language.
 
     python server.py                                  # Qwen/Qwen3-VL-4B-Instruct on http://127.0.0.1:8080
     python server.py --model qwen3-vl-4b-4bit --port 8000 --api-key secret
+    python server.py --model Qwen/Qwen3-VL-Embedding-2B     # POST /v1/embeddings (a reranker: /v1/rerank)
 
 Argument parsing only: the server lives in `mlx_qwen3vl/serving/`.
 """
@@ -122,6 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="answers decoded together at most; more requests wait their turn (%(default)s)",
     )
+    p.add_argument(
+        "--task",
+        choices=("generate", "embed", "rerank"),
+        help="what the model is for: chat (generate), /v1/embeddings (embed) or /v1/rerank (rerank); "
+        "default: what its name or converted config says (Qwen3-VL-Embedding, -Reranker)",
+    )
     add_kv_cache_arguments(p)
     return p.parse_args(argv)
 
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             args.port,
             api_key=args.api_key,
             dtype=args.dtype,
+            task=args.task,
             max_media_bytes=args.max_media_bytes,
             allow_local_files=args.allow_local_files,
             allow_private_urls=args.allow_private_urls,

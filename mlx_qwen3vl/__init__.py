@@ -21,11 +21,13 @@ _LAZY = {
     "ChatSession": "chat_session",
     "GenerationResponse": "generation",
     "TokenLogprobs": "answer",
+    "embed": "retrieval",
     "generate": "generation",
     "stream_generate": "generation",
     "load": "loading",
     "Model": "model",
     "PromptCache": "model",
+    "rerank": "retrieval",
     "InvalidToolCall": "tools",
     "ToolCall": "tools",
 }
@@ -44,9 +46,11 @@ __all__ = [
     "Qwen3VLError",
     "TokenLogprobs",
     "ToolCall",
+    "embed",
     "generate",
     "grounding",
     "load",
+    "rerank",
     "stream_generate",
 ]
 
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from .generation import GenerationResponse, generate, stream_generate
     from .loading import load
     from .model import Model, PromptCache
+    from .retrieval import embed, rerank
     from .tools import InvalidToolCall, ToolCall
 
 

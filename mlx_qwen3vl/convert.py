@@ -27,8 +27,10 @@ from tqdm import tqdm
 from .backend import resolve_dtype
 from .errors import Qwen3VLError
 from .loading import (
+    TASK_KEY,
     check_weights,
     model_directory,
+    model_task,
     read_config,
     read_weights,
 )
@@ -203,13 +205,36 @@ def quantization_summary(
     return f"{bits} affine quantization, group size {quantization['group_size']} ({vision})"
 
 
-def write_model_card(directory: Path, name: str, base_model: str | None, description: str) -> None:
+# What a converted model's card shows: its hub pipeline tag and a line of Python that uses it.
+CARD_USES = {
+    "generate": (
+        "image-text-to-text",
+        "generate",
+        'generate(model, processor, "Describe this image.", images=["photo.jpg"])',
+    ),
+    "embed": (
+        "feature-extraction",
+        "embed",
+        'embed(model, processor, ["a sentence", {"image": "photo.jpg"}])',
+    ),
+    "rerank": (
+        "text-ranking",
+        "rerank",
+        'rerank(model, processor, "a query", ["a document", {"image": "photo.jpg"}])',
+    ),
+}
+
+
+def write_model_card(
+    directory: Path, name: str, base_model: str | None, description: str, task: str = "generate"
+) -> None:
     """A short card in the hub's format; base_model only for a hub source (the hub checks it is a repo)."""
     header = f"base_model: {base_model}\n" if base_model else ""
     source = f"`{base_model}`" if base_model else "Qwen3-VL"
+    tag, function, use = CARD_USES[task]
     card = f"""---
 library_name: mlx
-{header}pipeline_tag: image-text-to-text
+{header}pipeline_tag: {tag}
 tags:
 - mlx
 - qwen3_vl
@@ -220,10 +245,10 @@ tags:
 {source} converted to MLX by mlx-qwen3vl's `convert.py`: {description}.
 
 ```python
-from mlx_qwen3vl import generate, load
+from mlx_qwen3vl import {function}, load
 
 model, processor = load("{name}")
-print(generate(model, processor, "Describe this image.", images=["photo.jpg"]))
+print({use})
 ```
 """
     (directory / "README.md").write_text(card)
@@ -271,7 +296,10 @@ def convert(
     check_replaceable(target, source, force)
 
     config = read_config(source)
-    model = Model(config)  # its parameters stay lazy: only their names and shapes are used
+    # An embedding model is written without the vocabulary projection it never uses; a reranker keeps
+    # its checkpoint's layout (load() takes the two rows it reads), so other tools still read it.
+    task = model_task(source, str(hf_path))
+    model = Model(config, "embed" if task == "embed" else "generate")  # lazy: names and shapes only
     weights = model.sanitize(read_weights(source))
     if any(key.endswith(".scales") for key in weights):
         raise Qwen3VLError(
@@ -293,11 +321,14 @@ def convert(
     with staged(target, source, force) as staging:
         write_shards(tensors, staging, max_shard_size, progress)
         raw_config = json.loads((source / "config.json").read_text())
-        config_text = json.dumps(output_config(raw_config, dtype_name, quantization), indent=2)
+        written = output_config(raw_config, dtype_name, quantization)
+        if task != "generate":  # what the output is for, whatever it is named (loading.model_task)
+            written[TASK_KEY] = task
+        config_text = json.dumps(written, indent=2)
         (staging / "config.json").write_text(config_text + "\n")
         copy_model_files(source, staging)
         from_hub = not Path(hf_path).expanduser().exists()
-        write_model_card(staging, target.path.name, str(hf_path) if from_hub else None, description)
+        write_model_card(staging, target.path.name, str(hf_path) if from_hub else None, description, task)
     if progress:
         print(f"Wrote {target.shown} ({directory_size(target.path) / 1e9:.2f} GB)", file=sys.stderr)
     return target.path

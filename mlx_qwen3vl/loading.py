@@ -20,7 +20,7 @@ from mlx_lm.utils import infer_quant_config
 from .backend import Backend
 from .config import ModelConfig
 from .errors import Qwen3VLError
-from .model import Model
+from .model import TASKS, Model
 from .options import DEFAULT_MODEL
 from .processor import Processor
 
@@ -194,10 +194,54 @@ def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype
     return {k: cast(k, v) for k, v in weights.items()}
 
 
-def load_model(path: Path, dtype=None, lazy: bool = False, backend: str | None = None) -> Model:
+# The config.json key that says what a checkpoint converted by this package is for (convert.py writes it
+# for the embedding and reranker models; the published ones say nothing: `model_task`).
+TASK_KEY = "mlx_qwen3vl_task"
+# The words that name Qwen's retrieval checkpoints (Qwen/Qwen3-VL-Embedding-2B, Qwen3-VL-Reranker-8B, and
+# conversions that keep the name): their config.json is a chat model's (Qwen3VLForConditionalGeneration).
+TASK_NAMES = {"embedding": "embed", "reranker": "rerank"}
+
+
+def model_task(path: Path, name: str, requested: str | None = None) -> str:
+    """What the model at `path` (asked for as `name`) is for: `requested` if given, else what
+    convert.py recorded in its config.json, else what its name says, else "generate"."""
+    if requested is not None:
+        if requested not in TASKS:
+            raise Qwen3VLError(f"task={requested!r}: must be one of {', '.join(TASKS)}")
+        return requested
+    try:
+        recorded = json.loads((path / "config.json").read_text()).get(TASK_KEY)
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # read_config reports an unreadable config.json
+    if recorded in TASKS:
+        return recorded
+    words = f"{name} {path.name}".lower()
+    return next((task for word, task in TASK_NAMES.items() if word in words), "generate")
+
+
+# The reranker's answer tokens: its score is P("yes") against "no" at the prompt's last position.
+SCORE_TOKENS = ("yes", "no")
+
+
+def score_token_ids(tokenizer) -> tuple[int, ...]:
+    vocabulary = tokenizer.get_vocab()
+    missing = [t for t in SCORE_TOKENS if t not in vocabulary]
+    if missing:
+        raise Qwen3VLError(f"the tokenizer has no token {missing[0]!r}, which a reranker scores with")
+    return tuple(vocabulary[t] for t in SCORE_TOKENS)
+
+
+def load_model(
+    path: Path,
+    dtype=None,
+    lazy: bool = False,
+    backend: str | None = None,
+    task: str = "generate",
+    score_tokens: tuple[int, ...] = (),
+) -> Model:
     backend = Backend.choose(backend, dtype)
     config = read_config(path)
-    model = Model(config)
+    model = Model(config, task, score_tokens)
     weights = model.sanitize(read_weights(path))
     quantize_as_stored(model, weights)
     backend.specialize(model)  # before the weights are cast: some modules keep their stored dtype
@@ -226,6 +270,7 @@ def load(
     lazy: bool = False,
     backend: str | None = None,
     vision_budget: int | None = None,
+    task: str | None = None,
 ) -> tuple[Model, Processor]:
     """Load Qwen3-VL as `(model, processor)` from a model directory or a Hugging Face repo id (downloaded
     once into the hub cache): transformers' published layout, a directory written by `convert.py`
@@ -237,12 +282,19 @@ def load(
     Quantized layers keep their packed weights and, except the embedding's, their stored scales
     (`in_compute_dtype`). vision_budget: bytes the vision tower's activations may take at once (a long
     video or many images are encoded in pieces that fit it, `Model.encode_vision`); None: an eighth of
-    MLX's memory limit."""
+    MLX's memory limit. task: "generate", "embed" (Qwen3-VL-Embedding: `embed()`) or "rerank"
+    (Qwen3-VL-Reranker: `rerank()`); None: what the model's name says (`model_task`)."""
     if vision_budget is not None and (isinstance(vision_budget, bool) or not isinstance(vision_budget, int)):
         raise Qwen3VLError(f"vision_budget={vision_budget!r}: must be a number of bytes (an integer)")
     if vision_budget is not None and vision_budget <= 0:
         raise Qwen3VLError(f"vision_budget={vision_budget}: must be > 0 bytes")
     path = model_directory(path_or_repo)
-    model = load_model(path, dtype, lazy, backend)
+    task = model_task(path, str(path_or_repo), task)
+    if task != "rerank":
+        model = load_model(path, dtype, lazy, backend, task)
+        processor = Processor.from_pretrained(path, model.config)
+    else:  # the rows it keeps of the vocabulary projection are those of tokens the tokenizer knows
+        processor = Processor.from_pretrained(path, read_config(path))
+        model = load_model(path, dtype, lazy, backend, task, score_token_ids(processor.tokenizer))
     model.vision_budget = vision_budget
-    return model, Processor.from_pretrained(path, model.config)
+    return model, processor

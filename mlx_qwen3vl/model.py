@@ -124,16 +124,29 @@ class Qwen3VLModel(nn.Module):
         self.language_model = TextModel(config.text_config)
 
 
+# What a checkpoint is used for (docs/embeddings.md): "generate" answers (the chat models), "embed" gives
+# one vector per input (Qwen3-VL-Embedding: no vocabulary projection), "rerank" scores a query and a
+# document (Qwen3-VL-Reranker: two rows of the vocabulary projection, `keep_score_rows`).
+TASKS = ("generate", "embed", "rerank")
+
+
 class Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, task: str = "generate", score_token_ids: tuple[int, ...] = ()):
         super().__init__()
         self.config = config
+        self.task = task
+        self.score_token_ids = tuple(score_token_ids)
         self.model = Qwen3VLModel(config)
         # Bytes the vision tower's activations may take at once (`vision_pieces`); None: a share of MLX's
         # memory limit (VISION_MEMORY_SHARE). `load(vision_budget=...)` sets it.
         self.vision_budget: int | None = None
-        if not config.tie_word_embeddings:
-            text = config.text_config
+        text = config.text_config
+        if task == "rerank":
+            # The vocabulary projection's rows of the tokens the reranker reads ("yes", "no"), in float:
+            # only their logits make its score, and the whole projection of an untied model is a tenth of
+            # its weights (`sanitize` takes the rows from lm_head, or from the embedding when tied).
+            self.score_rows = mx.zeros((len(self.score_token_ids), text.hidden_size))
+        elif not config.tie_word_embeddings and task == "generate":
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
 
     @property
@@ -273,15 +286,24 @@ class Model(nn.Module):
         position, or for the last `outputs` only: generation needs the last one's, and none for a prompt
         chunk before the last (None returned), so that the last layer and the vocabulary projection (the
         largest matmul) are computed for those alone."""
-        h, visual_index, deepstack = self._embed(prepared)
-        h = self.model.language_model(h, prepared.positions, cache, visual_index, deepstack, outputs)
-        if isinstance(cache, PromptCache):
-            cache.rope_delta = prepared.rope_delta
+        if self.task != "generate":  # every answering front end comes here; the vocabulary projection is gone
+            use = "embed()" if self.task == "embed" else "rerank()"
+            raise Qwen3VLError(f"this model was loaded for task={self.task!r} and does not answer: use {use}")
+        h = self.hidden_states(prepared, cache, outputs)
         if outputs == 0:
             return None
         if self.config.tie_word_embeddings:
             return self.model.language_model.embed_tokens.as_linear(h)
         return self.lm_head(h)
+
+    def hidden_states(self, prepared: PreparedInput, cache: PromptCache | None = None, outputs=None):
+        """The decoder's last hidden states (after its final norm) for a prepared prompt: what `decode`
+        projects to the vocabulary, and what the embedding and reranker models pool (retrieval.py)."""
+        h, visual_index, deepstack = self._embed(prepared)
+        h = self.model.language_model(h, prepared.positions, cache, visual_index, deepstack, outputs)
+        if isinstance(cache, PromptCache):
+            cache.rope_delta = prepared.rope_delta
+        return h
 
     def fuse_projections(self) -> None:
         """q/k/v and gate/up of every decoder layer as one matrix each, where the checkpoint allows."""
@@ -325,13 +347,33 @@ class Model(nn.Module):
         mlx_vlm = any(k.startswith(tuple(MLX_VLM_PREFIXES)) for k in weights)
         if mlx_vlm:
             weights = {_rename_mlx_vlm(k): v for k, v in weights.items()}
-        if self.config.tie_word_embeddings:
-            # transformers omits lm_head; if present it equals the embedding (quantized: with its scales).
+        if self.task == "rerank" and "score_rows" not in weights:
+            weights["score_rows"] = self._score_rows(weights)
+        if self.config.tie_word_embeddings or self.task != "generate":
+            # transformers omits lm_head when tied; if present it equals the embedding (quantized: with its
+            # scales). The embedding and reranker models never project to the whole vocabulary.
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
         weights = _sanitized_part(
             weights, "model.visual.", partial(VisionModel.sanitize, channels_last=mlx_vlm)
         )
         return _sanitized_part(weights, "model.language_model.", self.model.language_model.sanitize)
+
+    def _score_rows(self, weights: dict[str, mx.array]) -> mx.array:
+        """The rows of `score_token_ids` of the checkpoint's vocabulary projection (lm_head, or the tied
+        embedding), dequantized when stored quantized (bits and group size from the packed shapes)."""
+        tied = self.config.tie_word_embeddings or "lm_head.weight" not in weights
+        name = "model.language_model.embed_tokens" if tied else "lm_head"
+        rows = mx.array(self.score_token_ids)
+        weight = weights[f"{name}.weight"][rows]
+        scales = weights.get(f"{name}.scales")
+        if scales is None:
+            return weight.astype(mx.float32)
+        hidden = self.config.text_config.hidden_size
+        bits = weight.shape[-1] * 32 // hidden
+        biases = weights.get(f"{name}.biases")
+        return mx.dequantize(
+            weight, scales[rows], None if biases is None else biases[rows], hidden // scales.shape[-1], bits
+        ).astype(mx.float32)
 
 
 def _sanitized_part(weights: dict[str, mx.array], prefix: str, sanitize) -> dict[str, mx.array]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 class Progress:
     """`stage`: "reading" (frames of a video file read, of `total` kept), "media" (an image or video was
     read and sized: `detail` says what it became), "vision" (blocks of the vision tower done, of `total`),
-    "prefill" (prompt tokens fed, of `total`)."""
+    "prefill" (prompt tokens fed, of `total`), "inputs" (inputs embedded or documents scored, of `total`:
+    `embed`, `rerank`)."""
 
     stage: str
     done: int

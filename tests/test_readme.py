@@ -52,6 +52,9 @@ KNOWN_COMMANDS = {
     "sudo apt-get install libopenblas0-pthread",
 }
 MEDIA_FILE = re.compile(r"""["']([\w./-]+\.(?:jpe?g|png|mp4))["']""")
+# A folder of photos an example searches: `Path("photos").glob("*.jpg")`.
+PHOTO_FOLDER = re.compile(r"""Path\(["'](\w+)["']\)\.glob\(["']\*\.jpg["']\)""")
+PHOTOS = 4
 SERVER_URL = "http://127.0.0.1:8080"
 # What the model says in each kind of example (keyed by what the example does), and how the example's
 # namespace or output shows that it did its work with that answer.
@@ -180,6 +183,10 @@ def make_media(code: str, folder: Path) -> list[str]:
             write_video(folder / name, frames=8, fps=4.0)
         else:
             picture(160, 120, seed=0).save(folder / name)
+    for name in PHOTO_FOLDER.findall(code):
+        (folder / name).mkdir()
+        for k in range(PHOTOS):
+            picture(96, 64, seed=k).save(folder / name / f"{k}.jpg")
     return names
 
 
@@ -206,18 +213,25 @@ def did_its_work(code: str, namespace: dict, output: str) -> None:
         assert roles == ["user", "assistant", "tool"], f"the tool call was not answered: {roles}"
     elif "grounding" in code:
         assert [d.label for d in namespace["found"]] == ["cat"]
+    elif "embed(" in code:  # the three best photos, best first
+        lines = output.splitlines()
+        scores = [float(line.split()[0]) for line in lines]
+        assert len(lines) == 3 and scores == sorted(scores, reverse=True), output
     else:
         assert PLAIN in output, f"the answer was not printed: {output!r}"
 
 
 @pytest.fixture
-def readme_folder(tmp_path, monkeypatch, tiny_f32):
-    """A working folder for the examples; `load()` of the default model gives the tiny checkpoint."""
+def readme_folder(tmp_path, monkeypatch, tiny_f32, tiny_checkpoint):
+    """A working folder for the examples; `load()` of the default model gives the tiny checkpoint, and
+    of an embedding model the tiny checkpoint as one."""
     import mlx_qwen3vl
 
     real_load = mlx_qwen3vl.load
 
     def load(*args, **kwargs):
+        if args and "Embedding" in str(args[0]):
+            return real_load(tiny_checkpoint, dtype="float32", task="embed")
         if args or kwargs:  # a path the README names would not exist here
             return real_load(*args, **kwargs)
         return tiny_f32

@@ -46,8 +46,10 @@ def serve(
     kv_bits: int | None = None,
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     log_level: str = "info",
+    task: str | None = None,
 ) -> None:
-    """Load the model once and serve it until interrupted: up to `max_batch` answers decoded together.
+    """Load the model once and serve it until interrupted: up to `max_batch` answers decoded together;
+    an embedding model or a reranker answers `/v1/embeddings` or `/v1/rerank` instead (retrieval.py).
     `kv_bits` (8 or 4): every request's KV cache holds keys and values quantized (`stream_generate`); its
     answers then advance together a forward pass each (serving/batch.py). `allow_local_files`: the
     directory whose files requests may name; `allow_private_urls`: URLs of this machine and its networks
@@ -68,32 +70,33 @@ def serve(
     CACHE_BYTES.check(cache_bytes)
     listening = listen(host, port)
     try:
-        model, processor = load(model_path, dtype=dtype)
+        model, processor = load(model_path, dtype=dtype, task=task)
     except BaseException:
         listening.close()
         raise
-    engine = Engine(
-        model,
-        processor,
-        cache_bytes=cache_bytes,
-        max_batch=max_batch,
-        kv_cache=kv_cache,
-    )
-    engine.start()
     policy = MediaPolicy(
         max_bytes=max_media_bytes,
         allow_local_files=None if allow_local_files is None else Path(allow_local_files),
         allow_private_urls=allow_private_urls,
     )
     access = Access(tuple(allowed_origins), tuple(allowed_hosts), host, max_request_bytes)
-    app = create_app(engine, model_name=str(model_path), api_key=api_key, policy=policy, access=access)
+    name = str(model_path)
+    if model.task != "generate":  # an embedding model or a reranker: no engine, no caches
+        from .retrieval import create_retrieval_app
+
+        engine = None
+        app = create_retrieval_app(model, processor, name, api_key=api_key, policy=policy, access=access)
+    else:
+        engine = Engine(model, processor, cache_bytes=cache_bytes, max_batch=max_batch, kv_cache=kv_cache)
+        engine.start()
+        app = create_app(engine, model_name=name, api_key=api_key, policy=policy, access=access)
 
     class Server(uvicorn.Server):
         """uvicorn's server, whose first Ctrl-C (or SIGTERM) also ends the answers in flight: uvicorn
         waits for open connections to close, and a streamed answer keeps its own open to its end."""
 
         def handle_exit(self, sig, frame) -> None:
-            if not self.should_exit:
+            if not self.should_exit and engine is not None:
                 engine.end_all(SHUTTING_DOWN)
             super().handle_exit(sig, frame)
 
@@ -104,4 +107,5 @@ def serve(
         Server(config).run(sockets=[listening])
     finally:
         listening.close()
-        engine.stop()
+        if engine is not None:
+            engine.stop()

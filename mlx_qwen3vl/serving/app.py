@@ -61,35 +61,15 @@ def create_app(
         yield
         downloads.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="mlx-qwen3vl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = api_app(model_name, lifespan)
     app.state.media_reader = reader  # (for tests and logs: what it holds)
-    created = int(time.time())
 
-    @app.exception_handler(ApiError)
-    async def refused(_request: Request, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(HTTPException)
-    async def no_route(request: Request, error: HTTPException):
-        if error.status_code == 404:
-            text = f"no such route: {request.method} {request.url.path}"
-        elif error.status_code == 405:
-            text = f"{request.method} is not allowed on {request.url.path}"
-        else:
-            text = str(error.detail)
-        return JSONResponse(
-            ApiError(error.status_code, text[:200]).body(),
-            status_code=error.status_code,
-            headers=error.headers,
+    @app.post("/v1/embeddings")
+    @app.post("/v1/rerank")
+    async def retrieval(http: Request):
+        raise ApiError(
+            400, f"{http.url.path} needs {WRONG_TASK[http.url.path]}; {model_name} is a chat model"
         )
-
-    @app.exception_handler(Exception)
-    async def failed(_request: Request, error: Exception):
-        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
 
     async def page(http: Request):
         return page_file(http.url.path)
@@ -117,11 +97,6 @@ def create_app(
         reader.keep([item])
         tokens = item.tokens(engine.processor.image_settings.merge_size)
         return {"kind": kind, "description": item.description, "tokens": tokens}
-
-    @app.get("/v1/models")
-    async def models():
-        entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3vl"}
-        return {"object": "list", "data": [entry]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: Request):
@@ -181,6 +156,59 @@ def create_app(
         answer = message("".join(text), "".join(reasoning) if thinks else None, calls, located)
         return completion(cid, model_name, answer, event.finish, event.prompt_tokens, event.tokens, logprobs)
 
+    return guarded(app, policy, access, api_key)
+
+
+# What each route needs when the server's model is not for it.
+WRONG_TASK = {
+    "/v1/chat/completions": "a chat model (Qwen3-VL-*-Instruct or -Thinking)",
+    "/v1/embeddings": "an embedding model (Qwen3-VL-Embedding)",
+    "/v1/rerank": "a reranker (Qwen3-VL-Reranker)",
+}
+
+
+def api_app(model_name: str, lifespan) -> FastAPI:
+    """The app every server has: OpenAI's error object for every refusal (an unknown route and a wrong
+    method too), a 500 for a bug in one request, `GET /health` and `GET /v1/models`."""
+    app = FastAPI(title="mlx-qwen3vl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def refused(_request: Request, error: ApiError):
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(HTTPException)
+    async def no_route(request: Request, error: HTTPException):
+        if error.status_code == 404:
+            text = f"no such route: {request.method} {request.url.path}"
+        elif error.status_code == 405:
+            text = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            text = str(error.detail)
+        return JSONResponse(
+            ApiError(error.status_code, text[:200]).body(),
+            status_code=error.status_code,
+            headers=error.headers,
+        )
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, error: Exception):
+        return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        entry = {"id": model_name, "object": "model", "created": created, "owned_by": "mlx-qwen3vl"}
+        return {"object": "list", "data": [entry]}
+
+    return app
+
+
+def guarded(app: FastAPI, policy: MediaPolicy, access: Access, api_key: str | None) -> FastAPI:
+    """Host, Origin, the API key and the body's size checked before any route (guard.py)."""
     limit = access.max_request_bytes or request_limit(policy.max_bytes)
     app.add_middleware(Guard, access=access, max_request_bytes=limit, api_key=api_key)
     return app

@@ -174,7 +174,7 @@ def parse_request(body: Any) -> Request:
         raise from_user_error(e) from None
     defaults = media_defaults({k: getattr(raw, k) for k in MEDIA_OPTIONS if getattr(raw, k) is not None})
     media = [
-        MediaRef(kind, _url(part, kind), defaults[kind] | part_options(kind, part))
+        MediaRef(kind, part_url(part, kind), defaults[kind] | part_options(kind, part))
         for kind, part in media_parts(messages)
     ]
     return Request(
@@ -196,7 +196,7 @@ def media_request(body: Any) -> tuple[str, str, dict]:
     if len(parts) != 1:
         raise ApiError(400, "the body must be one image_url or video_url content part")
     kind, part = parts[0]
-    return kind, _url(part, kind), part_options(kind, part)
+    return kind, part_url(part, kind), part_options(kind, part)
 
 
 def _logprobs(raw: ChatRequest) -> int | None:
@@ -234,7 +234,8 @@ def _tools(raw: ChatRequest) -> list[dict] | None:
     return raw.tools
 
 
-def _url(part: dict, kind: str) -> str:
+def part_url(part: dict, kind: str) -> str:
+    """The URL (or data: URL, or allowed path) a media part names."""
     for key in SOURCE_KEYS[kind]:
         value = part.get(key)
         if isinstance(value, dict):
