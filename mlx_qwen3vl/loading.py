@@ -194,7 +194,16 @@ def in_compute_dtype(model: Model, weights: dict[str, mx.array], dtype: mx.Dtype
     return {k: cast(k, v) for k, v in weights.items()}
 
 
-def load_model(path: Path, dtype=None, lazy: bool = False, backend: str | None = None) -> Model:
+def load_model(
+    path: Path,
+    dtype=None,
+    lazy: bool = False,
+    backend: str | None = None,
+    group=None,
+    pipeline: bool = False,
+) -> Model:
+    """The model of a directory; with a distributed `group` of several ranks, this rank's part of it
+    (`distributed/`): sharded before any weight is evaluated, so only that part stays in memory."""
     backend = Backend.choose(backend, dtype)
     config = read_config(path)
     model = Model(config)
@@ -204,6 +213,11 @@ def load_model(path: Path, dtype=None, lazy: bool = False, backend: str | None =
     check_weights(model, weights)
     model.update(tree_unflatten(list(in_compute_dtype(model, weights, backend.dtype).items())))
     del weights  # the fused matrices below are then the only holders of their parts
+    if group is not None and group.size() > 1:
+        from .distributed import shard
+
+        shard(model, group, pipeline)
+        backend.specialize(model)  # the vocabulary projection's new part
     model.fuse_projections()
     model.backend = backend
     if not lazy:
@@ -226,6 +240,8 @@ def load(
     lazy: bool = False,
     backend: str | None = None,
     vision_budget: int | None = None,
+    group=None,
+    pipeline: bool = False,
 ) -> tuple[Model, Processor]:
     """Load Qwen3-VL as `(model, processor)` from a model directory or a Hugging Face repo id (downloaded
     once into the hub cache): transformers' published layout, a directory written by `convert.py`
@@ -237,12 +253,21 @@ def load(
     Quantized layers keep their packed weights and, except the embedding's, their stored scales
     (`in_compute_dtype`). vision_budget: bytes the vision tower's activations may take at once (a long
     video or many images are encoded in pieces that fit it, `Model.encode_vision`); None: an eighth of
-    MLX's memory limit."""
+    MLX's memory limit.
+
+    group: an `mx.distributed.Group` of several ranks (processes started by `mlx.launch`): this rank
+    loads its part of the model, tensor parallel, or with `pipeline` its consecutive decoder layers
+    (docs/distributed.md); every rank must load the same model directory and then run the same calls.
+    None: the whole model in this process."""
     if vision_budget is not None and (isinstance(vision_budget, bool) or not isinstance(vision_budget, int)):
         raise Qwen3VLError(f"vision_budget={vision_budget!r}: must be a number of bytes (an integer)")
     if vision_budget is not None and vision_budget <= 0:
         raise Qwen3VLError(f"vision_budget={vision_budget}: must be > 0 bytes")
     path = model_directory(path_or_repo)
-    model = load_model(path, dtype, lazy, backend)
+    if group is not None and group.size() > 1:
+        from .distributed import check_same_model
+
+        check_same_model(path, group)
+    model = load_model(path, dtype, lazy, backend, group, pipeline)
     model.vision_budget = vision_budget
     return model, Processor.from_pretrained(path, model.config)

@@ -279,7 +279,7 @@ class Model(nn.Module):
             cache.rope_delta = prepared.rope_delta
         if outputs == 0:
             return None
-        if self.config.tie_word_embeddings:
+        if "lm_head" not in self:  # tied (a distributed model's head is its own module, tied or not)
             return self.model.language_model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
