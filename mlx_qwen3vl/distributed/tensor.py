@@ -128,7 +128,7 @@ def check_input_split(module: nn.Module, name: str, ranks: int) -> None:
         )
 
 
-def become(module: nn.Module, cls: type, group: mx.distributed.Group) -> None:
+def reduce_over_ranks(module: nn.Module, cls: type, group: mx.distributed.Group) -> None:
     """Give a loaded module its tensor-parallel subclass's behaviour in place (it adds an all-reduce)."""
     module.__class__ = cls
     module.group = group
@@ -143,7 +143,7 @@ def shard_attention(attention: Attention, split: HeadSplit, group: mx.distribute
     check_input_split(attention.o_proj, f"{name}.o_proj", group.size())
     shard_inplace(attention.o_proj, "sharded-to-all", group=group)
     attention.n_heads, attention.n_kv_heads = split.q_heads, split.kv_heads
-    become(attention, TensorParallelAttention, group)
+    reduce_over_ranks(attention, TensorParallelAttention, group)
 
 
 def shard_mlp(mlp: nn.Module, group: mx.distributed.Group, name: str) -> None:
@@ -153,7 +153,7 @@ def shard_mlp(mlp: nn.Module, group: mx.distributed.Group, name: str) -> None:
     shard_inplace(layers.gate_proj, "all-to-sharded", group=group)
     shard_inplace(layers.up_proj, "all-to-sharded", group=group)
     shard_inplace(layers.down_proj, "sharded-to-all", group=group)
-    become(mlp, TensorParallelMoe if isinstance(mlp, SparseMoeBlock) else TensorParallelMLP, group)
+    reduce_over_ranks(mlp, TensorParallelMoe if isinstance(mlp, SparseMoeBlock) else TensorParallelMLP, group)
 
 
 def shard_vocabulary(model: nn.Module, group: mx.distributed.Group) -> None:
