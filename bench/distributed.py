@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--modes", default="single,tensor,pipeline", help="which runs (comma-separated)")
     p.add_argument("--save", action="store_true")
     p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -133,7 +134,8 @@ def main() -> None:
 
     args.checkpoint = checkpoint("4b", args.layers, args.vision_blocks)
     rows = []
-    for ranks, pipeline in ((1, False), (2, False), (2, True)):
+    runs = {"single": (1, False), "tensor": (2, False), "pipeline": (2, True)}
+    for ranks, pipeline in (runs[mode] for mode in args.modes.split(",")):
         rows.append(run(args, ranks, pipeline, Path(f"/tmp/bench-distributed-{os.getpid()}.json")))
         print(json.dumps(rows[-1]), flush=True)
     name = f"4b-L{args.layers}-V{args.vision_blocks}"
@@ -146,12 +148,13 @@ def main() -> None:
     ]
     for r in rows:
         table.append(
-            f"| {r['ranks']} | {r['mode']} | {r['ttft_s']:.3f} | {r['decode_tps']:.1f} | "
+            f"| {r['ranks']} | {r['mode']} | {r['ttft_s']:.3f} | {r['decode_tps']:.2f} | "
             f"{r['sent_bytes_per_token'] / 1024:.1f} KiB | {r['active_memory_bytes'] / 2**20:.0f} MiB |"
         )
     print("\n".join(table))
     if args.save:
-        stem = RESULTS / f"{time.strftime('%Y-%m-%d')}_cpu_{name}_{args.dtype}_distributed"
+        modes = "" if args.modes == "single,tensor,pipeline" else "_" + args.modes.replace(",", "-")
+        stem = RESULTS / f"{time.strftime('%Y-%m-%d')}_cpu_{name}_{args.dtype}_distributed{modes}"
         stem.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
         stem.with_suffix(".md").write_text("\n".join(table) + "\n")
 
