@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from mlx_qwen3vl import ChatSession
     from mlx_qwen3vl.grounding import Drawings
 
+# What mlx.launch (ring, JACCL; MPI's own) sets in each rank's environment.
+LAUNCHER_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK")
 HISTORY_FILE = Path.home() / ".cache" / "mlx-qwen3vl" / "chat_history"
 PROMPT = "> "
 HELP = """\
@@ -86,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         group = frames if option.name in ("fps", "nframes") else media
         group.add_argument(f"--{option.name.replace('_', '-')}", type=number(option), help=option.help)
     add_kv_cache_arguments(p)
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: each rank holds consecutive decoder layers, for slow links (default: "
+        "tensor parallel, a slice of every layer on each rank; docs/distributed.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -102,16 +110,52 @@ def check_file(path: str, kind: str) -> None:
         raise Qwen3VLError(f"{path}: no such {kind} file")
 
 
-def load_model(name: str, dtype: str):
+def load_model(name: str, dtype: str, group=None, pipeline: bool = False):
+    """The model, or under `mlx.launch` this rank's part of it (`group`)."""
     from mlx_qwen3vl import load
 
     # stderr, so that stdout holds nothing but answers; not one line, because huggingface_hub's
     # download bars would overwrite an unfinished one.
-    print(f"Loading {name} ...", file=sys.stderr, flush=True)
+    if group is None or group.rank() == 0:
+        print(f"Loading {name} ...", file=sys.stderr, flush=True)
     tic = time.perf_counter()
-    model, processor = load(name, dtype=dtype)
-    print(f"ready in {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
+    model, processor = load(name, dtype=dtype, group=group, pipeline=pipeline)
+    if group is None or group.rank() == 0:
+        print(f"ready in {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
     return model, processor
+
+
+def join_launched_ranks():
+    """The ranks started by `mlx.launch` (rank 0 reads and prints, the others follow), or None."""
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+        return None  # MLX is not imported for a process that runs alone until it loads the model
+    from mlx_qwen3vl.distributed import follow_rank_0, launched_group
+
+    group = launched_group()
+    if group is not None:
+        follow_rank_0(group)
+    return group
+
+
+def read_line(group) -> str | None:
+    """The next line typed at rank 0 (None at the end of input), on every rank."""
+    line = None
+    if group is None or group.rank() == 0:
+        try:
+            with ctrl_c_as_a_key():
+                line = input(PROMPT).strip()
+        except EOFError:
+            line = None
+    if group is None:
+        if line is None:
+            raise EOFError
+        return line
+    from mlx_qwen3vl.distributed import shared_text
+
+    line = shared_text(line, group)
+    if line is None:
+        raise EOFError
+    return line
 
 
 class ProgressLine:
@@ -336,14 +380,19 @@ def ctrl_c_as_a_key():
 
 
 def chat(
-    session: ChatSession, pending: dict, options: dict, drawings: Drawings, hide_thinking: bool = False
+    session: ChatSession,
+    pending: dict,
+    options: dict,
+    drawings: Drawings,
+    hide_thinking: bool = False,
+    group=None,
 ) -> None:
-    """The interactive loop, until /quit or Ctrl-D. Errors are reported and the conversation goes on."""
+    """The interactive loop, until /quit or Ctrl-D. Errors are reported and the conversation goes on.
+    Under mlx.launch rank 0 reads each line and every rank runs it."""
     print("Ask a question; /help lists the commands.")
     while True:
         try:
-            with ctrl_c_as_a_key():
-                line = input(PROMPT).strip()
+            line = read_line(group)
         except EOFError:
             print()
             return
@@ -363,11 +412,17 @@ def chat(
             print(f"error: {e}", file=sys.stderr)
 
 
-def read_question(args: argparse.Namespace) -> str | None:
-    """The one-shot question: --prompt, else standard input when it is not a terminal; None: interactive."""
+def read_question(args: argparse.Namespace, group=None) -> str | None:
+    """The one-shot question: --prompt, else standard input when it is not a terminal; None: interactive.
+    Under mlx.launch (`group`) standard input is rank 0's."""
     if args.prompt is not None:
         return readable(args.prompt)
-    return None if sys.stdin.isatty() else sys.stdin.read().strip()
+    if group is None:
+        return None if sys.stdin.isatty() else sys.stdin.read().strip()
+    from mlx_qwen3vl.distributed import shared_text
+
+    piped = None if group.rank() != 0 or sys.stdin.isatty() else sys.stdin.read().strip()
+    return shared_text(piped, group)
 
 
 def readable(text: str) -> str:
@@ -384,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     # Typed or piped bytes that are not UTF-8 become U+FFFD instead of an error.
     sys.stdin.reconfigure(errors="replace")
+    group = None
     try:
+        group = join_launched_ranks()
         for kind in ("image", "video"):
             for path in getattr(args, kind):
                 check_file(path, kind)
@@ -392,10 +449,10 @@ def main(argv: list[str] | None = None) -> int:
             from mlx_qwen3vl.grounding import check_drawing_folder
 
             check_drawing_folder(args.draw)
-        question = read_question(args)
+        question = read_question(args, group)
         if question == "" and not (args.image or args.video):
             raise Qwen3VLError("no question: the prompt (--prompt or standard input) is empty")
-        model, processor = load_model(args.model, args.dtype)
+        model, processor = load_model(args.model, args.dtype, group, args.pipeline)
         from mlx_qwen3vl import ChatSession
         from mlx_qwen3vl.grounding import Drawings
 
@@ -420,9 +477,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    with line_editing():
-        chat(session, media, options, drawings, args.hide_thinking)
+    except RuntimeError as e:
+        stop_if_a_rank_is_lost(e, group)
+        raise
+    try:
+        with line_editing():
+            chat(session, media, options, drawings, args.hide_thinking, group)
+    except RuntimeError as e:
+        stop_if_a_rank_is_lost(e, group)
+        raise
     return 0
+
+
+def stop_if_a_rank_is_lost(error: RuntimeError, group) -> None:
+    """Under mlx.launch, another rank gone away ends this one with one line, not a traceback."""
+    if group is not None:
+        from mlx_qwen3vl.distributed import lost_peer
+
+        line = lost_peer(error, group)
+        if line:
+            fail(line, 1)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,10 @@ def generate_step(
     each token (greedy without one). Every token yielded has already been fed to the cache: the next
     step is evaluated asynchronously while the caller handles the current token."""
     sample = sample or TokenSampler(mx.array([], dtype=mx.int32))
+    # Across ranks (distributed/), each step is evaluated before the next is built: MLX reports a lost
+    # rank as an exception of the evaluation that waits on its collective, and an asynchronous
+    # evaluation's exception reaches no caller (`.item()` would then wait forever).
+    evaluate = mx.async_eval if getattr(model, "group", None) is None else mx.eval
 
     def step(token: mx.array):
         with mx.stream(generation_stream):
@@ -118,12 +122,12 @@ def generate_step(
         logits = prefill(model, prompt, cache, prefill_step_size, progress)
         token, distribution = sample(logits)
         finite = logits_are_finite(logits)
-    mx.async_eval(token, distribution, finite)
+    evaluate(token, distribution, finite)
     for n in range(max_tokens):
         # Feed the current token before handing it out (so the cache always holds every token
         # yielded) and let that step run while the caller works on this one.
         next_token, next_distribution = step(token)
-        mx.async_eval(next_token, next_distribution)
+        evaluate(next_token, next_distribution)
         if n == 0:
             check_finite(finite)  # evaluated with the first token, which is awaited next anyway
         yield token.item(), distribution

@@ -262,6 +262,8 @@ class TextModel(nn.Module):
 
     def fuse_projections(self) -> None:
         for layer in self.layers:
+            if not isinstance(layer, DecoderLayer):  # held by another rank (distributed/pipeline.py)
+                continue
             layer.self_attn.fuse()
             if isinstance(layer.mlp, MLP):  # not the experts: SwitchGLU multiplies gate and up apart
                 layer.mlp.fuse()

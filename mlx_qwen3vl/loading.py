@@ -238,7 +238,11 @@ def load_model(
     backend: str | None = None,
     task: str = "generate",
     score_tokens: tuple[int, ...] = (),
+    group=None,
+    pipeline: bool = False,
 ) -> Model:
+    """The model of a directory; with a distributed `group` of several ranks, this rank's part of it
+    (`distributed/`): sharded before any weight is evaluated, so only that part stays in memory."""
     backend = Backend.choose(backend, dtype)
     config = read_config(path)
     model = Model(config, task, score_tokens)
@@ -248,6 +252,11 @@ def load_model(
     check_weights(model, weights)
     model.update(tree_unflatten(list(in_compute_dtype(model, weights, backend.dtype).items())))
     del weights  # the fused matrices below are then the only holders of their parts
+    if group is not None and group.size() > 1:
+        from .distributed import shard
+
+        shard(model, group, pipeline)
+        backend.specialize(model)  # the vocabulary projection's new part
     model.fuse_projections()
     model.backend = backend
     if not lazy:
@@ -271,6 +280,8 @@ def load(
     backend: str | None = None,
     vision_budget: int | None = None,
     task: str | None = None,
+    group=None,
+    pipeline: bool = False,
 ) -> tuple[Model, Processor]:
     """Load Qwen3-VL as `(model, processor)` from a model directory or a Hugging Face repo id (downloaded
     once into the hub cache): transformers' published layout, a directory written by `convert.py`
@@ -283,15 +294,26 @@ def load(
     (`in_compute_dtype`). vision_budget: bytes the vision tower's activations may take at once (a long
     video or many images are encoded in pieces that fit it, `Model.encode_vision`); None: an eighth of
     MLX's memory limit. task: "generate", "embed" (Qwen3-VL-Embedding: `embed()`) or "rerank"
-    (Qwen3-VL-Reranker: `rerank()`); None: what the model's name says (`model_task`)."""
+    (Qwen3-VL-Reranker: `rerank()`); None: what the model's name says (`model_task`).
+
+    group: an `mx.distributed.Group` of several ranks (processes started by `mlx.launch`): this rank
+    loads its part of the model, tensor parallel, or with `pipeline` its consecutive decoder layers
+    (docs/distributed.md); every rank must load the same model directory and then run the same calls.
+    None: the whole model in this process."""
     if vision_budget is not None and (isinstance(vision_budget, bool) or not isinstance(vision_budget, int)):
         raise Qwen3VLError(f"vision_budget={vision_budget!r}: must be a number of bytes (an integer)")
     if vision_budget is not None and vision_budget <= 0:
         raise Qwen3VLError(f"vision_budget={vision_budget}: must be > 0 bytes")
     path = model_directory(path_or_repo)
     task = model_task(path, str(path_or_repo), task)
+    if group is not None and group.size() > 1:
+        if task != "generate":
+            raise Qwen3VLError(f"a {task} model runs in one process; load it without a distributed group")
+        from .distributed import check_same_model
+
+        check_same_model(path, group)
     if task != "rerank":
-        model = load_model(path, dtype, lazy, backend, task)
+        model = load_model(path, dtype, lazy, backend, task, group=group, pipeline=pipeline)
         processor = Processor.from_pretrained(path, model.config)
     else:  # the rows it keeps of the vocabulary projection are those of tokens the tokenizer knows
         processor = Processor.from_pretrained(path, read_config(path))

@@ -292,7 +292,7 @@ class Model(nn.Module):
         h = self.hidden_states(prepared, cache, outputs)
         if outputs == 0:
             return None
-        if self.config.tie_word_embeddings:
+        if "lm_head" not in self:  # tied (a distributed model's head is its own module, tied or not)
             return self.model.language_model.embed_tokens.as_linear(h)
         return self.lm_head(h)
 

@@ -144,8 +144,19 @@ def pyproject_extras() -> set[str]:
     return set(re.findall(r"^(\w+) = \[", table, re.MULTILINE))
 
 
+@cache
+def launcher_help() -> str:
+    """`mlx.launch --help`: the README starts the scripts across Macs with MLX's launcher."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    return subprocess.run([str(launcher), "--help"], capture_output=True, text=True, check=True).stdout
+
+
 def check_command(argv: list[str], first: bool) -> None:
-    if argv[:1] == ["python"] and argv[1:2] and argv[1] in SCRIPTS:
+    if argv[:1] == ["mlx.launch"] and "--" in argv:  # its options, then a command the README may show
+        for flag in (word for word in argv[1 : argv.index("--")] if word.startswith("-")):
+            assert flag in launcher_help(), f"README: mlx.launch has no option {flag}"
+        check_command(argv[argv.index("--") + 1 :], first)
+    elif argv[:1] == ["python"] and argv[1:2] and argv[1] in SCRIPTS:
         parse(argv)
     elif argv[:1] == ["curl"]:
         curl_request(argv)  # a well-formed request to the server; it is sent in the server test
@@ -261,7 +272,7 @@ def test_command_lines_are_accepted(example):
 
 
 def test_every_option_the_readme_names_exists():
-    helps = " ".join(help_text(name) for name in SCRIPTS)
+    helps = " ".join(help_text(name) for name in SCRIPTS) + launcher_help()
     for flag in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", TEXT))):
         assert re.search(rf"(?<![\w-]){flag}(?![\w-])", helps), f"README names {flag}, which no script has"
 

@@ -1,0 +1,63 @@
+"""Qwen3-VL over several processes (usually several Macs) on MLX's distributed layer: `mlx.launch` starts
+one process per rank (ring over TCP, JACCL over Thunderbolt RDMA, MPI), each calls
+`load(path, group=mx.distributed.init())` and holds its part of the model; every rank then runs the same
+generation, and the ranks' collectives keep them in step. docs/distributed.md says how to run it and
+what each split costs.
+
+- tensor.py: tensor parallelism (heads, MLP and expert widths, vocabulary over the ranks), the default
+- pipeline.py: pipeline parallelism (consecutive layers per rank), for slow links
+- group.py: what the ranks agree on besides the model (same model files, random state, rank 0's input)
+  and the one line for a lost rank
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .group import agree_on_random_state, check_same_model, lost_peer, shared_text
+from .pipeline import keep_held_layers
+from .tensor import shard_tensor_parallel
+
+__all__ = [
+    "agree_on_random_state",
+    "check_same_model",
+    "follow_rank_0",
+    "is_primary",
+    "launched_group",
+    "lost_peer",
+    "shard",
+    "shared_text",
+]
+
+
+def shard(model: nn.Module, group: mx.distributed.Group, pipeline: bool = False) -> None:
+    """Keep this rank's part of a loaded, not yet evaluated model (tensor parallel, or with `pipeline`
+    its consecutive layers), and agree on the random state."""
+    if pipeline:
+        keep_held_layers(model, group)
+    else:
+        shard_tensor_parallel(model, group)
+    model.group = group  # what generation asks to know that it runs across ranks
+    agree_on_random_state(group)
+
+
+def is_primary(group: mx.distributed.Group | None) -> bool:
+    """The rank that reads input and writes output (rank 0, or the only process)."""
+    return group is None or group.rank() == 0
+
+
+def launched_group() -> mx.distributed.Group | None:
+    """The group of the ranks `mlx.launch` started this process among, or None when it runs alone."""
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def follow_rank_0(group: mx.distributed.Group) -> None:
+    """On a rank other than 0: standard output goes nowhere (rank 0 prints the answers; the others run
+    the same steps silently). Standard error stays, for errors."""
+    if group.rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)

@@ -1,0 +1,83 @@
+"""Pipeline parallelism: each rank holds consecutive decoder layers, rank 0 the first; a step's hidden
+states go from rank to rank with MLX's send / recv, and the last rank's output is gathered by all, which
+then compute the vocabulary projection alike. One transfer per rank boundary and one gather per forward
+pass, whatever the depth: the mode for links too slow for tensor parallelism's two all-reduces per layer.
+The ranks take turns (one works while the others wait), so it adds memory, not speed, for one sequence.
+
+A rank reads and holds only its own layers' weights; the embedding, the final norm, the vocabulary
+projection and the vision tower are on every rank (each rank computes the vision features, so the
+DeepStack features reach the first layers wherever those live, with no transfer). Each layer's KV cache
+stays on the rank of the layer; the caches of the layers held elsewhere only count the positions
+(their `offset`), which the positions of the next tokens and the attention mask are read from.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from ..errors import Qwen3VLError
+from ..language import TextModel
+
+
+class LayerElsewhere(nn.Module):
+    """A decoder layer another rank holds: nothing here."""
+
+
+def held_layers(layers: int, ranks: int, rank: int) -> range:
+    """Rank `rank`'s consecutive layers: as equal shares as possible, the first ranks one more."""
+    if layers < ranks:
+        raise Qwen3VLError(f"pipeline: {layers} decoder layers cannot be spread over {ranks} ranks")
+    share, extra = divmod(layers, ranks)
+    start = rank * share + min(rank, extra)
+    return range(start, start + share + (rank < extra))
+
+
+class PipelineTextModel(TextModel):
+    """The decoder of one pipeline stage: `held` (a range of layer indices) on this rank of `group`."""
+
+    def __call__(self, inputs_embeds, positions, cache=None, visual_index=None, deepstack=None, outputs=None):
+        """TextModel's contract (its arguments and docstring), a stage at a time."""
+        group, held = self.group, self.held
+        rank, ranks = group.rank(), group.size()
+        h = inputs_embeds
+        B, L, H = h.shape
+        rope = self.rope.at(positions, L, h.dtype)
+        cache = cache if cache is not None else [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[held.start])  # a cache of this rank's, before this input
+        deepstack = deepstack or []
+        trims = outputs is not None and (outputs == 0 or len(deepstack) < len(self.layers))
+        trim_at = len(self.layers) - 1 if trims else -1
+        if rank > 0:
+            h = mx.distributed.recv_like(h, rank - 1, group=group)
+        for j in held:
+            trimmed = j == trim_at
+            h = self.layers[j](h, rope, mask, cache[j], outputs if trimmed else None)
+            if j < len(deepstack) and not trimmed:
+                h = h.reshape(B * L, H).at[visual_index].add(deepstack[j].astype(h.dtype)).reshape(B, L, H)
+        for j, layer_cache in enumerate(cache):
+            if j not in held and layer_cache is not None:
+                layer_cache.offset += L  # held elsewhere: only the count of positions
+        if rank < ranks - 1:
+            h = mx.distributed.send(h, rank + 1, group=group)
+        if outputs == 0:
+            mx.eval(h)  # nothing reads a cache-only chunk's output: its send runs now
+            return h[:, :0]
+        kept = L if outputs is None else outputs
+        # Every rank's last `kept` states (depending on its send, so that it runs first); the last
+        # rank's are the model's.
+        h = mx.distributed.all_gather(h[:, h.shape[1] - kept :], group=group)[(ranks - 1) * B :]
+        return self.norm(h)
+
+
+def keep_held_layers(model: nn.Module, group: mx.distributed.Group) -> None:
+    """Drop the layers other ranks hold from a loaded, not yet evaluated model (their weights are then
+    never read) and make its decoder a pipeline stage."""
+    text = model.model.language_model
+    held = held_layers(len(text.layers), group.size(), group.rank())
+    for j in range(len(text.layers)):
+        if j not in held:
+            text.layers[j] = LayerElsewhere()
+    text.__class__ = PipelineTextModel
+    text.group, text.held = group, held
