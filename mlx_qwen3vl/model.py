@@ -273,12 +273,22 @@ class Model(nn.Module):
         position, or for the last `outputs` only: generation needs the last one's, and none for a prompt
         chunk before the last (None returned), so that the last layer and the vocabulary projection (the
         largest matmul) are computed for those alone."""
+        h = self.hidden_states(prepared, cache, outputs)
+        return None if outputs == 0 else self.head(h)
+
+    def hidden_states(
+        self, prepared: PreparedInput, cache: PromptCache | None = None, outputs: int | None = None
+    ) -> mx.array:
+        """`decode` before the vocabulary projection: the decoder's final (normed) hidden states, so that
+        a caller wanting some positions' logits (the quantization check) projects those alone."""
         h, visual_index, deepstack = self._embed(prepared)
         h = self.model.language_model(h, prepared.positions, cache, visual_index, deepstack, outputs)
         if isinstance(cache, PromptCache):
             cache.rope_delta = prepared.rope_delta
-        if outputs == 0:
-            return None
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from final hidden states: the lm_head, or the embedding's transpose where tied."""
         if self.config.tie_word_embeddings:
             return self.model.language_model.embed_tokens.as_linear(h)
         return self.lm_head(h)
@@ -324,7 +334,7 @@ class Model(nn.Module):
         (docs/reference.md §2). Quantized tensors (`.scales`, `.biases`) follow their weight's name."""
         mlx_vlm = any(k.startswith(tuple(MLX_VLM_PREFIXES)) for k in weights)
         if mlx_vlm:
-            weights = {_rename_mlx_vlm(k): v for k, v in weights.items()}
+            weights = {rename_mlx_vlm_key(k): v for k, v in weights.items()}
         if self.config.tie_word_embeddings:
             # transformers omits lm_head; if present it equals the embedding (quantized: with its scales).
             weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
@@ -350,7 +360,7 @@ MLX_VLM_PREFIXES = {
 }
 
 
-def _rename_mlx_vlm(key: str) -> str:
+def rename_mlx_vlm_key(key: str) -> str:
     for theirs, ours in MLX_VLM_PREFIXES.items():
         if key.startswith(theirs):
             return ours + key[len(theirs) :]
