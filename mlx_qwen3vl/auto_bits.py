@@ -9,16 +9,17 @@ where they buy the most. What a vision-language model needs beyond it, and what 
   a decoder layer's sensitivity is measured on the tokens that the vision features become;
 - the vision tower's blocks and mergers are layers like the decoder's when it is quantized too;
 - five bit widths rather than two. A layer's sensitivity is measured directly (the mean KL divergence
-  with that layer alone rounded at MEASURED_BITS; no backward pass, so every part of the model, the
-  CPU-side and the vision tower included, is measured as it runs), and its divergence at the other widths
-  is scaled by its weights' squared rounding error, which falls ~4x per bit as the divergence of a small
-  perturbation does (quadratic in it);
+  with that layer alone rounded at 2 and at 4 bits; no backward pass, so every part of the model, the
+  vision tower included, is measured as it runs); at 3 bits its divergence follows a power of its weights'
+  rounding error fitted through the two (flatter than quadratic where 2-bit rounding saturates, as it
+  does on outlier columns), at 6 and 8 bits the square of it (a small perturbation);
 - the widths are then a multiple-choice knapsack over layers (size = weights, value = predicted
   divergence), solved exactly (mlx-lm searches one threshold between two widths).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -32,7 +33,7 @@ from .loading import load
 
 CANDIDATE_BITS = (2, 3, 4, 6, 8)
 OUTPUT_LAYERS = ("model.language_model.embed_tokens", "lm_head")
-MEASURED_BITS = 4
+MEASURED_BITS = (2, 4)
 # A decoder layer, a vision block or a DeepStack merger is one layer; anything else (the embedding, the
 # lm_head, the vision merger) is a layer of its own.
 _LAYER = re.compile(
@@ -61,33 +62,53 @@ def layer_modules(model: nn.Module, layer: str) -> list[nn.Module]:
     ]
 
 
+def measured_divergence(
+    model, layer_weights, bits, group_size, calibration, vision, reference, layer
+) -> float:
+    """The mean KL divergence on the calibration set with this layer's weights rounded at `bits`."""
+    for m, w in layer_weights:
+        m.weight = rounded(w, bits, group_size)
+    kl_sum, positions = 0.0, 0
+    for sample, encoded, ref in zip(calibration, vision, reference, strict=True):
+        if layer.startswith("model.visual."):
+            encoded = encode_media(model, sample)
+        kl, _ = next_token_divergence(ref, predicted_logits(model, sample, encoded))
+        kl_sum += kl.sum().item()
+        positions += kl.size
+    for m, w in layer_weights:
+        m.weight = w
+    return kl_sum / positions
+
+
 def predicted_divergence(model, layers: list[str], group_size: int, calibration: list[dict]) -> dict:
-    """{layer: {bits: predicted mean KL divergence with that layer alone at those bits}}."""
+    """{layer: {bits: predicted mean KL divergence with that layer alone at those bits}}: measured at the
+    MEASURED_BITS; between them a power of the layer's rounding error fitted through both (less than
+    quadratic where a coarse rounding saturates, as outlier columns make it); above them quadratic in it,
+    as the divergence of a small perturbation is."""
     vision = [encode_media(model, sample) for sample in calibration]
     reference = [predicted_logits(model, s, v) for s, v in zip(calibration, vision, strict=True)]
     mx.eval(reference)
     predicted = {}
+    low, high = MEASURED_BITS
     for layer in layers:
-        modules = layer_modules(model, layer)
-        originals = [m.weight for m in modules]
+        layer_weights = [(m, m.weight) for m in layer_modules(model, layer)]
         errors = {
-            bits: sum(mx.sum(mx.square(rounded(w, bits, group_size) - w)).item() for w in originals)
+            bits: sum(mx.sum(mx.square(rounded(w, bits, group_size) - w)).item() for _, w in layer_weights)
             for bits in CANDIDATE_BITS
         }
-        for m, w in zip(modules, originals, strict=True):
-            m.weight = rounded(w, MEASURED_BITS, group_size)
-        kl_sum, positions = 0.0, 0
-        for sample, encoded, ref in zip(calibration, vision, reference, strict=True):
-            if layer.startswith("model.visual."):
-                encoded = encode_media(model, sample)
-            kl, _ = next_token_divergence(ref, predicted_logits(model, sample, encoded))
-            kl_sum += kl.sum().item()
-            positions += kl.size
-        for m, w in zip(modules, originals, strict=True):
-            m.weight = w
-        measured = kl_sum / positions
-        scale = measured / max(errors[MEASURED_BITS], 1e-30)
-        predicted[layer] = {bits: scale * errors[bits] for bits in CANDIDATE_BITS}
+        arguments = (group_size, calibration, vision, reference, layer)
+        measured = {
+            bits: measured_divergence(model, layer_weights, bits, *arguments) for bits in MEASURED_BITS
+        }
+        ratio = measured[low] / max(measured[high], 1e-30)
+        power = math.log(max(ratio, 1.0)) / math.log(errors[low] / max(errors[high], 1e-30))
+        # Above the high width the rounding is a small perturbation: quadratic in its error.
+        predicted[layer] = {
+            bits: measured.get(
+                bits, measured[high] * (errors[bits] / errors[high]) ** (power if bits < high else 2)
+            )
+            for bits in CANDIDATE_BITS
+        }
         mx.clear_cache()
     return predicted
 

@@ -2,7 +2,7 @@
 images of the kinds users send (a photo, a document page, a chart) and one short video made from frames.
 
 The images and frames are drawn here with numpy and PIL from fixed seeds, so the set is the same on every
-machine, ships no file and carries no licence. They are small (a few hundred tokens in all): the check
+machine, ships no file and carries no licence. They are small (about 250 tokens in all): the check
 compares two models position by position, and what it needs is every part of the model exercised (the
 vision tower on photos, text and graphics; the video path with its timestamps; the decoder on text),
 not a benchmark.
@@ -13,14 +13,14 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 224  # pixels a side: 7 x 7 merged patches, 49 tokens per image
+IMAGE_SIZE = 224  # pixels a side as drawn
+MODEL_SIZE = 160  # as the model sees them: 5 x 5 merged patches, 25 tokens per image
 FRAME_SIZE = 128  # the video's frames: 4 x 4 tokens per temporal group
 FRAMES = 4
 
 TEXT_PROMPTS = (
     "Explain in two sentences why the sky is blue.",
     "Write a Python function that returns the n-th Fibonacci number.",
-    "Translate into French: the meeting is moved to Thursday at ten.",
 )
 
 
@@ -103,7 +103,7 @@ def calibration_inputs(processor) -> list[dict]:
         (document(), "What does this page say?"),
         (chart(), "Which product sold most?"),
     )
-    size = {"min_pixels": IMAGE_SIZE * IMAGE_SIZE, "max_pixels": IMAGE_SIZE * IMAGE_SIZE}
+    size = {"min_pixels": MODEL_SIZE * MODEL_SIZE, "max_pixels": MODEL_SIZE * MODEL_SIZE}
     for image, question in images:
         inputs.append(processor(question, images=[image], **size))
     frame_size = {"min_pixels": FRAME_SIZE * FRAME_SIZE, "max_pixels": FRAME_SIZE * FRAME_SIZE}

@@ -11,7 +11,8 @@ Two parts:
   quantized (`quantizable.py`), a quantized weight that dequantizes further from the source than rounding
   at its own bits and group size does (a corrupted layer, a wrong scale), a float tensor that differs
   beyond its dtype's rounding. These are the bounds: each names its tensor, and none depends on the model
-  being trained or on how many positions the calibration has.
+  being trained or on how many positions the calibration has. A conversion that fails one is not run:
+  the figures of a broken model compare nothing.
 - the outputs, on the calibration set (`calibration.py`): both models run the same inputs; reported are
   the relative error (|quantized - source| / |source|, over all positions) of the vision merger's and of
   each DeepStack merger's output, of each decoder layer's output (as the quantized model runs: the
@@ -80,9 +81,12 @@ class Report:
             f"  {len(self.tensors)} quantized tensors at {'/'.join(map(str, bits)) or '-'} bits; "
             f"calibration: {self.prompts} prompts, {self.positions} positions",
         ]
+        if not self.positions:
+            lines.append("  outputs not compared: a tensor is broken")
         lines += [f"  {name:<28} relative error {error:.4f}" for name, error in self.vision.items()]
         lines += [f"  {f'decoder layer {i}':<28} relative error {e:.4f}" for i, e in enumerate(self.layers)]
-        lines.append(f"  next-token KL {self.kl:.5f} nats, top-1 agreement {self.top1:.3f}")
+        if self.positions:
+            lines.append(f"  next-token KL {self.kl:.5f} nats, top-1 agreement {self.top1:.3f}")
         if self.passed:
             lines.append("  passed")
         lines += [f"  FAILED {f.tensor}: {f.reason}" for f in self.failures]
@@ -266,10 +270,11 @@ def check(model_path, source_path, dtype=None, source: Model | None = None) -> R
     model_dir, source_dir = model_directory(model_path), model_directory(source_path)
     report = Report(str(model_path), str(source_path))
     check_tensors(model_dir, source_dir, report)
-    model, processor = load(model_dir, dtype=dtype)
-    if source is None:
-        source, _ = load(source_dir, dtype=dtype)
-    compare_outputs(model, source, calibration_inputs(processor), report)
+    if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
+        model, processor = load(model_dir, dtype=dtype)
+        if source is None:
+            source, _ = load(source_dir, dtype=dtype)
+        compare_outputs(model, source, calibration_inputs(processor), report)
     report.seconds = time.perf_counter() - start
     return report
 
