@@ -234,8 +234,6 @@ def quantization_summary(
     if quantization is None:
         return f"{dtype_name}, not quantized"
     bits = recipe or f"{quantization['bits']}-bit"
-    if recipe == AUTO_RECIPE:
-        bits = "per-layer bits chosen on the calibration set"
     vision = "vision tower quantized too" if quantize_vision else f"vision tower kept in {dtype_name}"
     return f"{bits} affine quantization, group size {quantization['group_size']} ({vision})"
 
@@ -336,7 +334,8 @@ def convert(
     tensors = output_tensors(weights, plan, mx_dtype)
     del weights, model
     quantization = quantization_block(settings, plan) if quantize else None
-    description = quantization_summary(settings, q_recipe, quantize_vision, dtype_name)
+    shown_recipe = f"auto-recipe ({target_bits} bits on average)" if q_recipe == AUTO_RECIPE else q_recipe
+    description = quantization_summary(settings, shown_recipe, quantize_vision, dtype_name)
     if progress:
         print(f"Converting {source} to {target.shown}: {description}", file=sys.stderr)
         for done in clean_leftovers(target):
