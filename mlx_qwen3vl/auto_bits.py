@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .backend import Backend
+from .calibration import calibration_inputs
 from .check import encode_media, next_token_divergence, predicted_logits
 from .errors import Qwen3VLError
 from .loading import load
@@ -144,11 +145,16 @@ def choose_bits(divergence: dict, sizes: dict, target: float, floors: dict[str, 
 
 
 def auto_plan(
-    source_dir, plan: dict[str, dict], target_bits: float, fixed: set[str], progress: bool = False
+    source_dir,
+    plan: dict[str, dict],
+    target_bits: float,
+    fixed: set[str],
+    progress: bool = False,
+    calibration=calibration_inputs,
 ) -> dict:
     """The plan (module path: quantization parameters) with each layer's bits chosen on the calibration
-    set. Modules at `fixed` bits (the MoE routers) keep theirs and stay out of the average."""
-    from .calibration import calibration_inputs
+    set (`calibration`: processor -> model inputs). Modules at `fixed` bits (the MoE routers) keep theirs
+    and stay out of the average."""
 
     layers: dict[str, list[str]] = {}
     for path in plan:
@@ -161,7 +167,7 @@ def auto_plan(
     if progress:
         print(f"Measuring the sensitivity of {len(layers)} layers on the calibration set", file=sys.stderr)
     group_size = next(iter(plan.values()))["group_size"]
-    divergence = predicted_divergence(model, list(layers), group_size, calibration_inputs(processor))
+    divergence = predicted_divergence(model, list(layers), group_size, calibration(processor))
     del model
     # The embedding and lm_head (one matrix where tied) round every logit directly: the mean divergence
     # weighs the top-1 flips that follow lightly, so they never go below the widest width within the

@@ -262,10 +262,13 @@ def compare_outputs(model: Model, source: Model, inputs: list[dict], report: Rep
     report.kl, report.top1 = kl_sum / positions, agree / positions
 
 
-def check(model_path, source_path, dtype=None, source: Model | None = None) -> Report:
+def check(
+    model_path, source_path, dtype=None, source: Model | None = None, calibration=calibration_inputs
+) -> Report:
     """Compare the model at `model_path` with the one at `source_path` (directories or hub ids): the
     report, with its failures. dtype: of the computation (load()'s default where None). `source`: that
-    model already loaded, so that a converter that has it loaded does not load it twice."""
+    model already loaded, so that a converter that has it loaded does not load it twice. calibration:
+    processor -> the model inputs to compare on (the package's set by default)."""
     start = time.perf_counter()
     model_dir, source_dir = model_directory(model_path), model_directory(source_path)
     report = Report(str(model_path), str(source_path))
@@ -274,7 +277,7 @@ def check(model_path, source_path, dtype=None, source: Model | None = None) -> R
         model, processor = load(model_dir, dtype=dtype)
         if source is None:
             source, _ = load(source_dir, dtype=dtype)
-        compare_outputs(model, source, calibration_inputs(processor), report)
+        compare_outputs(model, source, calibration(processor), report)
     report.seconds = time.perf_counter() - start
     return report
 

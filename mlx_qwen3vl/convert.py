@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .auto_bits import auto_plan
 from .backend import resolve_dtype
+from .calibration import calibration_inputs
 from .check import REPORT_FILE
 from .check import check as check_conversion
 from .errors import Qwen3VLError
@@ -290,6 +291,7 @@ def convert(
     max_shard_size: int = MAX_SHARD_SIZE,
     progress: bool = True,
     check: bool = False,
+    calibration=calibration_inputs,
 ) -> Path:
     """Convert the Qwen3-VL checkpoint at `hf_path` (a model directory or a Hugging Face repo id; the
     published layout or mlx-vlm's) into an MLX model directory at `mlx_path`; returns that path.
@@ -305,7 +307,8 @@ def convert(
     quantized, and of the quantization scales. force: replace an existing output directory (only a model
     directory). check: after writing, compare the output with the source (check.py), write
     quantization_report.json beside it and raise Qwen3VLError naming the tensor when a bound fails (the
-    output stays, for inspection); convert.py does unless --no-check."""
+    output stays, for inspection); convert.py does unless --no-check. calibration: processor -> the
+    model inputs the check and the auto recipe measure on (the package's set by default)."""
     started = time.perf_counter()
     options = (q_bits, q_group_size, q_recipe, target_bits, q_layer_bits)
     quantize = quantize or quantize_vision or any(v is not None for v in options)
@@ -329,7 +332,7 @@ def convert(
     plan = quantization_plan(model, settings, q_recipe, quantize_vision, q_layer_bits) if quantize else {}
     if q_recipe == AUTO_RECIPE:
         fixed = router_paths(model) | set(q_layer_bits or ())
-        plan = auto_plan(source, plan, target_bits, fixed, progress)
+        plan = auto_plan(source, plan, target_bits, fixed, progress, calibration)
         settings = {**settings, "bits": most_common_bits(plan)}
     tensors = output_tensors(weights, plan, mx_dtype)
     del weights, model
@@ -355,7 +358,7 @@ def convert(
         print(f"Wrote {target.shown} ({directory_size(target.path) / 1e9:.2f} GB)", file=sys.stderr)
     if check and quantize:
         conversion_seconds = time.perf_counter() - started
-        report = check_conversion(target.path, source)
+        report = check_conversion(target.path, source, calibration=calibration)
         report.conversion_seconds = conversion_seconds
         report.write(target.path)
         if progress:

@@ -1,9 +1,15 @@
 """The quantization check (mlx_qwen3vl/check.py), what the converter refuses to quantize, and the auto
-recipe (auto_bits.py), on the tiny random-weight checkpoint and a copy of it with a few sensitive layers.
+recipe (auto_bits.py), on the tiny random-weight checkpoint with a 512-token vocabulary and a copy of it
+with a few sensitive layers.
 
-Each conversion with its check runs both models over the calibration set: the tests share conversions
-through module fixtures and bundle their checks, to keep to a few such runs."""
+Each conversion with its check runs both models over the calibration set, and the auto recipe runs it
+twice per layer: with the published 151936-token vocabulary, the vocabulary projection and the softmax
+over it at every predicted position would be nearly all of that work at these widths. The calibration
+set is the package's, its token ids folded into the small vocabulary (`checkpoints.compact_ids`). The
+tests share conversions through module fixtures and bundle their checks, to keep to a few such runs."""
 
+import copy
+import dataclasses
 import json
 import shutil
 import textwrap
@@ -13,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from checkpoints import TINY, config_with
+from checkpoints import TINY, build_checkpoint, compact_ids, config_with, reference_model, with_vocabulary
 from compare import FLOAT32, relative_max_diff
 from prompts import torch_inputs
 from test_convert import run_python
@@ -25,11 +31,35 @@ from mlx_qwen3vl.check import main as check_main
 from mlx_qwen3vl.convert import convert
 from mlx_qwen3vl.loading import weight_files
 
-IMAGE_PAD, VIDEO_PAD = 151655, 151656
+VOCABULARY = 512
+SMALL_VOCABULARY = with_vocabulary(TINY, VOCABULARY)
+PUBLISHED_PADS = (151655, 151656)
+IMAGE_PAD, VIDEO_PAD = compact_ids(np.array(PUBLISHED_PADS), VOCABULARY).tolist()
 MEDIA_INPUTS = (
     ("image", "pixel_values", "image_grid_thw"),
     ("video", "pixel_values_videos", "video_grid_thw"),
 )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """TINY with a VOCABULARY-token vocabulary, in the published config.json layout (which mlx-vlm reads,
+    see test_convert.mlx_vlm_conversions)."""
+    path = build_checkpoint(tmp_path_factory.mktemp("small-vocabulary") / "source", SMALL_VOCABULARY)
+    (path / "config.json").write_text(json.dumps(config_with(SMALL_VOCABULARY)))
+    return path
+
+
+def small_calibration(processor) -> list[dict]:
+    """The package's calibration set in the checkpoint's vocabulary: tokenized as the published
+    vocabulary numbers it (where the processor counts the pads it inserted), then folded."""
+    published = copy.copy(processor)
+    published.config = dataclasses.replace(
+        processor.config, image_token_id=PUBLISHED_PADS[0], video_token_id=PUBLISHED_PADS[1]
+    )
+    return [
+        {**s, "input_ids": compact_ids(s["input_ids"], VOCABULARY)} for s in calibration_inputs(published)
+    ]
 
 
 def report_of(path: Path) -> dict:
@@ -42,25 +72,26 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def test_report_figures_equal_an_independent_computation(tiny_checkpoint, tiny_reference, tmp_path):
+def test_report_figures_equal_an_independent_computation(checkpoint, tmp_path):
     """The source through transformers, the quantized model (vision tower quantized too) through our
     load(): KL divergence, top-1 agreement and the vision mergers' relative errors computed here equal
     the report's (float32 on both sides; what differs is the order of float32 sums)."""
     options = {"q_bits": 4, "quantize_vision": True, "check": True, "progress": False}
-    out = convert(tiny_checkpoint, tmp_path / "q4", **options)
+    out = convert(checkpoint, tmp_path / "q4", calibration=small_calibration, **options)
+    transformers_model = reference_model.__wrapped__(checkpoint, torch.float32)  # not kept after the test
     report = report_of(out)
     assert report["passed"] and report["conversion_seconds"] > 0 and report["seconds"] > 0
 
     model, processor = load(out, dtype="float32")
     kl, agree, levels = [], [], {}
-    for sample in calibration_inputs(processor):
-        arguments = torch_inputs(sample)
+    for sample in small_calibration(processor):
+        arguments = torch_inputs(sample, (IMAGE_PAD, VIDEO_PAD))
         with torch.no_grad():
-            reference = tiny_reference(**arguments).logits[0].numpy()
+            reference = transformers_model(**arguments).logits[0].numpy()
             for _, pixels, grids in MEDIA_INPUTS:
                 if sample[pixels] is None:
                     continue
-                features = tiny_reference.model.visual(
+                features = transformers_model.model.visual(
                     arguments[pixels], grid_thw=arguments[grids], return_dict=True
                 )
                 reference_levels = [features.pooler_output, *features.deepstack_features]
@@ -93,12 +124,13 @@ def test_report_figures_equal_an_independent_computation(tiny_checkpoint, tiny_r
         assert abs(vision[j] - np.sqrt(difference / norm)) < 1e-3 * vision[j], (j, vision[j])
 
 
-def test_predicted_positions_leave_out_the_vision_pads(tiny_f32):
+def test_predicted_positions_leave_out_the_vision_pads(checkpoint):
+    model, _ = load(checkpoint, dtype="float32")
     ids = np.array([[1, 2, IMAGE_PAD, IMAGE_PAD, 3, VIDEO_PAD, 4]])
-    assert predicted_positions(tiny_f32[0], ids).tolist() == [0, 1, 4, 6]
+    assert predicted_positions(model, ids).tolist() == [0, 1, 4, 6]
 
 
-def test_protected_tensors_are_refused_with_the_reason(tiny_checkpoint, tmp_path):
+def test_protected_tensors_are_refused_with_the_reason(checkpoint, tmp_path):
     cases = {
         "model.visual.pos_embed": "a position table is read by row",
         "model.visual.patch_embed.proj": "casts the pixels",
@@ -107,15 +139,15 @@ def test_protected_tensors_are_refused_with_the_reason(tiny_checkpoint, tmp_path
     }
     for path, reason in cases.items():
         with pytest.raises(Qwen3VLError, match=reason) as error:
-            convert(tiny_checkpoint, tmp_path / "out", q_layer_bits={path: 4}, progress=False)
+            convert(checkpoint, tmp_path / "out", q_layer_bits={path: 4}, progress=False)
         assert "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
     with pytest.raises(Qwen3VLError, match="--q-recipe auto and --target-bits go together"):
-        convert(tiny_checkpoint, tmp_path / "out", target_bits=4)
+        convert(checkpoint, tmp_path / "out", target_bits=4)
 
 
 @pytest.fixture(scope="module")
-def broken(tiny_checkpoint, tmp_path_factory):
+def broken(checkpoint, tmp_path_factory):
     """A 4-bit conversion with the position table forced to 4 bits and layer 2's down_proj corrupted (its
     scales tripled after quantizing), behind the converter's back: the check must catch both."""
     import mlx_qwen3vl.convert as converter
@@ -136,7 +168,7 @@ def broken(tiny_checkpoint, tmp_path_factory):
         patch.setattr(converter, "output_tensors", corrupted)
         out = tmp_path_factory.mktemp("broken") / "q4"
         with pytest.raises(Qwen3VLError) as error:
-            convert(tiny_checkpoint, out, q_bits=4, check=True, progress=False)
+            convert(checkpoint, out, q_bits=4, check=True, progress=False)
     return out, str(error.value)
 
 
@@ -156,10 +188,10 @@ def test_a_broken_conversion_is_reported_failed_naming_the_tensors(broken):
     assert corrupted["error"] > 10 * corrupted["rounding_error"]
 
 
-def test_check_command_exits_non_zero_naming_the_tensors(broken, tiny_checkpoint, capsys):
+def test_check_command_exits_non_zero_naming_the_tensors(broken, checkpoint, capsys):
     out, _ = broken
     with pytest.raises(SystemExit) as exit_status:
-        check_main([str(out), "--against", str(tiny_checkpoint), "--dtype", "float32"])
+        check_main([str(out), "--against", str(checkpoint), "--dtype", "float32"])
     assert exit_status.value.code == 1
     printed = capsys.readouterr().out
     assert all(f"FAILED {name}:" in printed for name in CULPRITS), printed
@@ -173,10 +205,8 @@ SENSITIVE_LAYERS, OUTLIER = (1, 2), 100.0
 
 
 @pytest.fixture(scope="module")
-def sensitive(tiny_checkpoint, tmp_path_factory) -> Path:
-    target = shutil.copytree(tiny_checkpoint, tmp_path_factory.mktemp("sensitive") / "source")
-    # The published config.json layout, which mlx-vlm reads (see test_convert.mlx_vlm_conversions).
-    (target / "config.json").write_text(json.dumps(config_with(TINY)))
+def sensitive(checkpoint, tmp_path_factory) -> Path:
+    target = shutil.copytree(checkpoint, tmp_path_factory.mktemp("sensitive") / "source")
     prefixes = tuple(f"model.language_model.layers.{i}." for i in SENSITIVE_LAYERS)
     for file in weight_files(target):
         weights = dict(mx.load(str(file)))
@@ -192,8 +222,9 @@ def sensitive(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def auto_and_uniform(sensitive, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("auto")
-    auto = convert(sensitive, root / "auto", q_recipe="auto", target_bits=4, check=True, progress=False)
-    uniform = convert(sensitive, root / "q4", q_bits=4, check=True, progress=False)
+    options = {"check": True, "progress": False, "calibration": small_calibration}
+    auto = convert(sensitive, root / "auto", q_recipe="auto", target_bits=4, **options)
+    uniform = convert(sensitive, root / "q4", q_bits=4, **options)
     return auto, uniform
 
 
@@ -242,7 +273,7 @@ def test_auto_output_loads_in_mlx_vlm_with_our_logits(auto_and_uniform, tmp_path
     order of float32 sums (scales widened to float32 there, kept and widened per product here)."""
     auto, _ = auto_and_uniform
     model, processor = load(auto, dtype="float32")
-    samples = calibration_inputs(processor)[2:4]  # a text prompt, the photo
+    samples = small_calibration(processor)[2:4]  # a text prompt, the photo
     names = [str(tmp_path / f"sample{n}") for n in range(len(samples))]
     for name, sample in zip(names, samples, strict=True):
         np.savez(name + ".npz", **{k: v for k, v in sample.items() if v is not None})
