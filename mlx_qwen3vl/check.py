@@ -34,7 +34,7 @@ import numpy as np
 from mlx_lm.utils import infer_quant_config
 
 from .calibration import calibration_inputs
-from .loading import load, model_directory, read_config, read_weights
+from .loading import load, load_model, model_directory, read_config, read_weights
 from .model import Model, rename_mlx_vlm_key
 from .quantizable import refusal, router_paths
 
@@ -275,8 +275,8 @@ def check(
     check_tensors(model_dir, source_dir, report)
     if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
         model, processor = load(model_dir, dtype=dtype)
-        if source is None:
-            source, _ = load(source_dir, dtype=dtype)
+        if source is None:  # its processor would be the model's: not read twice
+            source = load_model(source_dir, dtype)
         compare_outputs(model, source, calibration(processor), report)
     report.seconds = time.perf_counter() - start
     return report
