@@ -22,13 +22,14 @@ from __future__ import annotations
 import math
 import re
 import sys
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .backend import Backend
 from .calibration import calibration_inputs
-from .check import encode_media, next_token_divergence, predicted_logits
+from .check import encode_media, next_token_divergence, predicted_logits, recording_layers
 from .errors import Qwen3VLError
 from .loading import load
 
@@ -63,17 +64,50 @@ def layer_modules(model: nn.Module, layer: str) -> list[nn.Module]:
     ]
 
 
+class _Replayed:
+    """A decoder layer before the one measured: its weights are the source's, so its output is the one
+    the reference pass recorded, returned instead of computed again."""
+
+    def __init__(self, output: mx.array):
+        self.output = output
+
+    def __call__(self, *args, **kwargs) -> mx.array:
+        return self.output
+
+
+@contextmanager
+def replaying(model, outputs: list[mx.array]):
+    """The first len(outputs) decoder layers replaced by their recorded outputs while inside."""
+    layers = model.layers
+    originals = list(layers)
+    layers[: len(outputs)] = [_Replayed(output) for output in outputs]
+    try:
+        yield
+    finally:
+        layers[:] = originals
+
+
+def layers_before(layer: str) -> int:
+    """How many decoder layers run before `layer` on unchanged inputs: those before it, for a decoder
+    layer; none for the rest (the vision tower and the embedding change the first layer's input)."""
+    match = re.fullmatch(r"model\.language_model\.layers\.(\d+)", layer)
+    return int(match.group(1)) if match else 0
+
+
 def measured_divergence(
     model, layer_weights, bits, group_size, calibration, vision, reference, layer
 ) -> float:
-    """The mean KL divergence on the calibration set with this layer's weights rounded at `bits`."""
+    """The mean KL divergence on the calibration set with this layer's weights rounded at `bits`.
+    `reference`: per sample, the source's logits and its decoder layers' outputs."""
     for m, w in layer_weights:
         m.weight = rounded(w, bits, group_size)
     kl_sum, positions = 0.0, 0
-    for sample, encoded, ref in zip(calibration, vision, reference, strict=True):
+    for sample, encoded, (ref, layer_outputs) in zip(calibration, vision, reference, strict=True):
         if layer.startswith("model.visual."):
             encoded = encode_media(model, sample)
-        kl, _ = next_token_divergence(ref, predicted_logits(model, sample, encoded))
+        with replaying(model, layer_outputs[: layers_before(layer)]):
+            logits = predicted_logits(model, sample, encoded)
+        kl, _ = next_token_divergence(ref, logits)
         kl_sum += kl.sum().item()
         positions += kl.size
     for m, w in layer_weights:
@@ -87,7 +121,9 @@ def predicted_divergence(model, layers: list[str], group_size: int, calibration:
     quadratic where a coarse rounding saturates, as outlier columns make it); above them quadratic in it,
     as the divergence of a small perturbation is."""
     vision = [encode_media(model, sample) for sample in calibration]
-    reference = [predicted_logits(model, s, v) for s, v in zip(calibration, vision, strict=True)]
+    with recording_layers(model) as recorded:  # per layer, its output for each sample in turn
+        logits = [predicted_logits(model, s, v) for s, v in zip(calibration, vision, strict=True)]
+    reference = [(ref, [outputs[i] for outputs in recorded]) for i, ref in enumerate(logits)]
     mx.eval(reference)
     predicted = {}
     low, high = MEASURED_BITS
