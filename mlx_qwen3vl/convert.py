@@ -18,13 +18,18 @@ import fnmatch
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.convert import mixed_quant_predicate_builder
 from tqdm import tqdm
 
+from .auto_bits import auto_plan
 from .backend import resolve_dtype
+from .calibration import calibration_inputs
+from .check import REPORT_FILE
+from .check import check as check_conversion
 from .errors import Qwen3VLError
 from .loading import (
     TASK_KEY,
@@ -34,42 +39,47 @@ from .loading import (
     read_config,
     read_weights,
 )
-from .model import Model
-from .moe import SparseMoeBlock
-from .options import BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
+from .model import MLX_VLM_PREFIXES, Model
+from .options import AUTO_RECIPE, BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
+from .quantizable import FLOAT_MODULES, ROUTER_BITS, refusal, router_paths
 from .staging import Target, check_replaceable, clean_leftovers, is_model_file, staged
 
 MAX_SHARD_SIZE = 5 * 10**9  # bytes: "5 GB" in both the decimal and the binary reading
 
-# Vision layers that stay in float even with quantize_vision: the position table is indexed by row, not
-# applied as a layer, and the patch embedding casts the pixels to its weight's dtype (vision.py). Both
-# are small (2304 rows; one 1536-wide layer) next to the blocks and mergers.
-FLOAT_VISION_MODULES = ("model.visual.pos_embed", "model.visual.patch_embed.proj")
 # The embedding is also the output projection of the tied 2B/4B models; mixed recipes keep both at
 # their high bit width, as mlx-lm's recipes do for lm_head.
 HIGH_PRECISION_MODULES = ("model.language_model.embed_tokens", "lm_head")
-# The MoE router (each sparse layer's `mlp.gate`, experts x hidden: tiny) at 8 bits whatever the bits or
-# recipe, as mlx-lm's and mlx-vlm's Qwen3(-VL)-MoE `quant_predicate`s keep it: it chooses experts by
-# small differences between their logits, which a coarse quantization would flip. (mlx-vlm 0.7.10's
-# converter does not consult its language model's predicate and writes the routers at the model's bits;
-# load() reads either, by the packed shapes.)
-ROUTER_BITS = 8
+# The MoE routers stay at quantizable.ROUTER_BITS whatever the bits or recipe (tiny: experts x hidden).
+# (mlx-vlm 0.7.10's converter does not consult its language model's predicate and writes the routers at
+# the model's bits; load() reads either, by the packed shapes.)
 # Files of the source directory that are not copied: the weights, and what the converter writes itself.
-REWRITTEN_FILES = ("config.json", "model.safetensors.index.json", "*.safetensors", "README.md")
+REWRITTEN_FILES = ("config.json", "model.safetensors.index.json", "*.safetensors", "README.md", REPORT_FILE)
 
 
 def quantization_settings(
-    bits: int | None = None, group_size: int | None = None, recipe: str | None = None
+    bits: int | None = None,
+    group_size: int | None = None,
+    recipe: str | None = None,
+    target_bits: float | None = None,
 ) -> dict:
-    """The top-level `quantization` block ({group_size, bits, mode}) after checking the options."""
+    """The top-level `quantization` block ({group_size, bits, mode}) after checking the options (with
+    the auto recipe, `bits` is the target's whole part until the recipe has chosen)."""
+    if (recipe == AUTO_RECIPE) != (target_bits is not None):
+        raise Qwen3VLError("--q-recipe auto and --target-bits go together: give both or neither")
     if recipe is not None:
-        if recipe not in RECIPES:
+        if recipe not in (*RECIPES, AUTO_RECIPE):
             raise Qwen3VLError(
-                f"quantization recipe {recipe!r} is not supported; choose one of {', '.join(RECIPES)}"
+                f"quantization recipe {recipe!r} is not supported; choose one of {', '.join(RECIPES)}, "
+                f"{AUTO_RECIPE}"
             )
         if bits is not None:
             raise Qwen3VLError(f"choose either a bit width or a recipe: {recipe} sets the bits itself")
-        bits = int(recipe.split("_")[1])
+        if recipe == AUTO_RECIPE:
+            if not 2 <= target_bits <= 8:
+                raise Qwen3VLError(f"--target-bits {target_bits}: must be between 2 and 8")
+            bits = min(BITS, key=lambda b: abs(b - target_bits))
+        else:
+            bits = int(recipe.split("_")[1])
     bits = DEFAULT_BITS if bits is None else bits
     group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
     if bits not in BITS:
@@ -85,30 +95,48 @@ def quantization_settings(
 
 
 def quantization_plan(
-    model: Model, settings: dict, recipe: str | None = None, quantize_vision: bool = False
+    model: Model,
+    settings: dict,
+    recipe: str | None = None,
+    quantize_vision: bool = False,
+    layer_bits: dict[str, int] | None = None,
 ) -> dict[str, dict]:
     """{module path: its quantization parameters} for every module to quantize. The vision tower stays in
     float unless quantize_vision; a layer whose input width is not a multiple of the group size stays in
-    float (MLX quantizes groups along the input dimension)."""
+    float (MLX quantizes groups along the input dimension); what `quantizable.py` protects never is.
+    layer_bits: {module path: bits} a user asks for, over the rest (refused with the reason where the
+    module must not be quantized so)."""
     group_size = settings["group_size"]
-    recipe_params = mixed_quant_predicate_builder(recipe, model, group_size) if recipe else None
+    mixed = recipe in RECIPES
+    recipe_params = mixed_quant_predicate_builder(recipe, model, group_size) if mixed else None
     plan = {}
-    routers = {f"{path}.gate" for path, module in model.named_modules() if isinstance(module, SparseMoeBlock)}
-    for path, module in model.named_modules():
+    routers = router_paths(model)
+    modules = dict(model.named_modules())
+    for path, bits in (layer_bits or {}).items():
+        reason = refusal(path, bits, routers) if path in modules else None
+        if reason:
+            raise Qwen3VLError(f"{path} cannot be quantized at {bits} bits: {reason}")
+        if not hasattr(modules.get(path), "to_quantized"):
+            raise Qwen3VLError(f"{path}: no quantizable layer of that name (a module path, no .weight)")
+        if bits not in BITS or modules[path].weight.shape[-1] % group_size:
+            raise Qwen3VLError(f"{path}: {bits} bits with group size {group_size} does not fit this layer")
+    for path, module in modules.items():
         if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
             continue
         in_vision = path.startswith("model.visual.")
-        if in_vision and (not quantize_vision or path in FLOAT_VISION_MODULES):
+        if in_vision and not quantize_vision or path in FLOAT_MODULES:
             continue
         if path in routers:
             plan[path] = {**settings, "bits": ROUTER_BITS}
-        elif recipe is None or in_vision:
+        elif not mixed or in_vision:
             # The recipes rank decoder layers by sensitivity; the vision tower has no such ranking.
             plan[path] = dict(settings)
         elif path in HIGH_PRECISION_MODULES:
             plan[path] = {**settings, "bits": int(recipe.split("_")[2])}
         else:
             plan[path] = recipe_params(path, module)
+    for path, bits in (layer_bits or {}).items():
+        plan[path] = {**settings, "bits": bits}
     return plan
 
 
@@ -190,8 +218,16 @@ def output_config(source: dict, dtype_name: str, quantization: dict | None) -> d
 
 
 def quantization_block(settings: dict, plan: dict[str, dict]) -> dict:
+    """mlx-lm's layout: the defaults, then an entry per module that differs from them, under our module
+    path and under the one mlx-lm's and mlx-vlm's Qwen3-VL module trees give it (`language_model.model.`,
+    `vision_tower.`): each reads the entries named after its own modules, ours reads the packed shapes."""
     block = dict(settings)
-    block.update({path: params for path, params in sorted(plan.items()) if params != settings})
+    for path, params in sorted(plan.items()):
+        if params != settings:
+            block[path] = params
+            for theirs, ours in MLX_VLM_PREFIXES.items():
+                if f"{path}.".startswith(ours):
+                    block[f"{theirs}{path[len(ours) :]}.".rstrip(".")] = params
     return block
 
 
@@ -272,11 +308,15 @@ def convert(
     q_bits: int | None = None,
     q_group_size: int | None = None,
     q_recipe: str | None = None,
+    target_bits: float | None = None,
+    q_layer_bits: dict[str, int] | None = None,
     quantize_vision: bool = False,
     dtype: str = "bfloat16",
     force: bool = False,
     max_shard_size: int = MAX_SHARD_SIZE,
     progress: bool = True,
+    check: bool = False,
+    calibration=calibration_inputs,
 ) -> Path:
     """Convert the Qwen3-VL checkpoint at `hf_path` (a model directory or a Hugging Face repo id; the
     published layout or mlx-vlm's) into an MLX model directory at `mlx_path`; returns that path.
@@ -284,11 +324,20 @@ def convert(
     quantize: affine quantization of the language model at q_bits (2, 3, 4, 5, 6 or 8; default 4) with
     q_group_size (32, 64 or 128; default 64); any q_* option or quantize_vision implies it. q_recipe: one
     of mlx-lm's mixed recipes (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6), which also keeps the embedding
-    and lm_head at the high bit width. quantize_vision: quantize the vision tower's blocks and mergers too
-    (default: it stays in `dtype`). dtype: of every tensor not quantized, and of the quantization scales.
-    force: replace an existing output directory (only a model directory)."""
-    quantize = quantize or quantize_vision or any(v is not None for v in (q_bits, q_group_size, q_recipe))
-    settings = quantization_settings(q_bits, q_group_size, q_recipe) if quantize else None
+    and lm_head at the high bit width; or "auto" with target_bits (e.g. 4.5): each layer's bits from 2, 3,
+    4, 6, 8 chosen on the calibration set so their average over the quantized weights is at most
+    target_bits with the least drift (auto_bits.py). q_layer_bits: {module path: bits} over the rest
+    (refused, with the reason, for what must stay in float: quantizable.py). quantize_vision: quantize the
+    vision tower's blocks and mergers too (default: it stays in `dtype`). dtype: of every tensor not
+    quantized, and of the quantization scales. force: replace an existing output directory (only a model
+    directory). check: after writing, compare the output with the source (check.py), write
+    quantization_report.json beside it and raise Qwen3VLError naming the tensor when a bound fails (the
+    output stays, for inspection); convert.py does unless --no-check. calibration: processor -> the
+    model inputs the check and the auto recipe measure on (the package's set by default)."""
+    started = time.perf_counter()
+    options = (q_bits, q_group_size, q_recipe, target_bits, q_layer_bits)
+    quantize = quantize or quantize_vision or any(v is not None for v in options)
+    settings = quantization_settings(q_bits, q_group_size, q_recipe, target_bits) if quantize else None
     dtype_name = str(dtype).rpartition(".")[2]  # also accepts mx.bfloat16 ("mlx.core.bfloat16")
     mx_dtype = resolve_dtype(dtype_name)
     source = model_directory(hf_path)
@@ -306,11 +355,18 @@ def convert(
             f"{source}: the model is already quantized; convert from the unquantized checkpoint"
         )
     check_weights(model, weights)
-    plan = quantization_plan(model, settings, q_recipe, quantize_vision) if quantize else {}
+    patch = "model.visual.patch_embed.proj.weight"
+    weights[patch] = model.model.visual.published_patch_embedding(weights[patch])
+    plan = quantization_plan(model, settings, q_recipe, quantize_vision, q_layer_bits) if quantize else {}
+    if q_recipe == AUTO_RECIPE:
+        fixed = router_paths(model) | set(q_layer_bits or ())
+        plan = auto_plan(source, plan, target_bits, fixed, progress, calibration)
+        settings = {**settings, "bits": most_common_bits(plan)}
     tensors = output_tensors(weights, plan, mx_dtype)
     del weights, model
     quantization = quantization_block(settings, plan) if quantize else None
-    description = quantization_summary(settings, q_recipe, quantize_vision, dtype_name)
+    shown_recipe = f"auto-recipe ({target_bits} bits on average)" if q_recipe == AUTO_RECIPE else q_recipe
+    description = quantization_summary(settings, shown_recipe, quantize_vision, dtype_name)
     if progress:
         print(f"Converting {source} to {target.shown}: {description}", file=sys.stderr)
         for done in clean_leftovers(target):
@@ -331,7 +387,28 @@ def convert(
         write_model_card(staging, target.path.name, str(hf_path) if from_hub else None, description, task)
     if progress:
         print(f"Wrote {target.shown} ({directory_size(target.path) / 1e9:.2f} GB)", file=sys.stderr)
+    if check and quantize:
+        conversion_seconds = time.perf_counter() - started
+        report = check_conversion(target.path, source, calibration=calibration)
+        report.conversion_seconds = conversion_seconds
+        report.write(target.path)
+        if progress:
+            print(report.table(), file=sys.stderr)
+        if not report.passed:
+            first = report.failures[0]
+            raise Qwen3VLError(
+                f"{target.shown}: the quantization check failed: {first.tensor} {first.reason} "
+                f"({len(report.failures)} failure(s) in all, listed in {REPORT_FILE})"
+            )
     return target.path
+
+
+def most_common_bits(plan: dict[str, dict]) -> int:
+    """The bits of most of a plan's modules: the block's default, so that the fewest need an entry."""
+    counts: dict[int, int] = {}
+    for params in plan.values():
+        counts[params["bits"]] = counts.get(params["bits"], 0) + 1
+    return max(counts, key=counts.get)
 
 
 def directory_size(path: Path) -> int:

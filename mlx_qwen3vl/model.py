@@ -290,20 +290,26 @@ class Model(nn.Module):
             use = "embed()" if self.task == "embed" else "rerank()"
             raise Qwen3VLError(f"this model was loaded for task={self.task!r} and does not answer: use {use}")
         h = self.hidden_states(prepared, cache, outputs)
-        if outputs == 0:
-            return None
-        if "lm_head" not in self:  # tied (a distributed model's head is its own module, tied or not)
-            return self.model.language_model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return None if outputs == 0 else self.head(h)
 
-    def hidden_states(self, prepared: PreparedInput, cache: PromptCache | None = None, outputs=None):
-        """The decoder's last hidden states (after its final norm) for a prepared prompt: what `decode`
-        projects to the vocabulary, and what the embedding and reranker models pool (retrieval.py)."""
+    def hidden_states(
+        self, prepared: PreparedInput, cache: PromptCache | None = None, outputs: int | None = None
+    ) -> mx.array:
+        """`decode` before the vocabulary projection: the decoder's final (normed) hidden states, what the
+        embedding and reranker models pool (retrieval.py), and what a caller wanting some positions'
+        logits (the quantization check) projects itself."""
         h, visual_index, deepstack = self._embed(prepared)
         h = self.model.language_model(h, prepared.positions, cache, visual_index, deepstack, outputs)
         if isinstance(cache, PromptCache):
             cache.rope_delta = prepared.rope_delta
         return h
+
+    def head(self, h: mx.array) -> mx.array:
+        """Logits from final hidden states: the lm_head, or the embedding's transpose where tied (a
+        distributed model's head is its own module, tied or not)."""
+        if "lm_head" not in self:
+            return self.model.language_model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
 
     def fuse_projections(self) -> None:
         """q/k/v and gate/up of every decoder layer as one matrix each, where the checkpoint allows."""
@@ -346,7 +352,7 @@ class Model(nn.Module):
         (docs/reference.md §2). Quantized tensors (`.scales`, `.biases`) follow their weight's name."""
         mlx_vlm = any(k.startswith(tuple(MLX_VLM_PREFIXES)) for k in weights)
         if mlx_vlm:
-            weights = {_rename_mlx_vlm(k): v for k, v in weights.items()}
+            weights = {rename_mlx_vlm_key(k): v for k, v in weights.items()}
         if self.task == "rerank" and "score_rows" not in weights:
             weights["score_rows"] = self._score_rows(weights)
         if self.config.tie_word_embeddings or self.task != "generate":
@@ -392,7 +398,7 @@ MLX_VLM_PREFIXES = {
 }
 
 
-def _rename_mlx_vlm(key: str) -> str:
+def rename_mlx_vlm_key(key: str) -> str:
     for theirs, ours in MLX_VLM_PREFIXES.items():
         if key.startswith(theirs):
             return ours + key[len(theirs) :]

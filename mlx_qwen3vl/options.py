@@ -26,6 +26,9 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 64
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
+# The recipe that measures each layer on the calibration set and picks its bits for a target average
+# (auto_bits.py); not one of mlx-lm's, so kept apart from RECIPES.
+AUTO_RECIPE = "auto"
 
 # The ranges an option may have, by the words its error message uses.
 _RANGES = {

@@ -46,6 +46,7 @@ MODEL_DIRECTORY_FILES = (
     "video_preprocessor_config.json",
     "processor_config.json",
     "README.md",
+    "quantization_report.json",  # check.py's
     ".gitattributes",
     ".DS_Store",  # Finder's, on a Mac
 )

@@ -323,6 +323,13 @@ class VisionModel(nn.Module):
         pixel_row = 4 * config.in_channels * config.temporal_patch_size * config.patch_size**2
         return dtype.size * (12 * config.hidden_size + 2 * config.intermediate_size) + 2 * pixel_row
 
+    def published_patch_embedding(self, weight: mx.array) -> mx.array:
+        """The patch embedding's weight back in transformers' Conv3d layout [D, C, T, kh, kw] (the inverse
+        of `sanitize`'s reshape): what a converter writes, so that every reader of the published layout
+        (mlx-vlm, transformers, this package) takes its output."""
+        c = self.config
+        return weight.reshape(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)
+
     @staticmethod
     def sanitize(weights: dict[str, mx.array], channels_last: bool = False) -> dict[str, mx.array]:
         """Adapt checkpoint tensors (keys relative to the vision tower) to this module's layout.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prompts import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from transformers import (
     GenerationConfig,
     Qwen3VLConfig,
@@ -139,6 +140,19 @@ def with_vocabulary(overrides: dict, vocab_size: int) -> dict:
         "video_token_id": video,
         "text_config": {**overrides["text_config"], "vocab_size": vocab_size},
     }
+
+
+def compact_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token ids of the published vocabulary in a `vocab_size`-token one: the vision markers as
+    `with_vocabulary` numbers them, every other token folded into the rest (the layers do not care which
+    tokens they embed)."""
+    markers = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+    if vocab_size > max(markers):  # the published vocabulary
+        return ids
+    compact = ids % (vocab_size - len(markers))
+    for offset, marker in enumerate(markers):
+        compact = np.where(ids == marker, vocab_size - len(markers) + offset, compact)
+    return compact
 
 
 # TINY as Qwen3-VL-MoE: 8 experts, 2 per token, every layer sparse but layer 1 (mlp_only_layers), and an

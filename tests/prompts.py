@@ -33,16 +33,16 @@ class Prompt:
         return torch_inputs({"input_ids": self.input_ids, **self.mlx_inputs()})
 
 
-def torch_inputs(inputs: dict) -> dict:
+def torch_inputs(inputs: dict, pads: tuple[int, int] = (IMAGE_PAD, VIDEO_PAD)) -> dict:
     """transformers' arguments for model inputs held as arrays (a Prompt's, or our processor's output),
-    including the mm_token_type_ids 5.24 requires with grids."""
+    including the mm_token_type_ids 5.24 requires with grids (from the image and video pad ids `pads`)."""
     ids = np.asarray(inputs["input_ids"]).astype(np.int64)
     arguments = {"input_ids": torch.tensor(ids)}
     for name in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if inputs.get(name) is not None:
             arguments[name] = torch.tensor(np.asarray(inputs[name]))
     if inputs.get("image_grid_thw") is not None or inputs.get("video_grid_thw") is not None:
-        types = (ids == IMAGE_PAD) * 1 + (ids == VIDEO_PAD) * 2
+        types = (ids == pads[0]) * 1 + (ids == pads[1]) * 2
         arguments["mm_token_type_ids"] = torch.tensor(types)
     return arguments
 

@@ -144,7 +144,11 @@ def test_quantized_layers_follow_the_options_and_the_config_block(converted):
         "mode": "affine",
     }
     high = {name for name, (bits, _) in mixed.items() if bits == 6}
-    assert high == {k for k in block if "." in k}
+    assert high == {k for k in block if k.startswith("model.")}
+    # ... and again under mlx-lm's and mlx-vlm's module paths, which is how they read them.
+    assert {k for k in block if k.startswith("language_model.")} == {
+        k.replace("model.language_model.", "language_model.model.") for k in high
+    }
     # 4 layers: mlx-lm's recipe puts the last one and every third one (layer 2) at high precision.
     assert high == {
         "model.language_model.embed_tokens",
@@ -224,6 +228,9 @@ def test_converted_directory_is_self_contained(tiny_checkpoint, tmp_path, prompt
     out = tmp_path / "converted"
     result = run_python("convert.py", "--hf-path", str(source), "--mlx-path", str(out), "--q-bits", "4")
     assert "Converting" in result.stderr and f"Wrote {out}" in result.stderr  # progress is shown
+    # The quantization check runs by default (tests/test_check.py): its table, and its report beside.
+    assert "next-token KL" in result.stderr and "passed" in result.stderr
+    assert json.loads((out / "quantization_report.json").read_text())["passed"]
     source_config = json.loads((source / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert (
@@ -593,6 +600,7 @@ def test_a_killed_conversion_leaves_nothing_the_next_run_cannot_clean(tiny_check
     assert len(left) == 2 and any(name.startswith(".out.") for name in left), left
 
     args = ("--hf-path", str(tiny_checkpoint), "--mlx-path", str(out), "--q-bits", "4", "--force")
+    args += ("--no-check",)  # the check is tests/test_check.py's
     result = run_python("convert.py", *args)
     if when == "mid-write":
         assert "removed .out.converting-" in result.stderr

@@ -27,11 +27,12 @@ from checkpoints import (
     FULL_WIDTH_8B,
     FULL_WIDTH_32B,
     build_checkpoint,
+    compact_ids,
     reference_model,
     with_vocabulary,
 )
 from compare import FLOAT32, relative_max_diff
-from prompts import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, Prompt, make_prompts
+from prompts import Prompt, make_prompts
 
 from mlx_qwen3vl import load
 from mlx_qwen3vl.processor import load_tokenizer
@@ -54,15 +55,8 @@ MODELS = {
 
 
 def compact_vocabulary(prompt: Prompt, vocab_size: int) -> Prompt:
-    """The prompt in a `vocab_size`-token vocabulary: the vision markers as `with_vocabulary` numbers
-    them, every other token folded into the rest (the layers do not care which tokens they embed)."""
-    ids = prompt.input_ids
-    markers = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
-    if vocab_size > max(markers):  # the published vocabulary
-        return prompt
-    compact = ids % (vocab_size - len(markers))
-    for offset, marker in enumerate(markers):
-        compact = np.where(ids == marker, vocab_size - len(markers) + offset, compact)
+    """The prompt in a `vocab_size`-token vocabulary (`checkpoints.compact_ids`)."""
+    compact = compact_ids(prompt.input_ids, vocab_size)
     return Prompt(compact, **{k: v for k, v in vars(prompt).items() if k != "input_ids"})
 
 

@@ -1,0 +1,117 @@
+"""Uniform 4-bit from our converter and from mlx-vlm's, on the same source, measured by the same check:
+next-token KL and top-1 agreement on the calibration set, file size, conversion time, check time.
+
+    python bench/quant.py [--layers 3] [--vision-blocks 4] [--save]
+
+The source is a random-weight checkpoint at the real 4B widths (tests/checkpoints.py FULL_WIDTH_4B: text
+2560 wide, vision 1024, the full 151,936-token vocabulary) with few layers, written by transformers; both
+converters read the same directory (its config.json in the published layout, which mlx-vlm reads). Each
+conversion runs in its own process, timed around the conversion call alone (not the imports); the check
+(`mlx_qwen3vl.check`) then compares each output with the source in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(1, str(ROOT))
+
+CONVERTERS = {
+    "ours": "from mlx_qwen3vl.convert import convert\n"
+    "start = time.perf_counter()\n"
+    "convert(source, out, q_bits=4, q_group_size=64, progress=False)\n",
+    "mlx-vlm": "from mlx_vlm.convert import convert\n"
+    "start = time.perf_counter()\n"
+    "convert(source, out, quantize=True, q_bits=4, q_group_size=64)\n",
+}
+
+
+def convert_in_process(name: str, source: Path, out: Path) -> float:
+    script = (
+        f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nsource, out = {str(source)!r}, {str(out)!r}\n"
+        + CONVERTERS[name]
+        + "print(time.perf_counter() - start)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    if result.returncode:
+        raise SystemExit(f"{name} conversion failed:\n{result.stderr[-2000:]}")
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--vision-blocks", type=int, default=4)
+    parser.add_argument("--save", action="store_true", help="write bench/results/<date>_quant_4b-....json")
+    args = parser.parse_args()
+
+    from checkpoints import FULL_WIDTH_4B, build_checkpoint, config_with
+
+    from mlx_qwen3vl.check import check
+    from mlx_qwen3vl.loading import weight_files
+
+    overrides = {
+        "text_config": {**FULL_WIDTH_4B["text_config"], "num_hidden_layers": args.layers},
+        "vision_config": {
+            **FULL_WIDTH_4B["vision_config"],
+            "depth": args.vision_blocks,
+            "deepstack_visual_indexes": list(range(args.vision_blocks))[-3:],
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        source = build_checkpoint(Path(tmp) / "source", overrides)
+        (source / "config.json").write_text(json.dumps(config_with(overrides)))  # the published layout
+        results = {}
+        for name in CONVERTERS:
+            out = Path(tmp) / name
+            seconds = convert_in_process(name, source, out)
+            report = check(out, source)
+            results[name] = {
+                "kl": report.kl,
+                "top1": report.top1,
+                "positions": report.positions,
+                "bytes": sum(f.stat().st_size for f in weight_files(out)),
+                "conversion_s": seconds,
+                "check_s": report.seconds,
+                "check_passed": report.passed,
+                "failures": [f"{f.tensor}: {f.reason}" for f in report.failures],
+                "layers": report.layers,
+            }
+        source_bytes = sum(f.stat().st_size for f in weight_files(source))
+
+    shape = f"{args.layers} decoder layers, {args.vision_blocks} vision blocks"
+    print(f"4B widths, {shape}; source {source_bytes:,} B")
+    print(f"{'':10}{'KL (nats)':>12}{'top-1':>8}{'bytes':>15}{'convert s':>11}{'check s':>9}  check")
+    for name, r in results.items():
+        verdict = "passed" if r["check_passed"] else "FAILED " + "; ".join(r["failures"])
+        print(
+            f"{name:10}{r['kl']:12.5f}{r['top1']:8.3f}{r['bytes']:15,}{r['conversion_s']:11.1f}"
+            f"{r['check_s']:9.1f}  {verdict}"
+        )
+    if args.save:
+        name = f"{date.today().isoformat()}_quant_4b-L{args.layers}-V{args.vision_blocks}.json"
+        record = {
+            "machine": f"{platform.machine()} {platform.system()}",
+            "layers": args.layers,
+            "vision_blocks": args.vision_blocks,
+            "source_bytes": source_bytes,
+            "results": results,
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        (HERE / "results" / name).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"saved bench/results/{name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The quantization check: what a quantized checkpoint changed against the checkpoint it came from, in
+numbers, and whether a tensor in it is broken. convert.py runs it after writing; for a conversion made by
+anyone (mlx-vlm, the MLX community, ours):
+
+    python -m mlx_qwen3vl.check MODEL --against SOURCE
+
+prints the table and exits with 1 when a bound fails, naming the tensor (its checkpoint path).
+
+Two parts:
+- the tensors, compared one by one without running the model: a tensor that must stay in float is
+  quantized (`quantizable.py`), a quantized weight that dequantizes further from the source than rounding
+  at its own bits and group size does (a corrupted layer, a wrong scale), a float tensor that differs
+  beyond its dtype's rounding. These are the bounds: each names its tensor, and none depends on the model
+  being trained or on how many positions the calibration has. A conversion that fails one is not run:
+  the figures of a broken model compare nothing.
+- the outputs, on the calibration set (`calibration.py`): both models run the same inputs; reported are
+  the relative error (|quantized - source| / |source|, over all positions) of the vision merger's and of
+  each DeepStack merger's output, of each decoder layer's output (as the quantized model runs: the
+  drift accumulated up to that layer), and, at every position whose next token the model predicts in use
+  (not the vision pads), the KL divergence of the next-token distribution from the source's and the
+  agreement of their top-1 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.utils import infer_quant_config
+
+from .calibration import calibration_inputs
+from .loading import load, load_model, model_directory, read_config, read_weights
+from .model import Model, rename_mlx_vlm_key
+from .quantizable import refusal, router_paths
+
+REPORT_FILE = "quantization_report.json"
+# A quantized weight may dequantize this much further from its source than round-to-nearest at its bits
+# and group size does, relative to the rounding's own error: room for converters that round otherwise
+# (GPTQ moves weights to lower the layer's output error); a corrupted tensor or a wrong scale lands far
+# beyond it (tests/test_check.py).
+ROUNDING_FACTOR = 3.0
+# A float tensor may differ from its source by its dtype's rounding: bfloat16 keeps 8 bits of mantissa
+# (relative error at most 2^-9 per value); float16 and float32 keep more.
+FLOAT_TOLERANCE = 2.0**-8
+
+
+@dataclass
+class Failure:
+    tensor: str  # checkpoint path
+    reason: str
+
+
+@dataclass
+class Report:
+    model: str
+    source: str
+    prompts: int = 0
+    positions: int = 0
+    kl: float = 0.0  # mean over positions, nats
+    top1: float = 0.0  # fraction of positions
+    vision: dict[str, float] = field(default_factory=dict)  # merger / deepstack_merger_list.j: relative error
+    layers: list[float] = field(default_factory=list)  # decoder layer outputs: relative error
+    tensors: dict[str, dict] = field(default_factory=dict)  # quantized weights: bits, error, rounding error
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0  # the check's own time
+    conversion_seconds: float | None = None  # the conversion's before it, when convert.py ran it
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def table(self) -> str:
+        bits = sorted({t["bits"] for t in self.tensors.values()})
+        lines = [
+            f"Quantization check of {self.model} against {self.source}",
+            f"  {len(self.tensors)} quantized tensors at {'/'.join(map(str, bits)) or '-'} bits; "
+            f"calibration: {self.prompts} prompts, {self.positions} positions",
+        ]
+        if not self.positions:
+            lines.append("  outputs not compared: a tensor is broken")
+        lines += [f"  {name:<28} relative error {error:.4f}" for name, error in self.vision.items()]
+        lines += [f"  {f'decoder layer {i}':<28} relative error {e:.4f}" for i, e in enumerate(self.layers)]
+        if self.positions:
+            lines.append(f"  next-token KL {self.kl:.5f} nats, top-1 agreement {self.top1:.3f}")
+        if self.passed:
+            lines.append("  passed")
+        lines += [f"  FAILED {f.tensor}: {f.reason}" for f in self.failures]
+        return "\n".join(lines)
+
+    def write(self, directory: Path) -> None:
+        report = {**asdict(self), "passed": self.passed}
+        (directory / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def relative_error(a: mx.array, b: mx.array) -> float:
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    return (mx.linalg.norm(a - b) / mx.maximum(mx.linalg.norm(b), 1e-30)).item()
+
+
+def rounding_error(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> float:
+    """The relative error of round-to-nearest at these settings, the weight first cast as converters do."""
+    stored = weight.astype(dtype)
+    packed, scales, biases = mx.quantize(stored, group_size=group_size, bits=bits)
+    return relative_error(mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits), weight)
+
+
+def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> None:
+    """The tensor bounds (module docstring), each tensor read lazily and freed once compared."""
+    model = Model(read_config(model_dir))  # names and shapes only: its parameters stay lazy
+    modules = dict(model.named_modules())
+    routers = router_paths(model)
+    stored = read_weights(model_dir)
+    ours = model.sanitize(dict(stored))
+    source = model.sanitize(read_weights(source_dir))
+    # The loader dequantizes a quantized position table (older mlx-vlm conversions have one), so it is
+    # looked for among the stored names.
+    for key in sorted(stored):
+        path = rename_mlx_vlm_key(key).removesuffix(".scales")
+        if key.endswith(".scales") and f"{path}.scales" not in ours and path in modules:
+            reason = refusal(path, 0, routers)
+            report.failures.append(Failure(f"{path}.weight", f"stored quantized, but {reason}"))
+    for key in sorted(ours):
+        path, _, name = key.rpartition(".")
+        if key not in source and not (name in ("scales", "biases") and f"{path}.weight" in source):
+            continue  # a tensor the source lacks: load() reports it
+        if f"{path}.scales" in ours and path in modules:
+            if name != "weight":
+                continue
+            params = infer_quant_config(path, modules[path], ours)
+            bits, group_size = params["bits"], params["group_size"]
+            scales = ours[f"{path}.scales"]
+            weight = mx.dequantize(
+                ours[key], scales, ours.get(f"{path}.biases"), group_size=group_size, bits=bits
+            )
+            error = relative_error(weight, source[key])
+            expected = rounding_error(source[key], bits, group_size, scales.dtype)
+            report.tensors[key] = {"bits": bits, "group_size": group_size, "error": error}
+            report.tensors[key]["rounding_error"] = expected
+            reason = refusal(path, bits, routers)
+            if reason:
+                report.failures.append(Failure(key, f"quantized at {bits} bits, but {reason}"))
+            elif error > ROUNDING_FACTOR * expected:
+                report.failures.append(
+                    Failure(
+                        key,
+                        f"dequantizes {error:.4f} away from the source (relative), {error / expected:.0f}x "
+                        f"what {bits}-bit rounding gives ({expected:.4f}): corrupted or wrongly scaled",
+                    )
+                )
+        elif mx.issubdtype(ours[key].dtype, mx.floating) and key not in {f.tensor for f in report.failures}:
+            error = relative_error(ours[key], source[key])
+            if error > FLOAT_TOLERANCE:
+                report.failures.append(
+                    Failure(key, f"differs from the source by {error:.4f} (relative): more than rounding")
+                )
+        mx.clear_cache()
+
+
+class _Recorded:
+    """A decoder layer that keeps its outputs (in call order) while the check runs it."""
+
+    def __init__(self, layer, outputs: list):
+        self.layer, self.outputs = layer, outputs
+
+    def __call__(self, *args, **kwargs):
+        out = self.layer(*args, **kwargs)
+        self.outputs.append(out)
+        return out
+
+
+@contextmanager
+def recording_layers(model: Model):
+    """Each decoder layer's outputs, appended to the yielded lists (one per layer) while inside."""
+    layers = model.layers
+    outputs = [[] for _ in layers]
+    originals = list(layers)
+    layers[:] = [_Recorded(layer, out) for layer, out in zip(originals, outputs, strict=True)]
+    try:
+        yield outputs
+    finally:
+        layers[:] = originals
+
+
+MEDIA = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
+
+
+def predicted_positions(model: Model, input_ids: np.ndarray) -> np.ndarray:
+    """Positions whose next token the model predicts in use: all but the vision pads."""
+    pads = (model.config.image_token_id, model.config.video_token_id)
+    return np.flatnonzero(~np.isin(np.asarray(input_ids).reshape(-1), pads))
+
+
+def encode_media(model: Model, sample: dict) -> list:
+    """A calibration sample's images, then its videos, through the vision tower."""
+    return [
+        model.encode_vision(sample[pixels], sample[grid], None, kind)
+        for kind, pixels, grid in MEDIA
+        if sample.get(pixels) is not None
+    ]
+
+
+def predicted_logits(model: Model, sample: dict, vision: list) -> mx.array:
+    """The logits (float32) at a sample's predicted positions, its media already encoded."""
+    h = model.hidden_states(model.prepare(sample["input_ids"], vision))
+    keep = mx.array(predicted_positions(model, sample["input_ids"]))
+    return model.head(h[:, keep]).astype(mx.float32)[0]
+
+
+def run_outputs(model: Model, sample: dict) -> tuple[list[mx.array], list[mx.array], mx.array]:
+    """One calibration sample through a model: the vision levels (merger, then each DeepStack merger; the
+    images' rows, then the videos'), each decoder layer's output, and the predicted positions' logits."""
+    vision = encode_media(model, sample)
+    per_kind = ([v.features, *v.deepstack] for v in vision)
+    levels = [mx.concatenate(level) for level in zip(*per_kind, strict=True)]
+    with recording_layers(model) as layers:
+        logits = predicted_logits(model, sample, vision)
+    layer_outputs = [outputs[0] for outputs in layers]
+    mx.eval(levels, layer_outputs, logits)
+    return levels, layer_outputs, logits
+
+
+def next_token_divergence(source_logits: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
+    """Per position: KL(source || quantized) of the next-token distributions, and top-1 agreement."""
+    log_p = source_logits - mx.logsumexp(source_logits, axis=-1, keepdims=True)
+    log_q = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    kl = (mx.exp(log_p) * (log_p - log_q)).sum(-1)
+    return kl, source_logits.argmax(-1) == logits.argmax(-1)
+
+
+def compare_outputs(model: Model, source: Model, inputs: list[dict], report: Report) -> None:
+    """The output figures of the report, accumulated over the calibration samples."""
+    squares: dict[str, list[float]] = {}  # name: [sum |difference|^2, sum |source|^2]
+    kl_sum, agree, positions = 0.0, 0, 0
+
+    def add(name: str, ours: mx.array, theirs: mx.array) -> None:
+        ours, theirs = ours.astype(mx.float32), theirs.astype(mx.float32)
+        sums = squares.setdefault(name, [0.0, 0.0])
+        sums[0] += mx.sum(mx.square(ours - theirs)).item()
+        sums[1] += mx.sum(mx.square(theirs)).item()
+
+    for sample in inputs:
+        levels, layers, logits = run_outputs(model, sample)
+        source_levels, source_layers, source_logits = run_outputs(source, sample)
+        for j, (ours, theirs) in enumerate(zip(levels, source_levels, strict=True)):
+            add("merger" if j == 0 else f"deepstack_merger_list.{j - 1}", ours, theirs)
+        for j, (ours, theirs) in enumerate(zip(layers, source_layers, strict=True)):
+            add(f"layer {j}", ours, theirs)
+        kl, same = next_token_divergence(source_logits, logits)
+        kl_sum += kl.sum().item()
+        agree += same.sum().item()
+        positions += kl.size
+        mx.clear_cache()
+    ratio = {name: float(np.sqrt(d / max(s, 1e-30))) for name, (d, s) in squares.items()}
+    report.vision = {name: e for name, e in ratio.items() if not name.startswith("layer ")}
+    report.layers = [ratio[f"layer {j}"] for j in range(len(model.layers))]
+    report.prompts, report.positions = len(inputs), positions
+    report.kl, report.top1 = kl_sum / positions, agree / positions
+
+
+def check(
+    model_path, source_path, dtype=None, source: Model | None = None, calibration=calibration_inputs
+) -> Report:
+    """Compare the model at `model_path` with the one at `source_path` (directories or hub ids): the
+    report, with its failures. dtype: of the computation (load()'s default where None). `source`: that
+    model already loaded, so that a converter that has it loaded does not load it twice. calibration:
+    processor -> the model inputs to compare on (the package's set by default)."""
+    start = time.perf_counter()
+    model_dir, source_dir = model_directory(model_path), model_directory(source_path)
+    report = Report(str(model_path), str(source_path))
+    check_tensors(model_dir, source_dir, report)
+    if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
+        model, processor = load(model_dir, dtype=dtype)
+        if source is None:  # its processor would be the model's: not read twice
+            source = load_model(source_dir, dtype)
+        compare_outputs(model, source, calibration(processor), report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli import ArgumentParser, fail, quiet_libraries
+    from .errors import Qwen3VLError
+
+    parser = ArgumentParser(
+        prog="python -m mlx_qwen3vl.check",
+        description="Compare a quantized Qwen3-VL checkpoint with the checkpoint it was made from; exit 1 "
+        "when a tensor is broken, naming it.",
+    )
+    parser.add_argument("model", help="the quantized model: a directory or a Hugging Face repo id")
+    parser.add_argument("--against", required=True, help="the source model it was converted from")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="compute dtype")
+    parser.add_argument("--write", action="store_true", help=f"also write {REPORT_FILE} into the model")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        report = check(args.model, args.against, args.dtype)
+        if args.write:
+            report.write(model_directory(args.model))
+    except (Qwen3VLError, OSError) as e:
+        fail(str(e))
+    print(report.table())
+    if not report.passed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
