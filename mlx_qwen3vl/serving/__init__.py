@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import Qwen3VLError
 from ..options import CACHE_BYTES, DEFAULT_KV_GROUP_SIZE, MAX_MEDIA_BYTES, PORT, KVCacheOptions
+from .allocator import return_large_blocks
 
 # Seconds uvicorn waits, once asked to stop, for requests that are not over; then it cancels them. Answers
 # in flight are ended at once (`Engine.end_all`): this bounds what is left, such as a media download.
@@ -63,6 +64,7 @@ def serve(
     from .guard import Access
     from .media import MediaPolicy
 
+    return_large_blocks()  # before the first large block is freed (allocator.py)
     # Everything is checked before the model loads.
     kv_cache = KVCacheOptions(kv_bits, kv_group_size)
     PORT.check(port)
