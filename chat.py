@@ -21,15 +21,20 @@ from typing import TYPE_CHECKING
 
 # Light imports only: --help and argument errors answer before MLX and transformers are loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
-from mlx_qwen3vl.cli import ArgumentParser, add_kv_cache_arguments, fail, number, quiet_libraries
+from mlx_qwen3vl.cli import (
+    ArgumentParser,
+    add_kv_cache_arguments,
+    fail,
+    join_launched_ranks,
+    number,
+    quiet_libraries,
+)
 from mlx_qwen3vl.options import DEFAULT_MAX_TOKENS, DTYPE_NAMES, MAX_TOKENS, MEDIA, SAMPLING
 
 if TYPE_CHECKING:
     from mlx_qwen3vl import ChatSession
     from mlx_qwen3vl.grounding import Drawings
 
-# What mlx.launch (ring, JACCL; MPI's own) sets in each rank's environment.
-LAUNCHER_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK")
 HISTORY_FILE = Path.home() / ".cache" / "mlx-qwen3vl" / "chat_history"
 PROMPT = "> "
 HELP = """\
@@ -123,18 +128,6 @@ def load_model(name: str, dtype: str, group=None, pipeline: bool = False):
     if group is None or group.rank() == 0:
         print(f"ready in {time.perf_counter() - tic:.1f} s", file=sys.stderr, flush=True)
     return model, processor
-
-
-def join_launched_ranks():
-    """The ranks started by `mlx.launch` (rank 0 reads and prints, the others follow), or None."""
-    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
-        return None  # MLX is not imported for a process that runs alone until it loads the model
-    from mlx_qwen3vl.distributed import follow_rank_0, launched_group
-
-    group = launched_group()
-    if group is not None:
-        follow_rank_0(group)
-    return group
 
 
 def read_line(group) -> str | None:

@@ -4,6 +4,7 @@ scripts in any language.
     python server.py                                  # Qwen/Qwen3-VL-4B-Instruct on http://127.0.0.1:8080
     python server.py --model qwen3-vl-4b-4bit --port 8000 --api-key secret
     python server.py --model Qwen/Qwen3-VL-Embedding-2B     # POST /v1/embeddings (a reranker: /v1/rerank)
+    mlx.launch --hostfile hosts.json server.py --model ...    # across Macs: rank 0 serves
 
 Argument parsing only: the server lives in `mlx_qwen3vl/serving/`.
 """
@@ -15,7 +16,15 @@ from pathlib import Path
 
 # Light imports only: --help and argument errors answer before MLX and transformers are loaded.
 from mlx_qwen3vl import DEFAULT_MODEL, Qwen3VLError
-from mlx_qwen3vl.cli import ArgumentParser, add_kv_cache_arguments, fail, number, quiet_libraries
+from mlx_qwen3vl.cli import (
+    ArgumentParser,
+    add_kv_cache_arguments,
+    fail,
+    join_launched_ranks,
+    number,
+    quiet_libraries,
+)
+from mlx_qwen3vl.errors import LostRankError
 from mlx_qwen3vl.options import CACHE_GB, DTYPE_NAMES, MAX_BATCH, MAX_MEDIA_BYTES, PORT
 
 
@@ -130,6 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default: what its name or converted config says (Qwen3-VL-Embedding, -Reranker)",
     )
     add_kv_cache_arguments(p)
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="under mlx.launch: each rank holds consecutive decoder layers, for slow links (default: "
+        "tensor parallel, a slice of every layer on each rank; docs/distributed.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -144,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlx_qwen3vl.serving import serve
 
     try:
+        group = join_launched_ranks()  # under mlx.launch: rank 0 serves, the others follow
         serve(
             args.model,
             args.host,
@@ -161,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
             max_batch=args.max_batch,
             kv_bits=args.kv_bits,
             kv_group_size=args.kv_group_size,
+            group=group,
+            pipeline=args.pipeline,
         )
+    except LostRankError as e:
+        fail(str(e), 1)
     except Qwen3VLError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -1,4 +1,5 @@
-"""What the command-line entry points (chat.py, convert.py) share: errors as one line, no traceback."""
+"""What the command-line entry points (chat.py, convert.py, server.py) share: errors as one line, no
+traceback; the ranks mlx.launch started."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from typing import NoReturn
 
 from .options import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES, NumberOption
 
+# What mlx.launch (ring, JACCL; MPI's own) sets in each rank's environment.
+LAUNCHER_VARIABLES = ("MLX_RANK", "OMPI_COMM_WORLD_RANK")
+
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     sys.exit(code)
+
+
+def error_line(message: str) -> str:
+    return f"{Path(sys.argv[0]).name}: error: {message}"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -62,3 +70,16 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.simplefilter("ignore")
+
+
+def join_launched_ranks():
+    """The ranks started by `mlx.launch` (rank 0 reads and prints, the others follow), or None."""
+    if not any(name in os.environ for name in LAUNCHER_VARIABLES):
+        return None  # MLX is not imported for a process that runs alone until it loads the model
+    from .distributed import follow_rank_0, launched_group, watch_for_stopped_backend
+
+    group = launched_group()
+    if group is not None:
+        follow_rank_0(group)
+        watch_for_stopped_backend(group, error_line)
+    return group

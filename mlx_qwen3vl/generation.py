@@ -95,6 +95,14 @@ def default_prefill_step(model: Model) -> int:
     return backend.prefill_step_size if backend is not None else PREFILL_STEP_SIZE
 
 
+def step_evaluation(model: Model):
+    """How a decoding step is evaluated: asynchronously, the next step running while the caller handles
+    this one; across ranks (distributed/) synchronously, each step before the next is built: MLX reports
+    a lost rank as an exception of the evaluation that waits on its collective, and an asynchronous
+    evaluation's exception reaches no caller (`.item()` would then wait forever)."""
+    return mx.async_eval if getattr(model, "group", None) is None else mx.eval
+
+
 def generate_step(
     model: Model,
     prompt: PreparedInput,
@@ -109,10 +117,7 @@ def generate_step(
     each token (greedy without one). Every token yielded has already been fed to the cache: the next
     step is evaluated asynchronously while the caller handles the current token."""
     sample = sample or TokenSampler(mx.array([], dtype=mx.int32))
-    # Across ranks (distributed/), each step is evaluated before the next is built: MLX reports a lost
-    # rank as an exception of the evaluation that waits on its collective, and an asynchronous
-    # evaluation's exception reaches no caller (`.item()` would then wait forever).
-    evaluate = mx.async_eval if getattr(model, "group", None) is None else mx.eval
+    evaluate = step_evaluation(model)
 
     def step(token: mx.array):
         with mx.stream(generation_stream):

@@ -20,7 +20,7 @@ from mlx_lm.utils import infer_quant_config
 from .backend import Backend
 from .config import ModelConfig
 from .errors import Qwen3VLError
-from .model import TASKS, Model
+from .model import TASKS, VISION_MEMORY_SHARE, Model
 from .options import DEFAULT_MODEL
 from .processor import Processor
 
@@ -319,4 +319,9 @@ def load(
         processor = Processor.from_pretrained(path, read_config(path))
         model = load_model(path, dtype, lazy, backend, task, score_token_ids(processor.tokenizer))
     model.vision_budget = vision_budget
+    if group is not None and group.size() > 1:
+        from .distributed import agreed_vision_budget
+
+        budget = vision_budget or mx.get_memory_limit() * VISION_MEMORY_SHARE
+        model.vision_budget = agreed_vision_budget(budget, group)
     return model, processor

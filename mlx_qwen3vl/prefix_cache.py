@@ -53,7 +53,14 @@ class PrefixCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.kv)
+        """The bytes it holds. On a pipeline stage (distributed/pipeline.py), which holds some layers' caches,
+        an even share of all stages' (every layer's cache has the same size): the same figure on every
+        rank, so that the server's ranks keep and drop the same caches (serving/lockstep.py)."""
+        held = getattr(self.model.model.language_model, "held", None)
+        if held is None:
+            return sum(layer.nbytes for layer in self.kv)
+        stages = self.model.model.language_model.group.size()
+        return sum(self.kv[j].nbytes for j in held) * len(self.kv) // len(held) // stages
 
     @property
     def keys(self) -> list[Key]:

@@ -8,6 +8,7 @@ what each split costs.
 - pipeline.py: pipeline parallelism (consecutive layers per rank), for slow links
 - group.py: what the ranks agree on besides the model (same model files, random state, rank 0's input)
   and the one line for a lost rank
+- watch.py: a lost rank the backend sees but no evaluation reports
 """
 
 from __future__ import annotations
@@ -18,19 +19,31 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 
-from .group import agree_on_random_state, check_same_model, lost_peer, shared_text
+from .group import (
+    agree_on_random_state,
+    agreed_vision_budget,
+    check_same_model,
+    lost_peer,
+    shared_bytes,
+    shared_text,
+)
 from .pipeline import keep_held_layers
 from .tensor import shard_tensor_parallel
+from .watch import before_exit, watch_for_stopped_backend
 
 __all__ = [
     "agree_on_random_state",
+    "before_exit",
+    "agreed_vision_budget",
     "check_same_model",
     "follow_rank_0",
     "is_primary",
     "launched_group",
     "lost_peer",
     "shard",
+    "shared_bytes",
     "shared_text",
+    "watch_for_stopped_backend",
 ]
 
 

@@ -54,23 +54,41 @@ def agree_on_random_state(group: mx.distributed.Group) -> None:
     mx.random.seed(seed)
 
 
-def shared_text(text: str | None, group: mx.distributed.Group) -> str | None:
-    """Rank 0's text (a line it read) on every rank; None (end of input) stays None."""
-    data = b"\xff" if text is None else text.encode()
+def shared_bytes(data: bytes | None, group: mx.distributed.Group) -> bytes:
+    """Rank 0's bytes on every rank (the others pass None): their length, then, unless empty, the bytes
+    themselves, each an all-sum to which the other ranks add zeros."""
     mine = data if group.rank() == 0 else b""
     length = mx.distributed.all_sum(mx.array(len(mine), dtype=mx.int32), group=group).item()
-    if length == 0:  # an empty line: every rank knows it from the length alone
-        return ""
-    buffer = np.zeros(length, dtype=np.int32)
+    if length == 0:  # every rank knows it from the length alone: one scalar, the common case of a step
+        return b""
+    buffer = np.zeros(length, dtype=np.uint8)
     buffer[: len(mine)] = np.frombuffer(mine, dtype=np.uint8)
-    data = bytes(np.array(mx.distributed.all_sum(mx.array(buffer), group=group)).astype(np.uint8))
+    return bytes(np.array(mx.distributed.all_sum(mx.array(buffer), group=group)))
+
+
+def shared_text(text: str | None, group: mx.distributed.Group) -> str | None:
+    """Rank 0's text (a line it read) on every rank; None (end of input) stays None."""
+    data = shared_bytes(b"\xff" if text is None else text.encode(), group)
     return None if data == b"\xff" else data.decode()
+
+
+def agreed_vision_budget(budget: float, group: mx.distributed.Group) -> int:
+    """The smallest of the ranks' vision budgets, for all: the vision tower then runs in the same pieces
+    on every rank (the server's engine pauses after each, and its ranks must pause alike; machines of
+    different memory would otherwise cut a video differently)."""
+    budgets = mx.distributed.all_gather(mx.array([int(budget)], dtype=mx.int64), group=group)
+    return int(mx.min(budgets).item())
 
 
 def lost_peer(error: BaseException, group: mx.distributed.Group) -> str | None:
     """The one line for an error that says another rank went away, or None for any other error."""
     if not isinstance(error, RuntimeError) or not any(m in str(error) for m in LOST_PEER_MARKERS):
         return None
+    return lost_peer_line(group)
+
+
+def lost_peer_line(group: mx.distributed.Group) -> str:
+    """What a rank says when a neighbour in the ring went away."""
     rank, ranks = group.rank(), group.size()
     neighbours = sorted({(rank - 1) % ranks, (rank + 1) % ranks} - {rank})
     which = " or ".join(f"rank {n}" for n in neighbours)

@@ -8,7 +8,7 @@ A rank reads and holds only its own layers' weights; the embedding, the final no
 projection and the vision tower are on every rank (each rank computes the vision features, so the
 DeepStack features reach the first layers wherever those live, with no transfer). Each layer's KV cache
 stays on the rank of the layer; the caches of the layers held elsewhere only count the positions
-(their `offset`), which the positions of the next tokens and the attention mask are read from.
+(`count_positions`), which the positions of the next tokens are read from.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import QuantizedKVCache
 
 from ..errors import Qwen3VLError
 from ..language import TextModel
@@ -58,7 +59,7 @@ class PipelineTextModel(TextModel):
                 h = h.reshape(B * L, H).at[visual_index].add(deepstack[j].astype(h.dtype)).reshape(B, L, H)
         for j, layer_cache in enumerate(cache):
             if j not in held and layer_cache is not None:
-                layer_cache.offset += L  # held elsewhere: only the count of positions
+                count_positions(layer_cache, B, L, h.dtype)
         if rank < ranks - 1:
             h = mx.distributed.send(h, rank + 1, group=group)
         if outputs == 0:
@@ -69,6 +70,18 @@ class PipelineTextModel(TextModel):
         # rank's are the model's.
         h = mx.distributed.all_gather(h[:, h.shape[1] - kept :], group=group)[(ranks - 1) * B :]
         return self.norm(h)
+
+
+def count_positions(cache, batch: int, length: int, dtype: mx.Dtype) -> None:
+    """`length` more positions in the cache of a layer held elsewhere. A plain or batched cache takes keys
+    and values of no heads (nothing held), so that mlx-lm's own bookkeeping of positions and padding (the
+    server's batch merges, filters and extracts rows) runs for it as for the layers held here; a quantized
+    cache, which would pack what it takes, counts its offset (the server batches none: serving/batch.py)."""
+    if isinstance(cache, QuantizedKVCache):
+        cache.offset += length
+    else:
+        nothing = mx.zeros((batch, 0, length, 1), dtype=dtype)
+        cache.update_and_fetch(nothing, nothing)
 
 
 def keep_held_layers(model: nn.Module, group: mx.distributed.Group) -> None:

@@ -6,10 +6,12 @@ decodes the answers of concurrent requests together (batch.py)."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import time
 from pathlib import Path
 
-from ..errors import Qwen3VLError
+from ..errors import LostRankError, Qwen3VLError
 from ..options import CACHE_BYTES, DEFAULT_KV_GROUP_SIZE, MAX_MEDIA_BYTES, PORT, KVCacheOptions
 from .allocator import return_large_blocks
 
@@ -17,6 +19,9 @@ from .allocator import return_large_blocks
 # in flight are ended at once (`Engine.end_all`): this bounds what is left, such as a media download.
 GRACEFUL_SHUTDOWN = 3
 SHUTTING_DOWN = "the server is shutting down"
+# Seconds the answers in flight are given to send their error before a process whose engine waits on a
+# rank gone forever is ended (distributed/watch.py).
+ANSWERS_ENDING = 0.5
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -48,6 +53,8 @@ def serve(
     kv_group_size: int = DEFAULT_KV_GROUP_SIZE,
     log_level: str = "info",
     task: str | None = None,
+    group=None,
+    pipeline: bool = False,
 ) -> None:
     """Load the model once and serve it until interrupted: up to `max_batch` answers decoded together;
     an embedding model or a reranker answers `/v1/embeddings` or `/v1/rerank` instead (retrieval.py).
@@ -55,9 +62,14 @@ def serve(
     answers then advance together a forward pass each (serving/batch.py). `allow_local_files`: the
     directory whose files requests may name; `allow_private_urls`: URLs of this machine and its networks
     fetched too; `allowed_origins`, `allowed_hosts`: web origins and Host names allowed besides the
-    loopback ones and `host` ("*": any; guard.py); `max_request_bytes`: the largest request body."""
+    loopback ones and `host` ("*": any; guard.py); `max_request_bytes`: the largest request body.
+
+    `group`: the ranks `mlx.launch` started (`mx.distributed.init()`), each holding its part of the model
+    (tensor parallel, or with `pipeline` consecutive layers: docs/distributed.md). Rank 0 serves; on the
+    others this call runs rank 0's engine steps (serving/lockstep.py) until rank 0 stops."""
     import uvicorn
 
+    from ..distributed import before_exit, is_primary, lost_peer
     from ..loading import load
     from .app import create_app
     from .engine import Engine
@@ -70,12 +82,23 @@ def serve(
     PORT.check(port)
     MAX_MEDIA_BYTES.check(max_media_bytes)
     CACHE_BYTES.check(cache_bytes)
-    listening = listen(host, port)
+    serving = is_primary(group)
+    listening = listen(host, port) if serving else None
     try:
-        model, processor = load(model_path, dtype=dtype, task=task)
-    except BaseException:
-        listening.close()
+        model, processor = load(model_path, dtype=dtype, task=task, group=group, pipeline=pipeline)
+    except BaseException as e:
+        if listening is not None:
+            listening.close()
+        if group is not None and (line := lost_peer(e, group)) is not None:  # one line, not a traceback
+            raise LostRankError(line) from None
         raise
+    if not serving:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 takes the Ctrl-C, and its stop ends this
+        engine = Engine(model, processor, cache_bytes=cache_bytes, max_batch=max_batch, kv_cache=kv_cache)
+        engine.follow()
+        if engine.lost is not None:
+            raise LostRankError(engine.lost)
+        return
     policy = MediaPolicy(
         max_bytes=max_media_bytes,
         allow_local_files=None if allow_local_files is None else Path(allow_local_files),
@@ -90,7 +113,6 @@ def serve(
         app = create_retrieval_app(model, processor, name, api_key=api_key, policy=policy, access=access)
     else:
         engine = Engine(model, processor, cache_bytes=cache_bytes, max_batch=max_batch, kv_cache=kv_cache)
-        engine.start()
         app = create_app(engine, model_name=name, api_key=api_key, policy=policy, access=access)
 
     class Server(uvicorn.Server):
@@ -105,9 +127,19 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN
     )
+    server = Server(config)
+    if engine is not None:
+        # A rank gone (across ranks): the engine has ended the answers in flight; the server stops too
+        # (not through `handle_exit`, whose signal uvicorn raises again once it has stopped).
+        engine.on_lost = lambda: setattr(server, "should_exit", True)
+        if group is not None:  # the engine stuck on a rank gone (distributed/watch.py): end the answers
+            before_exit(lambda line: engine.end_all(line) or time.sleep(ANSWERS_ENDING))
+        engine.start()
     try:
-        Server(config).run(sockets=[listening])
+        server.run(sockets=[listening])
     finally:
         listening.close()
         if engine is not None:
             engine.stop()
+    if engine is not None and engine.lost is not None:
+        raise LostRankError(engine.lost)

@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 
-from ..generation import generation_stream
+from ..generation import generation_stream, step_evaluation
 from ..model import Model, PromptCache
 from ..options import KVCacheOptions
 from ..sampling import TokenSampler
@@ -58,10 +58,11 @@ class Batch:
 
     def step(self) -> tuple[list[int], list[mx.array | None]]:
         """Feed every row its current token and start computing the next ones (evaluated while the
-        caller handles these): the tokens fed, and their log-probabilities where asked for."""
+        caller handles these, but across ranks first: `step_evaluation`): the tokens fed, and their
+        log-probabilities where asked for."""
         with mx.stream(generation_stream):
             tokens, distributions = self._sample(self._logits(self.tokens[:, None]))
-        mx.async_eval(tokens, [d for d in distributions if d is not None])
+        step_evaluation(self.model)(tokens, [d for d in distributions if d is not None])
         fed, fed_distributions = self.tokens.tolist(), self.distributions
         self.tokens, self.distributions = tokens, distributions
         return fed, fed_distributions

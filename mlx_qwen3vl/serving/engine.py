@@ -4,6 +4,10 @@ answers of up to `max_batch` requests together (batch.py), streaming each back t
 loop. A request can be cancelled (its client went away): it stops within a token and its cache,
 consistent, goes back to the store, as every finished answer's does.
 
+Across ranks (`mlx.launch ... server.py`), every rank runs this engine and rank 0 alone serves HTTP: rank
+0 decides at the start of each step which requests came and which were cancelled, and shares that with
+the others, whose engines then run the same steps (lockstep.py).
+
 A new request is prefilled as it arrives, in pieces taken in turn with the decode steps of the others
 (admission.py), so a running stream pauses at most one piece (a vision block or a prompt chunk) between
 two tokens however large the new request's images or prompt. Its media were fetched and read, and its
@@ -14,6 +18,7 @@ never holds up the model's thread.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
 import traceback
@@ -25,6 +30,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from ..answer import AnswerText
+from ..distributed import lost_peer
 from ..errors import BrokenWeightsError, Qwen3VLError
 from ..generation import check_finite, generation_stream, logits_are_finite, prefill
 from ..model import Model
@@ -38,6 +44,7 @@ from ..tools import ToolCall
 from ..turn import Turn
 from .admission import Admission
 from .batch import make_batch
+from .lockstep import Lockstep, Step
 from .protocol import Request, logprob_entry
 
 
@@ -64,15 +71,28 @@ class Event:
 
 class Job:
     """One request in the engine: its checked request, its turn (built by the web layer, off the model's
-    thread), and the queue its events go to on the caller's event loop."""
+    thread), and the queue its events go to on the caller's event loop. `cancelled` is set by the web
+    layer at any time; `dropped`, the engine's view of it, is taken at the start of an engine step."""
 
-    def __init__(self, request: Request, turn: Turn, loop: asyncio.AbstractEventLoop):
+    numbers = itertools.count()
+
+    def __init__(self, request: Request | None, turn: Turn, loop: asyncio.AbstractEventLoop | None):
         self.request, self.turn, self.loop = request, turn, loop
+        self.number = next(Job.numbers)  # what ranks name it by (lockstep.py)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.dropped = False
+
+    @classmethod
+    def mirror(cls, number: int, turn: Turn) -> Job:
+        """On a rank other than 0, the stand-in of rank 0's request `number`: run alike, answering no one."""
+        job = cls(None, turn, None)
+        job.number = number
+        return job
 
     def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
         """Stop the job (its client went away): the engine drops it within a token, and whoever awaits
@@ -127,6 +147,10 @@ class Engine:
         self.reused = 0  # prompt tokens the last request found in the cache (for tests and logs)
         self.widest = 0  # the most rows decoded together so far (for tests and logs)
         self.tokens_generated = 0  # every answer's tokens so far, the cancelled ones' included (/metrics)
+        group = getattr(model, "group", None)
+        self.lockstep = None if group is None else Lockstep(group, processor, Job.mirror)
+        self.lost: str | None = None  # why the engine stopped, when a rank went away
+        self.on_lost = None  # called then (the server stops)
 
     def start(self) -> None:
         self.thread.start()
@@ -156,16 +180,55 @@ class Engine:
             job.emit(Event("error", text=reason, status=503))
             job.cancel()
 
+    def follow(self) -> None:
+        """On a rank other than 0: run rank 0's steps until it stops (or goes away: `lost` says so)."""
+        self._run()
+
     def _run(self) -> None:
         # Raised on Metal for as long as the engine runs (mlx-lm's), so a model that fits is not paged out.
         with wired_limit(self.model, [generation_stream]):
-            while (jobs := self._arrivals()) is not None:
-                self.waiting.extend(jobs)
-                self._admit_piece()
-                if self.sequences:
-                    self._decode_step()
+            try:
+                while self._start_step():
+                    self._admit_piece()
+                    if self.sequences:
+                        self._decode_step()
+            except Exception as e:
+                if self._lost_rank(e) is None:
+                    raise
+                self.lost = self._lost_rank(e)
+                self.end_all(self.lost)
+                if self.on_lost is not None:
+                    self.on_lost()
         # This thread's streams released before it ends: otherwise MLX can abort the process at exit.
         mx.clear_streams()
+
+    def _lost_rank(self, error: Exception) -> str | None:
+        """The one line for an error that says another rank went away, or None."""
+        return None if self.lockstep is None else lost_peer(error, self.lockstep.group)
+
+    def _start_step(self) -> bool:
+        """Take the requests that came and note those cancelled since the last step; False: the engine
+        stops. Decided here alone, or by rank 0 for every rank (lockstep.py)."""
+        if self.lockstep is not None and not self.lockstep.leads:
+            step = self.lockstep.share()
+        else:
+            jobs = self._arrivals()
+            held = self._held() + (jobs or [])
+            dropped = [job.number for job in held if job.cancelled.is_set() and not job.dropped]
+            step = Step(jobs or [], dropped, stop=jobs is None)
+            if self.lockstep is not None:
+                self.lockstep.share(step)
+        if step.stop:
+            return False
+        self.waiting.extend(step.arrivals)
+        for job in self._held():
+            job.dropped = job.dropped or job.number in step.dropped
+        return True
+
+    def _held(self) -> list[Job]:
+        """The requests the engine holds: being decoded, being admitted, waiting."""
+        admitting = [] if self.admitting is None else [self.admitting]
+        return [s.job for s in self.sequences] + admitting + list(self.waiting)
 
     def _arrivals(self) -> list[Job] | None:
         """The requests that came: waits for one when there is nothing to do, else takes what has come, up
@@ -187,7 +250,7 @@ class Engine:
         its prefill ends, the request joins the batch; a refusal or failure ends it alone."""
         while self.admitting is None and self.waiting:
             job = self.waiting.popleft()
-            if not job.cancelled.is_set():
+            if not job.dropped:
                 self.admitting = job
                 self.admission.begin(lambda pause, job=job: self._prefill(job, pause))
         if self.admitting is None or not self.admission.step():
@@ -204,6 +267,8 @@ class Engine:
         except Qwen3VLError as e:
             job.emit(Event("error", text=str(e), status=400))
         except Exception as e:  # a bug must fail its request, never the server
+            if self._lost_rank(e) is not None:
+                raise
             traceback.print_exc()
             job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
 
@@ -215,11 +280,11 @@ class Engine:
         turn = job.turn
 
         def piece_done(progress: Progress):  # after a vision block or a prompt chunk, all evaluated
-            if job.cancelled.is_set():
+            if job.dropped:
                 raise Cancelled
             if progress.stage in ("vision", "prefill"):
                 pause()
-                if job.cancelled.is_set():
+                if job.dropped:
                     raise Cancelled
 
         with self.store.lend(turn) as cache:  # back in the store at once if this fails
@@ -266,6 +331,8 @@ class Engine:
                 leaving = set(over)
                 self.sequences = [s for i, s in enumerate(self.sequences) if i not in leaving]
         except Exception as e:  # a bug fails the requests being decoded, never the server
+            if self._lost_rank(e) is not None:
+                raise
             traceback.print_exc()
             for sequence in self.sequences:
                 sequence.job.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}", status=500))
@@ -277,10 +344,10 @@ class Engine:
         sequence.fed.append(token)
         self.tokens_generated += 1
         job, answer = sequence.job, sequence.answer
-        if job.cancelled.is_set():
+        if job.dropped:
             return True
         piece = answer.add(token, distribution)
-        logprobs = job.request.options.logprobs is not None
+        logprobs = sequence.turn.options.logprobs is not None
         if logprobs and answer.logprobs is not None:
             sequence.pending.append(logprob_entry(answer.logprobs, self.token_bytes))
         if piece or (sequence.pending and answer.finish_reason):
