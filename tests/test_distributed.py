@@ -27,6 +27,7 @@ import media
 import numpy as np
 import pytest
 from checkpoints import TINY, TINY_MOE, build_checkpoint
+from safetensors import safe_open
 from terminal import GREEDY, LOAD_TIMEOUT, ROOT
 
 from mlx_qwen3vl import Qwen3VLError, generate, load
@@ -42,6 +43,10 @@ TOLERANCE = 1e-5
 LOST_RANK_SECONDS = 10
 # A rank's resident parameters against the split docs/distributed.md states.
 RESIDENT_BOUND = 0.05
+# The bytes a rank reads from the weight files against its share of the stored tensors: beyond them it
+# reads the files' headers and config.json, and tensors split by columns into runs shorter than a memory
+# page are read whole (docs/distributed.md).
+READ_BOUND = 0.05
 
 
 def free_ports(count: int) -> int:
@@ -127,6 +132,10 @@ def checkpoints(tiny_checkpoint, checkpoint_root) -> dict[str, Path]:
     }
 
 
+# The checkpoint each mode's run starts with (it answers every kind of prompt, distributed_worker.py).
+FIRST = "dense tied"
+
+
 @pytest.fixture(scope="module")
 def one_process(checkpoints, picture) -> dict[str, dict]:
     """What the whole model in this process gives for what the worker runs, and the bytes each rank of
@@ -135,14 +144,35 @@ def one_process(checkpoints, picture) -> dict[str, dict]:
     for name, path in checkpoints.items():
         model, processor = load(path, dtype="float32")
         found[name] = {
-            "logits": worker.logits_of(model, processor),
+            "logits": worker.logits_of(model, processor, name == FIRST),
             "tokens": worker.chat_tokens(model, processor, str(picture)),
             "bytes": {
                 mode: [worker.expected_rank_bytes(model, RANKS, r, mode == "pipeline") for r in range(RANKS)]
                 for mode in ("tensor", "pipeline")
             },
+            "read": {
+                mode: [expected_read_bytes(path, model.config, r, mode == "pipeline") for r in range(RANKS)]
+                for mode in ("tensor", "pipeline")
+            },
         }
     return found
+
+
+# Bytes per element of safetensors' dtypes in the test checkpoints.
+STORED_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
+
+
+def expected_read_bytes(path: Path, config, rank: int, pipeline: bool) -> int:
+    """The bytes of a checkpoint's stored tensors that rank `rank` holds by the stated split: what it
+    should read from the weight files."""
+    total = 0.0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no iteration)
+                tensor = f.get_slice(name)
+                size = np.prod(tensor.get_shape()) * STORED_SIZES[tensor.get_dtype()]
+                total += size * worker.rank_share(name, config, RANKS, rank, pipeline)
+    return int(total)
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +185,14 @@ def picture(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_distributed_model_matches_one_process(mode, checkpoints, one_process, picture, tmp_path):
-    """Per checkpoint, from one start of the ranks: the logits at the end of a text prompt and of an
-    image + video prompt, a greedy two-turn chat with an image (the second turn continues the cache) and
-    each rank's resident bytes; then directories that differ across ranks, refused at load on every rank.
+    """Per checkpoint, from one start of the ranks: the logits at the end of a text and an image + video
+    prompt (for the first, also of an image alone and a video alone), a greedy two-turn chat with an
+    image (the second turn continues the cache), each rank's resident bytes and the bytes it read from
+    the weight files; then directories that differ across ranks, refused at load on every rank.
     Pipeline mode moves whole layers, whatever they hold: the tied dense model (DeepStack features added
     on both ranks) and the 4-bit MoE (quantized experts, an untied head) stand for the others."""
-    names = list(checkpoints) if mode == "tensor" else ["dense tied", "moe 4-bit"]
+    names = list(checkpoints) if mode == "tensor" else [FIRST, "moe 4-bit"]
+    assert names[0] == FIRST
     out = tmp_path / "results.json"
     other = checkpoints["dense untied, 1 KV head"]
     paths = [str(checkpoints[name]) for name in names]
@@ -177,6 +209,9 @@ def test_distributed_model_matches_one_process(mode, checkpoints, one_process, p
         splits = expected["bytes"][mode]
         for rank, (resident, split) in enumerate(zip(found["resident"], splits, strict=True)):
             assert abs(resident - split) <= RESIDENT_BOUND * split, (name, rank, resident, split)
+        shares = expected["read"][mode]
+        for rank, (read, share) in enumerate(zip(found["read"], shares, strict=True)):
+            assert abs(read - share) <= READ_BOUND * share, (name, rank, read, share)
     assert "rank 1's model directory has another config.json than rank 0's" in results["mismatch"]
 
 

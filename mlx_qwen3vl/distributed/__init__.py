@@ -6,6 +6,7 @@ what each split costs.
 
 - tensor.py: tensor parallelism (heads, MLP and expert widths, vocabulary over the ranks), the default
 - pipeline.py: pipeline parallelism (consecutive layers per rank), for slow links
+- parts.py: reading a rank's slices of the split tensors, and only those, from the files
 - group.py: what the ranks agree on besides the model (same model files, random state, rank 0's input)
   and the one line for a lost rank
 """
@@ -14,11 +15,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .group import agree_on_random_state, check_same_model, lost_peer, shared_text
+from .parts import read_held_parts
 from .pipeline import keep_held_layers
 from .tensor import shard_tensor_parallel
 
@@ -34,13 +37,14 @@ __all__ = [
 ]
 
 
-def shard(model: nn.Module, group: mx.distributed.Group, pipeline: bool = False) -> None:
-    """Keep this rank's part of a loaded, not yet evaluated model (tensor parallel, or with `pipeline`
-    its consecutive layers), and agree on the random state."""
+def shard(model: nn.Module, group: mx.distributed.Group, path: Path, pipeline: bool = False) -> None:
+    """Keep this rank's part of a model loaded from `path`, not yet evaluated (tensor parallel, or with
+    `pipeline` its consecutive layers), and agree on the random state. Pipeline mode drops the other
+    ranks' layers, which are then never read; tensor mode reads its slices of the split tensors."""
     if pipeline:
         keep_held_layers(model, group)
     else:
-        shard_tensor_parallel(model, group)
+        read_held_parts(model, path, shard_tensor_parallel(model, group))
     model.group = group  # what generation asks to know that it runs across ranks
     agree_on_random_state(group)
 
