@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from .answer import Answer, TokenLogprobs
+from .distributed.interrupt import interrupted_on_rank_0, step_boundaries
 from .errors import BrokenWeightsError, Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import (
@@ -109,29 +110,38 @@ def generate_step(
     each token (greedy without one). Every token yielded has already been fed to the cache: the next
     step is evaluated asynchronously while the caller handles the current token."""
     sample = sample or TokenSampler(mx.array([], dtype=mx.int32))
+    group = getattr(model, "group", None)
     # Across ranks (distributed/), each step is evaluated before the next is built: MLX reports a lost
     # rank as an exception of the evaluation that waits on its collective, and an asynchronous
     # evaluation's exception reaches no caller (`.item()` would then wait forever).
-    evaluate = mx.async_eval if getattr(model, "group", None) is None else mx.eval
+    evaluate = mx.async_eval if group is None else mx.eval
 
     def step(token: mx.array):
         with mx.stream(generation_stream):
             return sample(model(token[None], cache=cache)[:, -1])
 
-    with mx.stream(generation_stream):
-        logits = prefill(model, prompt, cache, prefill_step_size, progress)
-        token, distribution = sample(logits)
-        finite = logits_are_finite(logits)
-    evaluate(token, distribution, finite)
-    for n in range(max_tokens):
-        # Feed the current token before handing it out (so the cache always holds every token
-        # yielded) and let that step run while the caller works on this one.
-        next_token, next_distribution = step(token)
-        evaluate(next_token, next_distribution)
-        if n == 0:
-            check_finite(finite)  # evaluated with the first token, which is awaited next anyway
-        yield token.item(), distribution
-        token, distribution = next_token, next_distribution
+    # Across ranks a Ctrl-C is agreed on with each step (distributed/interrupt.py): every rank stops at
+    # the same token.
+    with step_boundaries(group):
+        with mx.stream(generation_stream):
+            logits = prefill(model, prompt, cache, prefill_step_size, progress)
+            token, distribution = sample(logits)
+            finite = logits_are_finite(logits)
+        evaluate(token, distribution, finite)
+        for n in range(max_tokens):
+            # Feed the current token before handing it out (so the cache always holds every token
+            # yielded) and let that step run while the caller works on this one.
+            next_token, next_distribution = step(token)
+            evaluate(next_token, next_distribution)
+            if n == 0:
+                check_finite(finite)  # evaluated with the first token, which is awaited next anyway
+            # Evaluated apart, after the step: a collective's partners are matched by their order on each
+            # rank, and in one graph it would be ordered with the step's own collectives as each rank's
+            # graph happens to be (pipeline ranks' graphs differ).
+            if group is not None and interrupted_on_rank_0(group).item():
+                raise KeyboardInterrupt
+            yield token.item(), distribution
+            token, distribution = next_token, next_distribution
 
 
 @dataclass

@@ -250,6 +250,33 @@ def test_a_lost_rank_ends_the_other_with_one_line(tiny_checkpoint, tmp_path):
     assert sum("lost the connection" in line for line in lines) == 1
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_an_answer_ends_every_rank_as_one_process(tiny_checkpoint, tmp_path):
+    """Two ranks of chat.py answering; Ctrl-C reaches rank 1 (which leaves the decision to rank 0 and
+    goes on), then rank 0, as the terminal's Ctrl-C reaches the ranks of mlx.launch's machine (or rank 0
+    alone, the others being elsewhere): every rank stops the answer at the same token and ends as one
+    process does, with status 130 and no traceback."""
+    command = [sys.executable, "chat.py", "--model", str(tiny_checkpoint), "--prompt", "Hi"]
+    command += ["--max-tokens", "100000", "--temperature", "0"]
+    ranks = start_ranks(command, tmp_path, [subprocess.PIPE] * RANKS)
+    try:
+        readable, _, _ = select.select([ranks[0].stdout], [], [], LOAD_TIMEOUT)
+        assert readable and ranks[0].stdout.read(1), "rank 0 printed no answer"
+        ranks[1].send_signal(signal.SIGINT)
+        # Rank 1 still answering a moment later: had it stopped, rank 0 would lose it at its next step.
+        time.sleep(1)
+        assert ranks[1].poll() is None, ranks[1].stderr.read().decode()[-3000:]
+        ranks[0].send_signal(signal.SIGINT)
+        codes = [rank.wait(timeout=LOST_RANK_SECONDS) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    errors = [rank.stderr.read().decode() for rank in ranks]
+    assert codes == [130, 130], errors
+    assert not any("Traceback" in error for error in errors), errors
+
+
 @pytest.mark.parametrize(
     "heads, kv_heads, ranks, rank, expected",
     [
