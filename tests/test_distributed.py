@@ -32,6 +32,7 @@ from terminal import GREEDY, LOAD_TIMEOUT, ROOT
 
 from mlx_qwen3vl import Qwen3VLError, generate, load
 from mlx_qwen3vl.convert import convert
+from mlx_qwen3vl.distributed.start import JOIN_SECONDS_VARIABLE
 from mlx_qwen3vl.distributed.tensor import HeadSplit
 
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -41,6 +42,8 @@ RANKS = 2
 TOLERANCE = 1e-5
 # A rank whose peer is gone must say so and exit within this many seconds.
 LOST_RANK_SECONDS = 10
+# How long the rank whose peer never starts waits for it (MLX_QWEN3VL_JOIN_SECONDS).
+JOIN_SECONDS = "2"
 # A rank's resident parameters against the split docs/distributed.md states.
 RESIDENT_BOUND = 0.05
 # The bytes a rank reads from the weight files against its share of the stored tensors: beyond them it
@@ -64,20 +67,27 @@ def free_ports(count: int) -> int:
     raise RuntimeError("no free ports")
 
 
-def start_ranks(command: list[str], folder: Path, outputs: list) -> list[subprocess.Popen]:
+def start_ranks(
+    command: list[str], folder: Path, outputs: list, started: int = RANKS, **variables: str
+) -> list[subprocess.Popen]:
     """The ranks of a ring on localhost, started as `mlx.launch --backend ring` starts them (each with
     MLX_RANK and a hostfile of one port per rank in MLX_HOSTFILE), without the launcher: its I/O loop
     polls without pause (a third of a core for the whole run), and it stops the other ranks itself when
-    one fails. outputs[r]: rank r's standard output and error."""
+    one fails. outputs[r]: rank r's standard output and error. Only the first `started` ranks are
+    started, with `variables` added to their environment."""
     port = free_ports(RANKS)
     hostfile = folder / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(RANKS)]))
     environment = {**os.environ, "MLX_HOSTFILE": str(hostfile), "TOKENIZERS_PARALLELISM": "false"}
     return [
         subprocess.Popen(
-            command, cwd=ROOT, env={**environment, "MLX_RANK": str(r)}, stdout=outputs[r], stderr=outputs[r]
+            command,
+            cwd=ROOT,
+            env={**environment, **variables, "MLX_RANK": str(r)},
+            stdout=outputs[r],
+            stderr=outputs[r],
         )
-        for r in range(RANKS)
+        for r in range(started)
     ]
 
 
@@ -223,11 +233,16 @@ def test_chat_under_mlx_launch_prints_what_one_process_prints(tiny_checkpoint, t
 
 
 @pytest.mark.slow
-def test_a_lost_rank_ends_the_other_with_one_line(tiny_checkpoint, tmp_path):
+def test_a_lost_or_unreachable_rank_ends_the_other_with_one_line(tiny_checkpoint, tmp_path):
     """Two ranks of chat.py started as mlx.launch starts them (its environment, without the launcher,
-    which would stop the survivor itself); rank 1 killed while rank 0 prints its answer."""
+    which would stop the survivor itself); rank 1 killed while rank 0 prints its answer. Meanwhile, rank 0
+    of another ring whose rank 1 is never started (MLX's ring would wait for it without end)."""
     command = [sys.executable, "chat.py", "--model", str(tiny_checkpoint), "--prompt", "Hi"]
     command += ["--max-tokens", "100000", "--temperature", "0"]
+    (tmp_path / "alone").mkdir()
+    alone = start_ranks(
+        command, tmp_path / "alone", [subprocess.PIPE], started=1, **{JOIN_SECONDS_VARIABLE: JOIN_SECONDS}
+    )[0]
     ranks = start_ranks(command, tmp_path, [subprocess.PIPE] * RANKS)
     try:
         readable, _, _ = select.select([ranks[0].stdout], [], [], LOAD_TIMEOUT)
@@ -248,6 +263,15 @@ def test_a_lost_rank_ends_the_other_with_one_line(tiny_checkpoint, tmp_path):
         == "chat.py: error: rank 0: lost the connection to rank 1 (it stopped or cannot be reached); exiting"
     )
     assert sum("lost the connection" in line for line in lines) == 1
+    try:
+        assert alone.wait(timeout=LOAD_TIMEOUT) == 2
+    finally:
+        alone.kill()
+    lines = [line for line in alone.stderr.read().decode().splitlines() if not line.startswith("[ring]")]
+    assert lines == [
+        f"chat.py: error: rank 0: rank 1 did not join within {JOIN_SECONDS} s (not started, or its address "
+        "in the hostfile cannot be reached); exiting"
+    ]
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ what each split costs.
 - tensor.py: tensor parallelism (heads, MLP and expert widths, vocabulary over the ranks), the default
 - pipeline.py: pipeline parallelism (consecutive layers per rank), for slow links
 - parts.py: reading a rank's slices of the split tensors, and only those, from the files
+- start.py: joining the ranks, bounded in time
 - group.py: what the ranks agree on besides the model (same model files, random state, rank 0's input)
   and the one line for a lost rank
 """
@@ -23,6 +24,7 @@ import mlx.nn as nn
 from .group import agree_on_random_state, check_same_model, lost_peer, shared_text
 from .parts import read_held_parts
 from .pipeline import keep_held_layers
+from .start import join_ranks
 from .tensor import shard_tensor_parallel
 
 __all__ = [
@@ -55,8 +57,9 @@ def is_primary(group: mx.distributed.Group | None) -> bool:
 
 
 def launched_group() -> mx.distributed.Group | None:
-    """The group of the ranks `mlx.launch` started this process among, or None when it runs alone."""
-    group = mx.distributed.init()
+    """The group of the ranks `mlx.launch` started this process among, or None when it runs alone. A
+    rank that does not join in time ends the start with one line naming it (`start.py`)."""
+    group = join_ranks()
     return group if group.size() > 1 else None
 
 
