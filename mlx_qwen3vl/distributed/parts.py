@@ -8,6 +8,10 @@ which gives a `Box` of each stored tensor; the sliced tensors are read here box 
 opened ones are dropped unread. A box along a tensor's first axis is one read; along a later axis, one
 read per contiguous run, except runs shorter than a memory page: the disk reads whole pages, so those are
 read with their neighbours, a bounded block at a time, and only the box is kept.
+
+The parts are read as the model is split, before its layers are evaluated: the rank's share is in memory
+at once, in the stored dtype: what it holds once loaded, unless the compute dtype is wider (then each
+layer is widened as it is evaluated, and its stored part freed).
 """
 
 from __future__ import annotations
