@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from .answer import Answer, TokenLogprobs
-from .distributed.interrupt import interrupted_on_rank_0, step_boundaries
+from .distributed.interrupt import step_boundaries, stop_if_rank_0_interrupted
 from .errors import BrokenWeightsError, Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import (
@@ -63,6 +63,7 @@ def prefill(
         if end == total:
             return logits[:, -1]
         mx.eval([c.state for c in cache])
+        stop_if_rank_0_interrupted(getattr(model, "group", None))
         if progress:
             progress(Progress("prefill", end, total))
     raise Qwen3VLError("the prompt is empty")
@@ -138,8 +139,7 @@ def generate_step(
             # Evaluated apart, after the step: a collective's partners are matched by their order on each
             # rank, and in one graph it would be ordered with the step's own collectives as each rank's
             # graph happens to be (pipeline ranks' graphs differ).
-            if group is not None and interrupted_on_rank_0(group).item():
-                raise KeyboardInterrupt
+            stop_if_rank_0_interrupted(group)
             yield token.item(), distribution
             token, distribution = next_token, next_distribution
 
@@ -166,6 +166,15 @@ class GenerationResponse:
 
 
 def run_turn(
+    model: Model, turn: Turn, cache: PrefixCache, *, progress=None, prefill_step_size: int | None = None
+) -> Iterator[GenerationResponse]:
+    """`_run_turn`, with a Ctrl-C across ranks agreed on at the turn's steps, from its media's encoding to
+    its answer's last token (distributed/interrupt.py)."""
+    with step_boundaries(getattr(model, "group", None)):
+        yield from _run_turn(model, turn, cache, progress=progress, prefill_step_size=prefill_step_size)
+
+
+def _run_turn(
     model: Model, turn: Turn, cache: PrefixCache, *, progress=None, prefill_step_size: int | None = None
 ) -> Iterator[GenerationResponse]:
     """Answer a turn, continuing `cache` (which then holds the turn and its answer, as far as they got,

@@ -5,10 +5,12 @@ under `mlx.launch` the terminal's Ctrl-C reaches every rank on the launching mac
 process group) and none elsewhere, and ranks started on terminals of their own get it only where it was
 pressed; a rank that stops mid-answer leaves the others waiting at their next collective. So:
 
-- while an answer is generated, a Ctrl-C only records that it came (`step_boundaries`), and once a step
-  every rank learns whether rank 0 recorded one (`interrupted_on_rank_0`, one all-reduce of one number
-  after the step): all then raise KeyboardInterrupt at the same token, and the answer ends as it does in
-  one process, its tokens so far in the conversation;
+- while a turn runs (its media encoded, its prompt fed, its answer generated), a Ctrl-C only records
+  that it came (`step_boundaries`), and after each prompt chunk and each decoded token every rank learns
+  whether rank 0 recorded one (`interrupted_on_rank_0`, one all-reduce of one number): all then raise
+  KeyboardInterrupt at the same point, and the turn ends as it does in one process, what it fed so far
+  kept in the cache and the answer so far in the conversation (a Ctrl-C during the media's encoding,
+  which has no collectives, takes effect at the first prompt chunk);
 - elsewhere (reading a question, loading), rank 0 raises KeyboardInterrupt as one process does, and
   the entry point shares that with the others at its next agreement (chat.py's `read_line`); the other
   ranks ignore Ctrl-C themselves (`follow_rank_0_interrupts`).
@@ -57,6 +59,12 @@ def interrupted_on_rank_0(group: mx.distributed.Group, interrupted: bool | None 
     once evaluated."""
     mine = group.rank() == 0 and (RecordedInterrupt.seen if interrupted is None else interrupted)
     return mx.distributed.all_sum(mx.array(mine, dtype=mx.int32), group=group)
+
+
+def stop_if_rank_0_interrupted(group: mx.distributed.Group | None) -> None:
+    """Across ranks: KeyboardInterrupt on every rank if rank 0 has recorded a Ctrl-C (one collective)."""
+    if group is not None and interrupted_on_rank_0(group).item():
+        raise KeyboardInterrupt
 
 
 def follow_rank_0_interrupts(group: mx.distributed.Group) -> None:
