@@ -130,21 +130,35 @@ def load_model(name: str, dtype: str, group=None, pipeline: bool = False):
     return model, processor
 
 
+def shared_interrupt(interrupted: bool, group) -> None:
+    """Rank 0's Ctrl-C while it read input raised on every rank (they all wait for the input meanwhile),
+    so that all handle it alike."""
+    from mlx_qwen3vl.distributed.interrupt import interrupted_on_rank_0
+
+    if interrupted_on_rank_0(group, interrupted).item():
+        raise KeyboardInterrupt
+
+
 def read_line(group) -> str | None:
     """The next line typed at rank 0 (None at the end of input), on every rank."""
-    line = None
+    line, interrupted = None, False
     if group is None or group.rank() == 0:
         try:
             with ctrl_c_as_a_key():
                 line = input(PROMPT).strip()
         except EOFError:
             line = None
+        except KeyboardInterrupt:
+            if group is None:
+                raise
+            interrupted = True
     if group is None:
         if line is None:
             raise EOFError
         return line
     from mlx_qwen3vl.distributed import shared_text
 
+    shared_interrupt(interrupted, group)
     line = shared_text(line, group)
     if line is None:
         raise EOFError
@@ -414,7 +428,13 @@ def read_question(args: argparse.Namespace, group=None) -> str | None:
         return None if sys.stdin.isatty() else sys.stdin.read().strip()
     from mlx_qwen3vl.distributed import shared_text
 
-    piped = None if group.rank() != 0 or sys.stdin.isatty() else sys.stdin.read().strip()
+    piped, interrupted = None, False
+    if group.rank() == 0 and not sys.stdin.isatty():
+        try:
+            piped = sys.stdin.read().strip()
+        except KeyboardInterrupt:
+            interrupted = True
+    shared_interrupt(interrupted, group)
     return shared_text(piped, group)
 
 
@@ -493,4 +513,10 @@ def stop_if_a_rank_is_lost(error: RuntimeError, group) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # A Ctrl-C that came while an error was being handled: MLX's ring reports one during its start
+        # as a failed accept, and Python raises the KeyboardInterrupt in main's handler of that error.
+        print(file=sys.stderr)
+        sys.exit(130)

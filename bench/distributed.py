@@ -8,7 +8,9 @@ Two ranks on one machine share its cores and talk over loopback: the figures sho
 collectives and of the split, not the speed of two Macs. Each rank is pinned to its own core and the
 single process to one core too, so that the three runs do the same work per core. The bytes each rank
 sends per token are counted from the collectives a decode step builds (ring algorithms: an all-reduce of
-n bytes over N ranks sends 2 (N - 1) / N x n from each rank, an all-gather (N - 1) x its part).
+n bytes over N ranks sends 2 (N - 1) / N x n from each rank, an all-gather (N - 1) x its part). Across
+ranks a decode step then agrees on whether rank 0 saw a Ctrl-C (one all-reduce of one number, evaluated
+after the step, distributed/interrupt.py): its time is the last column.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+# Ctrl-C agreements timed one after another, for the time of one.
+AGREEMENTS = 200
 
 
 def pin_to_one_core() -> None:
@@ -60,6 +64,7 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     from mlx_qwen3vl import load
+    from mlx_qwen3vl.distributed.interrupt import interrupted_on_rank_0
     from mlx_qwen3vl.generation import generate_step
 
     sent = SentBytes(mx)
@@ -85,8 +90,17 @@ def worker(args: argparse.Namespace) -> None:
     mx.eval(model(mx.array(ids), cache=cache))
     sent.active = True
     logits = model(mx.array([[1]]), cache=cache)  # one decode step's graph
-    sent.active = False
     mx.eval(logits)
+    # Across ranks a decode step then agrees on whether rank 0 saw a Ctrl-C (distributed/interrupt.py).
+    agreement = None if group is None else interrupted_on_rank_0(group)
+    sent.active = False
+    mx.eval([] if agreement is None else agreement)
+    agreement_ms = 0.0
+    if group is not None:  # that agreement's time: one all-reduce of one number, evaluated apart
+        tic = time.perf_counter()
+        for _ in range(AGREEMENTS):
+            mx.eval(interrupted_on_rank_0(group))
+        agreement_ms = (time.perf_counter() - tic) / AGREEMENTS * 1000
     result = {
         "ranks": 1 if group is None else group.size(),
         "mode": "single" if group is None else ("pipeline" if args.pipeline else "tensor"),
@@ -94,6 +108,7 @@ def worker(args: argparse.Namespace) -> None:
         "ttft_s": sorted(ttfts)[len(ttfts) // 2],
         "decode_tps": sorted(rates)[len(rates) // 2],
         "sent_bytes_per_token": sent.total,
+        "agreement_ms": agreement_ms,
         "active_memory_bytes": mx.get_active_memory(),
     }
     if group is None or group.rank() == 0:
@@ -143,13 +158,15 @@ def main() -> None:
         f"# Distributed on one machine: {name}, {args.dtype}, prompt {args.prompt_tokens} tokens, "
         f"{args.tokens} decoded, median of {args.runs}",
         "",
-        "| ranks | mode | TTFT (s) | decode (tokens/s) | sent per token per rank | resident (rank 0) |",
-        "|---|---|---|---|---|---|",
+        "| ranks | mode | TTFT (s) | decode (tokens/s) | sent per token per rank | resident (rank 0) "
+        "| Ctrl-C agreement (ms per token) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         table.append(
             f"| {r['ranks']} | {r['mode']} | {r['ttft_s']:.3f} | {r['decode_tps']:.2f} | "
-            f"{r['sent_bytes_per_token'] / 1024:.1f} KiB | {r['active_memory_bytes'] / 2**20:.0f} MiB |"
+            f"{r['sent_bytes_per_token'] / 1024:.1f} KiB | {r['active_memory_bytes'] / 2**20:.0f} MiB | "
+            f"{r['agreement_ms']:.3f} |"
         )
     print("\n".join(table))
     if args.save:

@@ -77,9 +77,11 @@ def join_launched_ranks():
     if not any(name in os.environ for name in LAUNCHER_VARIABLES):
         return None  # MLX is not imported for a process that runs alone until it loads the model
     from .distributed import follow_rank_0, launched_group, watch_for_stopped_backend
+    from .distributed.interrupt import follow_rank_0_interrupts
 
     group = launched_group()
     if group is not None:
         follow_rank_0(group)
+        follow_rank_0_interrupts(group)
         watch_for_stopped_backend(group, error_line)
     return group

@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 
 from .answer import Answer, TokenLogprobs
+from .distributed.interrupt import step_boundaries, stop_if_rank_0_interrupted
 from .errors import BrokenWeightsError, Qwen3VLError
 from .model import Model, PreparedInput, PromptCache
 from .options import (
@@ -62,6 +63,7 @@ def prefill(
         if end == total:
             return logits[:, -1]
         mx.eval([c.state for c in cache])
+        stop_if_rank_0_interrupted(getattr(model, "group", None))
         if progress:
             progress(Progress("prefill", end, total))
     raise Qwen3VLError("the prompt is empty")
@@ -117,26 +119,34 @@ def generate_step(
     each token (greedy without one). Every token yielded has already been fed to the cache: the next
     step is evaluated asynchronously while the caller handles the current token."""
     sample = sample or TokenSampler(mx.array([], dtype=mx.int32))
+    group = getattr(model, "group", None)
     evaluate = step_evaluation(model)
 
     def step(token: mx.array):
         with mx.stream(generation_stream):
             return sample(model(token[None], cache=cache)[:, -1])
 
-    with mx.stream(generation_stream):
-        logits = prefill(model, prompt, cache, prefill_step_size, progress)
-        token, distribution = sample(logits)
-        finite = logits_are_finite(logits)
-    evaluate(token, distribution, finite)
-    for n in range(max_tokens):
-        # Feed the current token before handing it out (so the cache always holds every token
-        # yielded) and let that step run while the caller works on this one.
-        next_token, next_distribution = step(token)
-        evaluate(next_token, next_distribution)
-        if n == 0:
-            check_finite(finite)  # evaluated with the first token, which is awaited next anyway
-        yield token.item(), distribution
-        token, distribution = next_token, next_distribution
+    # Across ranks a Ctrl-C is agreed on with each step (distributed/interrupt.py): every rank stops at
+    # the same token.
+    with step_boundaries(group):
+        with mx.stream(generation_stream):
+            logits = prefill(model, prompt, cache, prefill_step_size, progress)
+            token, distribution = sample(logits)
+            finite = logits_are_finite(logits)
+        evaluate(token, distribution, finite)
+        for n in range(max_tokens):
+            # Feed the current token before handing it out (so the cache always holds every token
+            # yielded) and let that step run while the caller works on this one.
+            next_token, next_distribution = step(token)
+            evaluate(next_token, next_distribution)
+            if n == 0:
+                check_finite(finite)  # evaluated with the first token, which is awaited next anyway
+            # Evaluated apart, after the step: a collective's partners are matched by their order on each
+            # rank, and in one graph it would be ordered with the step's own collectives as each rank's
+            # graph happens to be (pipeline ranks' graphs differ).
+            stop_if_rank_0_interrupted(group)
+            yield token.item(), distribution
+            token, distribution = next_token, next_distribution
 
 
 @dataclass
@@ -161,6 +171,15 @@ class GenerationResponse:
 
 
 def run_turn(
+    model: Model, turn: Turn, cache: PrefixCache, *, progress=None, prefill_step_size: int | None = None
+) -> Iterator[GenerationResponse]:
+    """`_run_turn`, with a Ctrl-C across ranks agreed on at the turn's steps, from its media's encoding to
+    its answer's last token (distributed/interrupt.py)."""
+    with step_boundaries(getattr(model, "group", None)):
+        yield from _run_turn(model, turn, cache, progress=progress, prefill_step_size=prefill_step_size)
+
+
+def _run_turn(
     model: Model, turn: Turn, cache: PrefixCache, *, progress=None, prefill_step_size: int | None = None
 ) -> Iterator[GenerationResponse]:
     """Answer a turn, continuing `cache` (which then holds the turn and its answer, as far as they got,

@@ -255,7 +255,7 @@ def load_model(
     if group is not None and group.size() > 1:
         from .distributed import shard
 
-        shard(model, group, pipeline)
+        shard(model, group, path, pipeline)
         backend.specialize(model)  # the vocabulary projection's new part
     model.fuse_projections()
     model.backend = backend

@@ -75,6 +75,11 @@ class SparseMoeBlock(nn.Module):
 def _out_in(weight: mx.array, in_dims: int) -> mx.array:
     """An expert tensor stored [E, in, out] as [E, out, in], the module's order (`SparseMoeBlock.sanitize`);
     one already in that order, or fitting neither (check_weights then names its shape), as it is."""
-    if weight.ndim == 3 and weight.shape[2] != in_dims and weight.shape[1] == in_dims:
+    if stored_in_out(weight.shape, in_dims):
         return mx.contiguous(weight.swapaxes(1, 2))
     return weight
+
+
+def stored_in_out(shape: tuple[int, ...], in_dims: int) -> bool:
+    """Whether transformers' fused expert tensor of this shape is stored [E, in, out] (`sanitize`'s rule)."""
+    return len(shape) == 3 and shape[2] != in_dims and shape[1] == in_dims

@@ -27,10 +27,12 @@ import media
 import numpy as np
 import pytest
 from checkpoints import TINY, TINY_MOE, build_checkpoint
+from safetensors import safe_open
 from terminal import GREEDY, LOAD_TIMEOUT, ROOT
 
 from mlx_qwen3vl import Qwen3VLError, generate, load
 from mlx_qwen3vl.convert import convert
+from mlx_qwen3vl.distributed.start import JOIN_SECONDS_VARIABLE
 from mlx_qwen3vl.distributed.tensor import HeadSplit
 
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -40,8 +42,14 @@ RANKS = 2
 TOLERANCE = 1e-5
 # A rank whose peer is gone must say so and exit within this many seconds.
 LOST_RANK_SECONDS = 10
+# How long the rank whose peer never starts waits for it (MLX_QWEN3VL_JOIN_SECONDS).
+JOIN_SECONDS = "2"
 # A rank's resident parameters against the split docs/distributed.md states.
 RESIDENT_BOUND = 0.05
+# The bytes a rank reads from the weight files against its share of the stored tensors: beyond them it
+# reads the files' headers and config.json, and tensors split by columns into runs shorter than a memory
+# page are read whole (docs/distributed.md).
+READ_BOUND = 0.05
 
 
 def free_ports(count: int) -> int:
@@ -59,20 +67,27 @@ def free_ports(count: int) -> int:
     raise RuntimeError("no free ports")
 
 
-def start_ranks(command: list[str], folder: Path, outputs: list) -> list[subprocess.Popen]:
+def start_ranks(
+    command: list[str], folder: Path, outputs: list, started: int = RANKS, **variables: str
+) -> list[subprocess.Popen]:
     """The ranks of a ring on localhost, started as `mlx.launch --backend ring` starts them (each with
     MLX_RANK and a hostfile of one port per rank in MLX_HOSTFILE), without the launcher: its I/O loop
     polls without pause (a third of a core for the whole run), and it stops the other ranks itself when
-    one fails. outputs[r]: rank r's standard output and error."""
+    one fails. outputs[r]: rank r's standard output and error. Only the first `started` ranks are
+    started, with `variables` added to their environment."""
     port = free_ports(RANKS)
     hostfile = folder / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(RANKS)]))
     environment = {**os.environ, "MLX_HOSTFILE": str(hostfile), "TOKENIZERS_PARALLELISM": "false"}
     return [
         subprocess.Popen(
-            command, cwd=ROOT, env={**environment, "MLX_RANK": str(r)}, stdout=outputs[r], stderr=outputs[r]
+            command,
+            cwd=ROOT,
+            env={**environment, **variables, "MLX_RANK": str(r)},
+            stdout=outputs[r],
+            stderr=outputs[r],
         )
-        for r in range(RANKS)
+        for r in range(started)
     ]
 
 
@@ -127,6 +142,10 @@ def checkpoints(tiny_checkpoint, checkpoint_root) -> dict[str, Path]:
     }
 
 
+# The checkpoint each mode's run starts with (it answers every kind of prompt, distributed_worker.py).
+FIRST = "dense tied"
+
+
 @pytest.fixture(scope="module")
 def one_process(checkpoints, picture) -> dict[str, dict]:
     """What the whole model in this process gives for what the worker runs, and the bytes each rank of
@@ -135,14 +154,35 @@ def one_process(checkpoints, picture) -> dict[str, dict]:
     for name, path in checkpoints.items():
         model, processor = load(path, dtype="float32")
         found[name] = {
-            "logits": worker.logits_of(model, processor),
+            "logits": worker.logits_of(model, processor, name == FIRST),
             "tokens": worker.chat_tokens(model, processor, str(picture)),
             "bytes": {
                 mode: [worker.expected_rank_bytes(model, RANKS, r, mode == "pipeline") for r in range(RANKS)]
                 for mode in ("tensor", "pipeline")
             },
+            "read": {
+                mode: [expected_read_bytes(path, model.config, r, mode == "pipeline") for r in range(RANKS)]
+                for mode in ("tensor", "pipeline")
+            },
         }
     return found
+
+
+# Bytes per element of safetensors' dtypes in the test checkpoints.
+STORED_SIZES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
+
+
+def expected_read_bytes(path: Path, config, rank: int, pipeline: bool) -> int:
+    """The bytes of a checkpoint's stored tensors that rank `rank` holds by the stated split: what it
+    should read from the weight files."""
+    total = 0.0
+    for file in path.glob("*.safetensors"):
+        with safe_open(file, framework="numpy") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no iteration)
+                tensor = f.get_slice(name)
+                size = np.prod(tensor.get_shape()) * STORED_SIZES[tensor.get_dtype()]
+                total += size * worker.rank_share(name, config, RANKS, rank, pipeline)
+    return int(total)
 
 
 @pytest.fixture(scope="module")
@@ -155,12 +195,14 @@ def picture(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tensor", "pipeline"])
 def test_distributed_model_matches_one_process(mode, checkpoints, one_process, picture, tmp_path):
-    """Per checkpoint, from one start of the ranks: the logits at the end of a text prompt and of an
-    image + video prompt, a greedy two-turn chat with an image (the second turn continues the cache) and
-    each rank's resident bytes; then directories that differ across ranks, refused at load on every rank.
+    """Per checkpoint, from one start of the ranks: the logits at the end of a text and an image + video
+    prompt (for the first, also of an image alone and a video alone), a greedy two-turn chat with an
+    image (the second turn continues the cache), each rank's resident bytes and the bytes it read from
+    the weight files; then directories that differ across ranks, refused at load on every rank.
     Pipeline mode moves whole layers, whatever they hold: the tied dense model (DeepStack features added
     on both ranks) and the 4-bit MoE (quantized experts, an untied head) stand for the others."""
-    names = list(checkpoints) if mode == "tensor" else ["dense tied", "moe 4-bit"]
+    names = list(checkpoints) if mode == "tensor" else [FIRST, "moe 4-bit"]
+    assert names[0] == FIRST
     out = tmp_path / "results.json"
     other = checkpoints["dense untied, 1 KV head"]
     paths = [str(checkpoints[name]) for name in names]
@@ -177,6 +219,9 @@ def test_distributed_model_matches_one_process(mode, checkpoints, one_process, p
         splits = expected["bytes"][mode]
         for rank, (resident, split) in enumerate(zip(found["resident"], splits, strict=True)):
             assert abs(resident - split) <= RESIDENT_BOUND * split, (name, rank, resident, split)
+        shares = expected["read"][mode]
+        for rank, (read, share) in enumerate(zip(found["read"], shares, strict=True)):
+            assert abs(read - share) <= READ_BOUND * share, (name, rank, read, share)
     assert "rank 1's model directory has another config.json than rank 0's" in results["mismatch"]
 
 
@@ -188,11 +233,16 @@ def test_chat_under_mlx_launch_prints_what_one_process_prints(tiny_checkpoint, t
 
 
 @pytest.mark.slow
-def test_a_lost_rank_ends_the_other_with_one_line(tiny_checkpoint, tmp_path):
+def test_a_lost_or_unreachable_rank_ends_the_other_with_one_line(tiny_checkpoint, tmp_path):
     """Two ranks of chat.py started as mlx.launch starts them (its environment, without the launcher,
-    which would stop the survivor itself); rank 1 killed while rank 0 prints its answer."""
+    which would stop the survivor itself); rank 1 killed while rank 0 prints its answer. Meanwhile, rank 0
+    of another ring whose rank 1 is never started (MLX's ring would wait for it without end)."""
     command = [sys.executable, "chat.py", "--model", str(tiny_checkpoint), "--prompt", "Hi"]
     command += ["--max-tokens", "100000", "--temperature", "0"]
+    (tmp_path / "alone").mkdir()
+    alone = start_ranks(
+        command, tmp_path / "alone", [subprocess.PIPE], started=1, **{JOIN_SECONDS_VARIABLE: JOIN_SECONDS}
+    )[0]
     ranks = start_ranks(command, tmp_path, [subprocess.PIPE] * RANKS)
     try:
         readable, _, _ = select.select([ranks[0].stdout], [], [], LOAD_TIMEOUT)
@@ -213,6 +263,42 @@ def test_a_lost_rank_ends_the_other_with_one_line(tiny_checkpoint, tmp_path):
         == "chat.py: error: rank 0: lost the connection to rank 1 (it stopped or cannot be reached); exiting"
     )
     assert sum("lost the connection" in line for line in lines) == 1
+    try:
+        assert alone.wait(timeout=LOAD_TIMEOUT) == 2
+    finally:
+        alone.kill()
+    lines = [line for line in alone.stderr.read().decode().splitlines() if not line.startswith("[ring]")]
+    assert lines == [
+        f"chat.py: error: rank 0: rank 1 did not join within {JOIN_SECONDS} s (not started, or its address "
+        "in the hostfile cannot be reached); exiting"
+    ]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_an_answer_ends_every_rank_as_one_process(tiny_checkpoint, tmp_path):
+    """Two ranks of chat.py answering; Ctrl-C reaches rank 1 (which leaves the decision to rank 0 and
+    goes on), then rank 0, as the terminal's Ctrl-C reaches the ranks of mlx.launch's machine (or rank 0
+    alone, the others being elsewhere): every rank stops the answer at the same token and ends as one
+    process does, with status 130 and no traceback."""
+    command = [sys.executable, "chat.py", "--model", str(tiny_checkpoint), "--prompt", "Hi"]
+    command += ["--max-tokens", "100000", "--temperature", "0"]
+    ranks = start_ranks(command, tmp_path, [subprocess.PIPE] * RANKS)
+    try:
+        readable, _, _ = select.select([ranks[0].stdout], [], [], LOAD_TIMEOUT)
+        assert readable and ranks[0].stdout.read(1), "rank 0 printed no answer"
+        ranks[1].send_signal(signal.SIGINT)
+        # Rank 1 still answering a moment later: had it stopped, rank 0 would lose it at its next step.
+        time.sleep(1)
+        assert ranks[1].poll() is None, ranks[1].stderr.read().decode()[-3000:]
+        ranks[0].send_signal(signal.SIGINT)
+        codes = [rank.wait(timeout=LOST_RANK_SECONDS) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+    errors = [rank.stderr.read().decode() for rank in ranks]
+    assert codes == [130, 130], errors
+    assert not any("Traceback" in error for error in errors), errors
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ Quantized layers are split as they are stored: packed rows and their scales spli
 output axis; along the input axis each rank's width must be whole quantization groups.
 
 The split modules keep their classes (nn.Linear, nn.QuantizedLinear, their CPU versions, SwitchGLU's
-layers): mlx's `shard_inplace` slices their arrays; the all-reduces are added by the subclasses below,
+layers): only their arrays are cut, each to a `Part` of its features, and the parts are then read from the
+files in place of the whole tensors (`parts.py`); the all-reduces are added by the subclasses below,
 swapped into the attention and MLP modules as cpu/ swaps its versions in.
 """
 
@@ -30,12 +31,12 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_inplace
 
 from ..config import TextConfig
 from ..errors import Qwen3VLError
 from ..language import MLP, Attention
 from ..moe import SparseMoeBlock
+from .parts import Box
 
 
 @dataclass(frozen=True)
@@ -99,15 +100,46 @@ class VocabParallelHead(nn.Module):
         return mx.moveaxis(gathered, 0, -1)
 
 
-def output_rows(module: nn.Module, start: int, stop: int, copy_out: bool = True) -> nn.Module:
-    """A copy of a linear or embedding layer (quantized or not) holding output rows [start, stop) only:
-    every array of such a layer has its output rows on axis 0 (packed weight, scales, biases, bias).
-    copy_out=False keeps the rows a view of the original's buffer."""
-    part = copy.copy(module)
+@dataclass(frozen=True)
+class Part:
+    """The features [start, stop) of `width` a rank holds of a layer's outputs (side "out") or inputs
+    ("in"): the one description of a split, which slices the layer's arrays and says which bytes of the
+    stored tensors the rank reads (`parts.py`)."""
+
+    side: str
+    start: int
+    stop: int
+    width: int
+
+    def box(self, name: str, shape: tuple[int, ...]) -> Box | None:
+        """Where the part lies in the layer's array `name` of `shape` (stored or loaded alike). Output
+        features are the rows of a weight, its scales and quantization biases (the axis before the
+        last: an expert layer's first axis is its experts) and the entries of a bias; input features are
+        the last axis, packed (32 / bits to a uint32) or grouped (one scale per group). A bias of a
+        layer split by its inputs: None (held whole)."""
+        if self.side == "out":
+            return Box(len(shape) - (1 if name == "bias" else 2), ((self.start, self.stop),))
+        if name == "bias":
+            return None
+        columns = shape[-1]  # stored columns per input feature: columns / width
+        return Box(len(shape) - 1, ((self.start * columns // self.width, self.stop * columns // self.width),))
+
+
+def keep_part(module: nn.Module, part: Part, copy_out: bool = True) -> nn.Module:
+    """The module with its arrays cut to `part` (copy_out=False: views of the arrays' buffers)."""
     for name, value in module.items():
-        if isinstance(value, mx.array):
-            part[name] = mx.contiguous(value[start:stop]) if copy_out else value[start:stop]
-    return part
+        if isinstance(value, mx.array) and (box := part.box(name, value.shape)) is not None:
+            module[name] = mx.contiguous(box.take(value)) if copy_out else box.take(value)
+    return module
+
+
+def equal_share(width: int, group: mx.distributed.Group) -> tuple[int, int, int]:
+    share = width // group.size()
+    return group.rank() * share, (group.rank() + 1) * share, width
+
+
+def output_width(module: nn.Module) -> int:
+    return module["weight"].shape[-2]
 
 
 def input_width(module: nn.Module) -> int:
@@ -134,51 +166,69 @@ def reduce_over_ranks(module: nn.Module, cls: type, group: mx.distributed.Group)
     module.group = group
 
 
-def shard_attention(attention: Attention, split: HeadSplit, group: mx.distributed.Group, name: str) -> None:
-    d = attention.head_dim
-    attention.q_proj = output_rows(attention.q_proj, split.q_start * d, (split.q_start + split.q_heads) * d)
-    kv_rows = (split.kv_start * d, (split.kv_start + split.kv_heads) * d)
-    attention.k_proj = output_rows(attention.k_proj, *kv_rows)
-    attention.v_proj = output_rows(attention.v_proj, *kv_rows)
+# What a split records: {a split layer's name in the checkpoint's tree: (the module holding its part now,
+# the Part)}, from which `parts.py` reads the parts.
+Parts = dict[str, tuple[nn.Module, Part]]
+
+
+def split_layer(parts: Parts, name: str, module: nn.Module, part: Part) -> None:
+    parts[name] = (keep_part(module, part), part)
+
+
+def shard_attention(attention: Attention, split: HeadSplit, group: mx.distributed.Group, name: str) -> Parts:
+    d, parts = attention.head_dim, {}
+    q_end, kv_end = split.q_start + split.q_heads, split.kv_start + split.kv_heads
+    queries = Part("out", split.q_start * d, q_end * d, attention.n_heads * d)
+    keys_values = Part("out", split.kv_start * d, kv_end * d, attention.n_kv_heads * d)
+    split_layer(parts, f"{name}.q_proj", attention.q_proj, queries)
+    split_layer(parts, f"{name}.k_proj", attention.k_proj, keys_values)
+    split_layer(parts, f"{name}.v_proj", attention.v_proj, keys_values)
     check_input_split(attention.o_proj, f"{name}.o_proj", group.size())
-    shard_inplace(attention.o_proj, "sharded-to-all", group=group)
+    # o_proj's inputs are the query heads' outputs: the rank's columns are its heads'.
+    heads_inputs = Part("in", queries.start, queries.stop, queries.width)
+    split_layer(parts, f"{name}.o_proj", attention.o_proj, heads_inputs)
     attention.n_heads, attention.n_kv_heads = split.q_heads, split.kv_heads
     reduce_over_ranks(attention, TensorParallelAttention, group)
+    return parts
 
 
-def shard_mlp(mlp: nn.Module, group: mx.distributed.Group, name: str) -> None:
+def shard_mlp(mlp: nn.Module, group: mx.distributed.Group, name: str) -> Parts:
     """A dense MLP or the experts of a MoE block: gate / up by rows, down by columns."""
-    layers = mlp.switch_mlp if isinstance(mlp, SparseMoeBlock) else mlp
+    moe = isinstance(mlp, SparseMoeBlock)
+    layers, name = (mlp.switch_mlp, f"{name}.switch_mlp") if moe else (mlp, name)
     check_input_split(layers.down_proj, f"{name}.down_proj", group.size())
-    shard_inplace(layers.gate_proj, "all-to-sharded", group=group)
-    shard_inplace(layers.up_proj, "all-to-sharded", group=group)
-    shard_inplace(layers.down_proj, "sharded-to-all", group=group)
-    reduce_over_ranks(mlp, TensorParallelMoe if isinstance(mlp, SparseMoeBlock) else TensorParallelMLP, group)
+    share, parts = equal_share(output_width(layers.gate_proj), group), {}
+    for projection in ("gate_proj", "up_proj"):
+        split_layer(parts, f"{name}.{projection}", layers[projection], Part("out", *share))
+    split_layer(parts, f"{name}.down_proj", layers.down_proj, Part("in", *share))
+    reduce_over_ranks(mlp, TensorParallelMoe if moe else TensorParallelMLP, group)
+    return parts
 
 
-def shard_vocabulary(model: nn.Module, group: mx.distributed.Group) -> None:
+def shard_vocabulary(model: nn.Module, group: mx.distributed.Group) -> Parts:
     """The vocabulary projection's rows over the ranks (replicated where the vocabulary does not split
     evenly: all_gather needs equal parts)."""
-    ranks, rank = group.size(), group.rank()
     vocab = model.config.text_config.vocab_size
-    if vocab % ranks:
-        return
-    rows = (rank * vocab // ranks, (rank + 1) * vocab // ranks)
-    tied = "lm_head" not in model
-    if tied:
+    if vocab % group.size():
+        return {}
+    rows = Part("out", *equal_share(vocab, group))
+    if "lm_head" not in model:  # tied: a view of the embedding's rows, which every rank holds whole
         embedding = model.model.language_model.embed_tokens
-        model.lm_head = VocabParallelHead(output_rows(embedding, *rows, copy_out=False), True, group)
-    else:
-        model.lm_head = VocabParallelHead(output_rows(model.lm_head, *rows), False, group)
+        model.lm_head = VocabParallelHead(keep_part(copy.copy(embedding), rows, copy_out=False), True, group)
+        return {}
+    model.lm_head = VocabParallelHead(keep_part(model.lm_head, rows), False, group)
+    return {"lm_head": (model.lm_head.projection, rows)}
 
 
-def shard_tensor_parallel(model: nn.Module, group: mx.distributed.Group) -> None:
-    """Keep this rank's part of a loaded, not yet evaluated model: when its layers are evaluated (one at
-    a time, `loading.evaluate`), each whole tensor is read and only this rank's slice of it stays."""
+def shard_tensor_parallel(model: nn.Module, group: mx.distributed.Group) -> Parts:
+    """Keep this rank's part of a loaded, not yet evaluated model, as lazy slices of the tensors it
+    opened; what it returns says which parts to read in their place (`parts.py`)."""
     text = model.config.text_config
     split = HeadSplit.of(text, group.size(), group.rank())
+    parts: Parts = {}
     for i, layer in enumerate(model.layers):
         name = f"model.language_model.layers.{i}"
-        shard_attention(layer.self_attn, split, group, f"{name}.self_attn")
-        shard_mlp(layer.mlp, group, f"{name}.mlp")
-    shard_vocabulary(model, group)
+        parts.update(shard_attention(layer.self_attn, split, group, f"{name}.self_attn"))
+        parts.update(shard_mlp(layer.mlp, group, f"{name}.mlp"))
+    parts.update(shard_vocabulary(model, group))
+    return parts
