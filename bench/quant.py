@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--save", action="store_true", help="write bench/results/<date>_quant_4b-....json")
     args = parser.parse_args()
 
+    import mlx_qwen3vl  # noqa: F401, I001  first: it binds the system OpenBLAS before MLX loads
     from checkpoints import FULL_WIDTH_4B, build_checkpoint, config_with
 
     from mlx_qwen3vl.check import check
