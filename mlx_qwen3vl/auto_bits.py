@@ -5,7 +5,7 @@ mlx-lm's `dynamic_quant` is the model: rank layers by how much their quantizatio
 sensitivity: a gradient of the KL divergence to the unquantized model, on text), then spend the bits
 where they buy the most. What a vision-language model needs beyond it, and what this file adds:
 - the calibration is the package's set of text, images and video (`calibration.py`), and the divergence is
-  taken where the model predicts in use (`check.predicted_positions`), image and video prompts included:
+  taken where the check takes it (`check.scored_positions`), image and video prompts included:
   a decoder layer's sensitivity is measured on the tokens that the vision features become;
 - the vision tower's blocks and mergers are layers like the decoder's when it is quantized too;
 - five bit widths rather than two, each measured directly: the mean KL divergence with that layer alone
