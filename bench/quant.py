@@ -1,7 +1,7 @@
 """Uniform 4-bit from our converter and from mlx-vlm's, on the same source, measured by the same check:
 next-token KL and top-1 agreement on the calibration set, file size, conversion time, check time.
 
-    python bench/quant.py [--layers 3] [--vision-blocks 4] [--save]
+    python bench/quant.py [--layers 3] [--vision-blocks 4] [--save [--label NAME]]
 
 The source is a random-weight checkpoint at the real 4B widths (tests/checkpoints.py FULL_WIDTH_4B: text
 2560 wide, vision 1024, the full 151,936-token vocabulary) with few layers, written by transformers; both
@@ -54,8 +54,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--vision-blocks", type=int, default=4)
     parser.add_argument("--save", action="store_true", help="write bench/results/<date>_quant_4b-....json")
+    parser.add_argument("--label", help="appended to the saved file's name, so that runs of a day are kept")
     args = parser.parse_args()
 
+    import mlx_qwen3vl  # noqa: F401, I001  first: it binds the system OpenBLAS before MLX loads
     from checkpoints import FULL_WIDTH_4B, build_checkpoint, config_with
 
     from mlx_qwen3vl.check import check
@@ -100,7 +102,8 @@ def main() -> None:
             f"{r['check_s']:9.1f}  {verdict}"
         )
     if args.save:
-        name = f"{date.today().isoformat()}_quant_4b-L{args.layers}-V{args.vision_blocks}.json"
+        label = f"_{args.label}" if args.label else ""
+        name = f"{date.today().isoformat()}_quant_4b-L{args.layers}-V{args.vision_blocks}{label}.json"
         record = {
             "machine": f"{platform.machine()} {platform.system()}",
             "layers": args.layers,

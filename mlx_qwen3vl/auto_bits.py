@@ -5,14 +5,15 @@ mlx-lm's `dynamic_quant` is the model: rank layers by how much their quantizatio
 sensitivity: a gradient of the KL divergence to the unquantized model, on text), then spend the bits
 where they buy the most. What a vision-language model needs beyond it, and what this file adds:
 - the calibration is the package's set of text, images and video (`calibration.py`), and the divergence is
-  taken where the model predicts in use (`check.predicted_positions`), image and video prompts included:
+  taken where the check takes it (`check.scored_positions`), image and video prompts included:
   a decoder layer's sensitivity is measured on the tokens that the vision features become;
 - the vision tower's blocks and mergers are layers like the decoder's when it is quantized too;
-- five bit widths rather than two. A layer's sensitivity is measured directly (the mean KL divergence
-  with that layer alone rounded at 2 and at 4 bits; no backward pass, so every part of the model, the
-  vision tower included, is measured as it runs); at 3 bits its divergence follows a power of its weights'
-  rounding error fitted through the two (flatter than quadratic where 2-bit rounding saturates, as it
-  does on outlier columns), at 6 and 8 bits the square of it (a small perturbation);
+- five bit widths rather than two, each measured directly: the mean KL divergence with that layer alone
+  rounded at each width (no backward pass, so every part of the model, the vision tower included, is
+  measured as it runs; the layers before a decoder layer are replayed from the reference pass). A
+  prediction from fewer widths misleads: the divergence is not a fixed power of the rounding error
+  (outlier columns flatten it, and it falls from 4 to 6 bits by 2.5x in one layer and 150x in another
+  of the test model), and a width predicted nearly free draws bits from layers that need them;
 - the widths are then a multiple-choice knapsack over layers (size = weights, value = predicted
   divergence), solved exactly (mlx-lm searches one threshold between two widths).
 """
@@ -35,7 +36,6 @@ from .loading import load
 
 CANDIDATE_BITS = (2, 3, 4, 6, 8)
 OUTPUT_LAYERS = ("model.language_model.embed_tokens", "lm_head")
-MEASURED_BITS = (2, 4)
 # A decoder layer, a vision block or a DeepStack merger is one layer; anything else (the embedding, the
 # lm_head, the vision merger) is a layer of its own.
 _LAYER = re.compile(
@@ -54,13 +54,17 @@ def rounded(weight: mx.array, bits: int, group_size: int) -> mx.array:
     return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits).astype(weight.dtype)
 
 
-def layer_modules(model: nn.Module, layer: str) -> list[nn.Module]:
+def layer_modules(model: nn.Module, layer: str, fixed: frozenset[str] = frozenset()) -> list[nn.Module]:
     """The quantizable modules of a layer in a loaded model (whose q/k/v and gate/up are fused: rounding
-    a fused matrix rounds each part as alone, since groups run along the input dimension)."""
+    a fused matrix rounds each part as alone, since groups run along the input dimension; an MoE layer's
+    experts are stacked, each expert's matrix rounded as alone), but those at `fixed` bits (the MoE
+    routers): their bits are not chosen, so they are neither rounded nor counted."""
     return [
         m
         for path, m in model.named_modules()
-        if hasattr(m, "to_quantized") and (path == layer or path.startswith(layer + "."))
+        if hasattr(m, "to_quantized")
+        and (path == layer or path.startswith(layer + "."))
+        and path not in fixed
     ]
 
 
@@ -115,37 +119,35 @@ def measured_divergence(
     return kl_sum / positions
 
 
-def predicted_divergence(model, layers: list[str], group_size: int, calibration: list[dict]) -> dict:
-    """{layer: {bits: predicted mean KL divergence with that layer alone at those bits}}: measured at the
-    MEASURED_BITS; between them a power of the layer's rounding error fitted through both (less than
-    quadratic where a coarse rounding saturates, as outlier columns make it); above them quadratic in it,
-    as the divergence of a small perturbation is."""
+def decreasing(measured: dict[int, float]) -> dict[int, float]:
+    """Measured divergences made non-increasing in the bits and non-negative: rounding at more bits
+    stays closer to the weights, so a width measured worse than a narrower one (or below zero) differs by
+    the measurement's noise, and the wider width is taken to be at least as good."""
+    envelope, least = {}, math.inf
+    for bits in sorted(measured):
+        least = min(least, max(measured[bits], 0.0))
+        envelope[bits] = least
+    return envelope
+
+
+def predicted_divergence(
+    model, layers: list[str], group_size: int, calibration: list[dict], fixed: frozenset[str] = frozenset()
+) -> dict:
+    """{layer: {bits: mean KL divergence with that layer alone at those bits}}, measured at every
+    candidate width (`decreasing`)."""
     vision = [encode_media(model, sample) for sample in calibration]
     with recording_layers(model) as recorded:  # per layer, its output for each sample in turn
         logits = [predicted_logits(model, s, v) for s, v in zip(calibration, vision, strict=True)]
     reference = [(ref, [outputs[i] for outputs in recorded]) for i, ref in enumerate(logits)]
     mx.eval(reference)
     predicted = {}
-    low, high = MEASURED_BITS
     for layer in layers:
-        layer_weights = [(m, m.weight) for m in layer_modules(model, layer)]
-        errors = {
-            bits: sum(mx.sum(mx.square(rounded(w, bits, group_size) - w)).item() for _, w in layer_weights)
-            for bits in CANDIDATE_BITS
-        }
+        layer_weights = [(m, m.weight) for m in layer_modules(model, layer, fixed)]
         arguments = (group_size, calibration, vision, reference, layer)
         measured = {
-            bits: measured_divergence(model, layer_weights, bits, *arguments) for bits in MEASURED_BITS
+            bits: measured_divergence(model, layer_weights, bits, *arguments) for bits in CANDIDATE_BITS
         }
-        ratio = measured[low] / max(measured[high], 1e-30)
-        power = math.log(max(ratio, 1.0)) / math.log(errors[low] / max(errors[high], 1e-30))
-        # Above the high width the rounding is a small perturbation: quadratic in its error.
-        predicted[layer] = {
-            bits: measured.get(
-                bits, measured[high] * (errors[bits] / errors[high]) ** (power if bits < high else 2)
-            )
-            for bits in CANDIDATE_BITS
-        }
+        predicted[layer] = decreasing(measured)
         mx.clear_cache()
     return predicted
 
@@ -199,11 +201,12 @@ def auto_plan(
     if not target_bits >= min(CANDIDATE_BITS):
         raise Qwen3VLError(f"--target-bits {target_bits}: must be at least {min(CANDIDATE_BITS)}")
     model, processor = load(source_dir, dtype=Backend.choose().dtype, backend="gpu")  # rounding swaps weights
-    sizes = {layer: sum(m.weight.size for m in layer_modules(model, layer)) for layer in layers}
+    fixed = frozenset(fixed)
+    sizes = {layer: sum(m.weight.size for m in layer_modules(model, layer, fixed)) for layer in layers}
     if progress:
         print(f"Measuring the sensitivity of {len(layers)} layers on the calibration set", file=sys.stderr)
     group_size = next(iter(plan.values()))["group_size"]
-    divergence = predicted_divergence(model, list(layers), group_size, calibration(processor))
+    divergence = predicted_divergence(model, list(layers), group_size, calibration(processor), fixed)
     del model
     # The embedding and lm_head (one matrix where tied) round every logit directly: the mean divergence
     # weighs the top-1 flips that follow lightly, so they never go below the widest width within the

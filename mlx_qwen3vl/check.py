@@ -16,9 +16,11 @@ Two parts:
 - the outputs, on the calibration set (`calibration.py`): both models run the same inputs; reported are
   the relative error (|quantized - source| / |source|, over all positions) of the vision merger's and of
   each DeepStack merger's output, of each decoder layer's output (as the quantized model runs: the
-  drift accumulated up to that layer), and, at every position whose next token the model predicts in use
-  (not the vision pads), the KL divergence of the next-token distribution from the source's and the
-  agreement of their top-1 tokens.
+  drift accumulated up to that layer), and, at a fixed subset of the positions whose next token the model
+  predicts in use (not the vision pads; `scored_positions`), the KL divergence of the next-token
+  distribution from the source's and the agreement of their top-1 tokens.
+The source runs each input once; where the tensor comparison found the vision tower's tensors equal to the
+source's, its encoded media serve the quantized model too, which then runs its decoder alone.
 """
 
 from __future__ import annotations
@@ -102,21 +104,41 @@ def relative_error(a: mx.array, b: mx.array) -> float:
     return (mx.linalg.norm(a - b) / mx.maximum(mx.linalg.norm(b), 1e-30)).item()
 
 
-def rounding_error(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> float:
-    """The relative error of round-to-nearest at these settings, the weight first cast as converters do."""
-    stored = weight.astype(dtype)
-    packed, scales, biases = mx.quantize(stored, group_size=group_size, bits=bits)
-    return relative_error(mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits), weight)
+def quantized_errors(
+    ours: dict[str, mx.array], path: str, weight: mx.array, bits: int, group_size: int
+) -> tuple[float, float]:
+    """The relative error of the stored quantized weight at `path`, and that of round-to-nearest at its
+    bits and group size from the source `weight` (cast first to the scales' dtype, as converters do).
+    Where the stored tensors are round-to-nearest's bit for bit (a converter that rounds so, ours and
+    mlx-vlm's), the two errors are one: a single dequantization serves both."""
+    packed, scales, biases = ours[f"{path}.weight"], ours[f"{path}.scales"], ours.get(f"{path}.biases")
+    nearest = mx.quantize(weight.astype(scales.dtype), group_size=group_size, bits=bits)
+    source = weight.astype(mx.float32)
+
+    def squared_distance(quantized) -> mx.array:
+        dequantized = mx.dequantize(*quantized, group_size=group_size, bits=bits).astype(mx.float32)
+        return mx.sum(mx.square(dequantized - source))
+
+    same = mx.array_equal(packed, nearest[0]) & mx.array_equal(scales, nearest[1])
+    if biases is not None:
+        same = same & mx.array_equal(biases, nearest[2])
+    rounding, norm = squared_distance(nearest), mx.sum(mx.square(source))
+    mx.eval(same, rounding, norm)
+    stored = rounding if same.item() else squared_distance((packed, scales, biases))
+    norm = max(norm.item(), 1e-30)
+    return float(np.sqrt(stored.item() / norm)), float(np.sqrt(rounding.item() / norm))
 
 
-def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> None:
-    """The tensor bounds (module docstring), each tensor read lazily and freed once compared."""
+def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> set[str]:
+    """The tensor bounds (module docstring), each tensor read lazily and freed once compared. Returns the
+    checkpoint paths of the tensors that differ from the source's at all."""
     model = Model(read_config(model_dir))  # names and shapes only: its parameters stay lazy
     modules = dict(model.named_modules())
     routers = router_paths(model)
     stored = read_weights(model_dir)
     ours = model.sanitize(dict(stored))
     source = model.sanitize(read_weights(source_dir))
+    changed = set()
     # The loader dequantizes a quantized position table (older mlx-vlm conversions have one), so it is
     # looked for among the stored names.
     for key in sorted(stored):
@@ -133,12 +155,8 @@ def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> None:
                 continue
             params = infer_quant_config(path, modules[path], ours)
             bits, group_size = params["bits"], params["group_size"]
-            scales = ours[f"{path}.scales"]
-            weight = mx.dequantize(
-                ours[key], scales, ours.get(f"{path}.biases"), group_size=group_size, bits=bits
-            )
-            error = relative_error(weight, source[key])
-            expected = rounding_error(source[key], bits, group_size, scales.dtype)
+            error, expected = quantized_errors(ours, path, source[key], bits, group_size)
+            changed.add(key)
             report.tensors[key] = {"bits": bits, "group_size": group_size, "error": error}
             report.tensors[key]["rounding_error"] = expected
             reason = refusal(path, bits, routers)
@@ -152,13 +170,19 @@ def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> None:
                         f"what {bits}-bit rounding gives ({expected:.4f}): corrupted or wrongly scaled",
                     )
                 )
+        elif mx.array_equal(ours[key], source[key]).item():
+            pass  # the same values (float or integer): nothing to measure
         elif mx.issubdtype(ours[key].dtype, mx.floating) and key not in {f.tensor for f in report.failures}:
+            changed.add(key)
             error = relative_error(ours[key], source[key])
             if error > FLOAT_TOLERANCE:
                 report.failures.append(
                     Failure(key, f"differs from the source by {error:.4f} (relative): more than rounding")
                 )
+        else:
+            changed.add(key)
         mx.clear_cache()
+    return changed
 
 
 class _Recorded:
@@ -195,6 +219,23 @@ def predicted_positions(model: Model, input_ids: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isin(np.asarray(input_ids).reshape(-1), pads))
 
 
+# The next-token figures are taken at a fixed subset of the predicted positions: the last LAST_POSITIONS of
+# each prompt (where the model has read all of it, its images included, and where an answer starts) and
+# every STRIDE-th before them. Every position still runs through the decoder, so each layer's relative
+# error is over all of them; what the subset saves is the vocabulary projection and softmax at the others,
+# which at a small model's widths cost as much as its decoder layers.
+LAST_POSITIONS, STRIDE = 8, 2
+# Positions projected onto the vocabulary at once: the logits in memory are this many rows per model.
+LOGIT_ROWS = 32
+
+
+def scored_positions(model: Model, input_ids: np.ndarray) -> np.ndarray:
+    """The predicted positions at which the next-token figures are taken (LAST_POSITIONS, STRIDE)."""
+    predicted = predicted_positions(model, input_ids)
+    before, last = predicted[:-LAST_POSITIONS], predicted[-LAST_POSITIONS:]
+    return np.concatenate([before[::STRIDE], last])
+
+
 def encode_media(model: Model, sample: dict) -> list:
     """A calibration sample's images, then its videos, through the vision tower."""
     return [
@@ -204,24 +245,30 @@ def encode_media(model: Model, sample: dict) -> list:
     ]
 
 
-def predicted_logits(model: Model, sample: dict, vision: list) -> mx.array:
-    """The logits (float32) at a sample's predicted positions, its media already encoded."""
+def scored_hidden(model: Model, sample: dict, vision: list) -> mx.array:
+    """The decoder's final hidden states at a sample's scored positions, its media already encoded."""
     h = model.hidden_states(model.prepare(sample["input_ids"], vision))
-    keep = mx.array(predicted_positions(model, sample["input_ids"]))
-    return model.head(h[:, keep]).astype(mx.float32)[0]
+    return h[0, mx.array(scored_positions(model, sample["input_ids"]))]
 
 
-def run_outputs(model: Model, sample: dict) -> tuple[list[mx.array], list[mx.array], mx.array]:
-    """One calibration sample through a model: the vision levels (merger, then each DeepStack merger; the
-    images' rows, then the videos'), each decoder layer's output, and the predicted positions' logits."""
-    vision = encode_media(model, sample)
+def predicted_logits(model: Model, sample: dict, vision: list) -> mx.array:
+    """The logits (float32) at a sample's scored positions, its media already encoded."""
+    return model.head(scored_hidden(model, sample, vision)).astype(mx.float32)
+
+
+def run_outputs(model: Model, sample: dict, vision: list | None = None) -> tuple:
+    """One calibration sample through a model: its encoded media (`vision` where given: then the vision
+    tower does not run), the vision levels (merger, then each DeepStack merger; the images' rows, then the
+    videos'), each decoder layer's output, and the final hidden states at the scored positions."""
+    if vision is None:
+        vision = encode_media(model, sample)
     per_kind = ([v.features, *v.deepstack] for v in vision)
     levels = [mx.concatenate(level) for level in zip(*per_kind, strict=True)]
     with recording_layers(model) as layers:
-        logits = predicted_logits(model, sample, vision)
+        hidden = scored_hidden(model, sample, vision)
     layer_outputs = [outputs[0] for outputs in layers]
-    mx.eval(levels, layer_outputs, logits)
-    return levels, layer_outputs, logits
+    mx.eval(levels, layer_outputs, hidden)
+    return vision, levels, layer_outputs, hidden
 
 
 def next_token_divergence(source_logits: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -232,8 +279,26 @@ def next_token_divergence(source_logits: mx.array, logits: mx.array) -> tuple[mx
     return kl, source_logits.argmax(-1) == logits.argmax(-1)
 
 
-def compare_outputs(model: Model, source: Model, inputs: list[dict], report: Report) -> None:
-    """The output figures of the report, accumulated over the calibration samples."""
+def summed_divergence(model: Model, source: Model, hidden: mx.array, source_hidden: mx.array):
+    """The KL divergence summed over positions and the count of top-1 agreements, from the two models'
+    final hidden states, projected LOGIT_ROWS positions at a time."""
+    kl_sum, agree = 0.0, 0
+    for start in range(0, hidden.shape[0], LOGIT_ROWS):
+        rows = slice(start, start + LOGIT_ROWS)
+        kl, same = next_token_divergence(
+            source.head(source_hidden[rows]).astype(mx.float32), model.head(hidden[rows]).astype(mx.float32)
+        )
+        kl_sum += kl.sum().item()
+        agree += same.sum().item()
+    return kl_sum, agree
+
+
+def compare_outputs(
+    model: Model, source: Model, inputs: list[dict], report: Report, same_vision: bool = False
+) -> None:
+    """The output figures of the report, accumulated over the calibration samples. same_vision: the
+    vision tower's tensors are the source's, value for value, so its outputs are too: the source's
+    encoded media serve both models (their relative errors are then 0, as computed)."""
     squares: dict[str, list[float]] = {}  # name: [sum |difference|^2, sum |source|^2]
     kl_sum, agree, positions = 0.0, 0, 0
 
@@ -244,16 +309,16 @@ def compare_outputs(model: Model, source: Model, inputs: list[dict], report: Rep
         sums[1] += mx.sum(mx.square(theirs)).item()
 
     for sample in inputs:
-        levels, layers, logits = run_outputs(model, sample)
-        source_levels, source_layers, source_logits = run_outputs(source, sample)
+        vision, source_levels, source_layers, source_hidden = run_outputs(source, sample)
+        _, levels, layers, hidden = run_outputs(model, sample, vision if same_vision else None)
         for j, (ours, theirs) in enumerate(zip(levels, source_levels, strict=True)):
             add("merger" if j == 0 else f"deepstack_merger_list.{j - 1}", ours, theirs)
         for j, (ours, theirs) in enumerate(zip(layers, source_layers, strict=True)):
             add(f"layer {j}", ours, theirs)
-        kl, same = next_token_divergence(source_logits, logits)
-        kl_sum += kl.sum().item()
-        agree += same.sum().item()
-        positions += kl.size
+        sample_kl, sample_agree = summed_divergence(model, source, hidden, source_hidden)
+        kl_sum += sample_kl
+        agree += sample_agree
+        positions += hidden.shape[0]
         mx.clear_cache()
     ratio = {name: float(np.sqrt(d / max(s, 1e-30))) for name, (d, s) in squares.items()}
     report.vision = {name: e for name, e in ratio.items() if not name.startswith("layer ")}
@@ -272,12 +337,13 @@ def check(
     start = time.perf_counter()
     model_dir, source_dir = model_directory(model_path), model_directory(source_path)
     report = Report(str(model_path), str(source_path))
-    check_tensors(model_dir, source_dir, report)
+    changed = check_tensors(model_dir, source_dir, report)
     if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
         model, processor = load(model_dir, dtype=dtype)
         if source is None:  # its processor would be the model's: not read twice
             source = load_model(source_dir, dtype)
-        compare_outputs(model, source, calibration(processor), report)
+        same_vision = not any(key.startswith("model.visual.") for key in changed)
+        compare_outputs(model, source, calibration(processor), report, same_vision)
     report.seconds = time.perf_counter() - start
     return report
 

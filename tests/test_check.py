@@ -26,7 +26,7 @@ from test_convert import run_python
 
 from mlx_qwen3vl import Qwen3VLError, load
 from mlx_qwen3vl.calibration import calibration_inputs
-from mlx_qwen3vl.check import REPORT_FILE, predicted_positions
+from mlx_qwen3vl.check import REPORT_FILE, predicted_positions, scored_positions
 from mlx_qwen3vl.check import main as check_main
 from mlx_qwen3vl.convert import convert
 from mlx_qwen3vl.loading import read_config, weight_files
@@ -103,8 +103,8 @@ def test_report_figures_equal_an_independent_computation(checkpoint, tmp_path):
                     sums = levels.setdefault(j, [0.0, 0.0])
                     sums[0] += float(((np.array(a, np.float64) - b) ** 2).sum())
                     sums[1] += float((b**2).sum())
-        keep = np.flatnonzero(~np.isin(sample["input_ids"][0], (IMAGE_PAD, VIDEO_PAD)))
-        # The model's own forward pass, its vocabulary projection at the predicted positions alone.
+        keep = scored_positions(model, sample["input_ids"])  # pinned in test_scored_positions
+        # The model's own forward pass, its vocabulary projection at the scored positions alone.
         vision = [
             model.encode_vision(sample[p], sample[g], None, k)
             for k, p, g in MEDIA_INPUTS
@@ -129,6 +129,30 @@ def test_predicted_positions_leave_out_the_vision_pads(checkpoint):
     model = Model(read_config(checkpoint))  # its config alone: the parameters stay lazy
     ids = np.array([[1, 2, IMAGE_PAD, IMAGE_PAD, 3, VIDEO_PAD, 4]])
     assert predicted_positions(model, ids).tolist() == [0, 1, 4, 6]
+
+
+def test_scored_positions_are_the_last_eight_and_every_second_before(checkpoint):
+    model = Model(read_config(checkpoint))
+    ids = np.arange(40)[None] + 1000
+    ids[0, [3, 4, 5, 20, 21]] = IMAGE_PAD  # predicted: 0-2, 6-19, 22-39 (35 positions)
+    assert scored_positions(model, ids).tolist() == [
+        0,
+        2,
+        7,
+        9,
+        11,
+        13,
+        15,
+        17,
+        19,
+        23,
+        25,
+        27,
+        29,
+        31,
+        *range(32, 40),
+    ]
+    assert scored_positions(model, ids[:, :5]).tolist() == [0, 1, 2]
 
 
 def test_protected_tensors_are_refused_with_the_reason(checkpoint, tmp_path):
