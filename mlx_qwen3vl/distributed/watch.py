@@ -49,7 +49,9 @@ class StoppedBackendWatch:
         while data := os.read(self.reading, 65536):
             os.write(self.stderr, data)
             if STOPPED in tail + data:
-                threading.Timer(GRACE, self._end).start()
+                timer = threading.Timer(GRACE, self._end)
+                timer.daemon = True  # a process ending meanwhile (its evaluation raised) is not held up
+                timer.start()
             tail = data[-len(STOPPED) :]
 
     def _end(self) -> None:
