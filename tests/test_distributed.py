@@ -67,6 +67,15 @@ def free_ports(count: int) -> int:
     raise RuntimeError("no free ports")
 
 
+# A test run started in the background (`pytest &`, or a harness's background job) ignores SIGINT, and an
+# ignored signal stays ignored across exec: a rank would never see a Ctrl-C. Ranks start as from a
+# terminal: this restores the default, then becomes the command.
+CTRL_C_AS_FROM_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def start_ranks(
     command: list[str], folder: Path, outputs: list, started: int = RANKS, **variables: str
 ) -> list[subprocess.Popen]:
@@ -81,7 +90,7 @@ def start_ranks(
     environment = {**os.environ, "MLX_HOSTFILE": str(hostfile), "TOKENIZERS_PARALLELISM": "false"}
     return [
         subprocess.Popen(
-            command,
+            [sys.executable, "-c", CTRL_C_AS_FROM_A_TERMINAL, *command],
             cwd=ROOT,
             env={**environment, **variables, "MLX_RANK": str(r)},
             stdout=outputs[r],
