@@ -6,7 +6,6 @@ decodes the answers of concurrent requests together (batch.py)."""
 
 from __future__ import annotations
 
-import signal
 import socket
 import time
 from pathlib import Path
@@ -70,6 +69,7 @@ def serve(
     import uvicorn
 
     from ..distributed import before_exit, is_primary, lost_peer
+    from ..distributed.interrupt import follow_rank_0_interrupts
     from ..loading import load
     from .app import create_app
     from .engine import Engine
@@ -93,7 +93,7 @@ def serve(
             raise LostRankError(line) from None
         raise
     if not serving:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 takes the Ctrl-C, and its stop ends this
+        follow_rank_0_interrupts(group)  # rank 0 takes the Ctrl-C, and its stop ends this
         engine = Engine(model, processor, cache_bytes=cache_bytes, max_batch=max_batch, kv_cache=kv_cache)
         engine.follow()
         if engine.lost is not None:

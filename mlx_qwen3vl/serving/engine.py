@@ -76,9 +76,15 @@ class Job:
 
     numbers = itertools.count()
 
-    def __init__(self, request: Request | None, turn: Turn, loop: asyncio.AbstractEventLoop | None):
+    def __init__(
+        self,
+        request: Request | None,
+        turn: Turn,
+        loop: asyncio.AbstractEventLoop | None,
+        number: int | None = None,
+    ):
         self.request, self.turn, self.loop = request, turn, loop
-        self.number = next(Job.numbers)  # what ranks name it by (lockstep.py)
+        self.number = next(Job.numbers) if number is None else number  # what ranks name it by (lockstep.py)
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.dropped = False
@@ -86,9 +92,7 @@ class Job:
     @classmethod
     def mirror(cls, number: int, turn: Turn) -> Job:
         """On a rank other than 0, the stand-in of rank 0's request `number`: run alike, answering no one."""
-        job = cls(None, turn, None)
-        job.number = number
-        return job
+        return cls(None, turn, None, number)
 
     def emit(self, event: Event) -> None:
         if self.loop is not None:
@@ -193,9 +197,9 @@ class Engine:
                     if self.sequences:
                         self._decode_step()
             except Exception as e:
-                if self._lost_rank(e) is None:
-                    raise
                 self.lost = self._lost_rank(e)
+                if self.lost is None:
+                    raise
                 self.end_all(self.lost)
                 if self.on_lost is not None:
                     self.on_lost()
@@ -221,8 +225,9 @@ class Engine:
         if step.stop:
             return False
         self.waiting.extend(step.arrivals)
-        for job in self._held():
-            job.dropped = job.dropped or job.number in step.dropped
+        if step.dropped:  # most steps drop nothing
+            for job in self._held():
+                job.dropped = job.dropped or job.number in step.dropped
         return True
 
     def _held(self) -> list[Job]:
