@@ -4,7 +4,8 @@
 # Every stage has its own timeout and writes into $RESULTS, packed at the end into one archive under $OUT
 # (few files come back from that machine), so a slow stage cannot lose the others'. The stages take up
 # to 150 + 120 + 270 + 270 s, more than one device call's 600 s: run them in two calls on the warm
-# machine, STAGES="build parity q4" then STAGES=bf16 (and STAGES=serve, with the server's wheels).
+# machine, STAGES="build parity q4" then STAGES=bf16 (and STAGES=serve, with the server's wheels;
+# STAGES=quant, the quantization check against the conversion).
 set -u
 OUT=${OUT:-/tmp/bench-out}
 RESULTS=${RESULTS:-/tmp/bench-results}
@@ -41,5 +42,9 @@ stage bf16 && timeout 270 python bench/bench.py $COMMON --compare mlx-vlm,mlx-lm
 #    TTFT, decode with a JSON schema; needs the server's wheels (prepare_wheels.sh fastapi uvicorn ...).
 stage serve && timeout 300 python bench/serve.py --preset $PRESET --dtype bfloat16 --compare mlx-vlm --runs 2 \
     --timeout 120 --json "$RESULTS/serve.json" > "$RESULTS/serve.md" 2> "$RESULTS/serve.log"
+# 6. The quantization check against the conversion (bench/quant.py): ours with its check inside, and
+#    mlx-vlm's converter, at the 4B widths with 12 decoder layers (the ratio does not depend on the layers).
+stage quant && timeout 400 python bench/quant.py --layers 12 --json "$RESULTS/quant.json" \
+    > "$RESULTS/quant.md" 2> "$RESULTS/quant.log"
 tar czf "$OUT/results-$(echo $STAGES | tr ' ' '-').tgz" -C "$RESULTS" .
 ls -la "$RESULTS" "$OUT"

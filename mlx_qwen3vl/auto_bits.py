@@ -30,7 +30,7 @@ import mlx.nn as nn
 
 from .backend import Backend
 from .calibration import calibration_inputs
-from .check import encode_media, next_token_divergence, predicted_logits, recording_layers
+from .check import encode_media, next_token_divergence, predicted_logits
 from .errors import Qwen3VLError
 from .loading import load
 
@@ -117,6 +117,31 @@ def measured_divergence(
     for m, w in layer_weights:
         m.weight = w
     return kl_sum / positions
+
+
+class _Recorded:
+    """A decoder layer that keeps its outputs (in call order) while the sensitivity measurement runs it."""
+
+    def __init__(self, layer, outputs: list):
+        self.layer, self.outputs = layer, outputs
+
+    def __call__(self, *args, **kwargs):
+        out = self.layer(*args, **kwargs)
+        self.outputs.append(out)
+        return out
+
+
+@contextmanager
+def recording_layers(model):
+    """Each decoder layer's outputs, appended to the yielded lists (one per layer) while inside."""
+    layers = model.layers
+    outputs = [[] for _ in layers]
+    originals = list(layers)
+    layers[:] = [_Recorded(layer, out) for layer, out in zip(originals, outputs, strict=True)]
+    try:
+        yield outputs
+    finally:
+        layers[:] = originals
 
 
 def decreasing(measured: dict[int, float]) -> dict[int, float]:

@@ -20,18 +20,22 @@ Two parts:
   predicts in use (not the vision pads; `scored_positions`), the KL divergence of the next-token
   distribution from the source's and the agreement of their top-1 tokens.
 The source runs each input once; where the tensor comparison found the vision tower's tensors equal to the
-source's, its encoded media serve the quantized model too, which then runs its decoder alone.
+source's, its encoded media serve the quantized model too, which then runs its decoder alone. Both models
+load lazily and run the calibration set a decoder layer at a time (`compare_outputs`): one layer of each
+is in memory at once, and each weight is read once. Inside convert.py the tensor comparison runs as the
+tensors are written (`TensorComparison`), from the source tensors the conversion has read: the check
+then reads the weights only for its run.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import infer_quant_config
 
@@ -55,6 +59,7 @@ FLOAT_TOLERANCE = 2.0**-8
 class Failure:
     tensor: str  # checkpoint path
     reason: str
+    protected: bool = False  # a tensor that must stay in float, stored quantized: listed first
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Report:
     tensors: dict[str, dict] = field(default_factory=dict)  # quantized weights: bits, error, rounding error
     failures: list[Failure] = field(default_factory=list)
     seconds: float = 0.0  # the check's own time
+    tensor_seconds: float = 0.0  # the part of it comparing tensors
     conversion_seconds: float | None = None  # the conversion's before it, when convert.py ran it
 
     @property
@@ -104,64 +110,90 @@ def relative_error(a: mx.array, b: mx.array) -> float:
     return (mx.linalg.norm(a - b) / mx.maximum(mx.linalg.norm(b), 1e-30)).item()
 
 
+# The quantized errors are taken over blocks of a weight's rows of at most this many float32 bytes: the
+# float32 copies, the rounding and the differences of a whole 151,936 x 2,560 embedding would take about 10
+# GB at once.
+ERROR_BLOCK_BYTES = 64 * 2**20
+
+
 def quantized_errors(
     ours: dict[str, mx.array], path: str, weight: mx.array, bits: int, group_size: int
 ) -> tuple[float, float]:
     """The relative error of the stored quantized weight at `path`, and that of round-to-nearest at its
-    bits and group size from the source `weight` (cast first to the scales' dtype, as converters do).
-    Where the stored tensors are round-to-nearest's bit for bit (a converter that rounds so, ours and
-    mlx-vlm's), the two errors are one: a single dequantization serves both."""
-    packed, scales, biases = ours[f"{path}.weight"], ours[f"{path}.scales"], ours.get(f"{path}.biases")
-    nearest = mx.quantize(weight.astype(scales.dtype), group_size=group_size, bits=bits)
-    source = weight.astype(mx.float32)
+    bits and group size from the source `weight` (cast first to the scales' dtype, as converters do),
+    over blocks of rows (ERROR_BLOCK_BYTES). Where the stored tensors are round-to-nearest's bit for bit
+    (a converter that rounds so, ours and mlx-vlm's), the two errors are one: a single dequantization
+    serves both."""
+    stored = [ours[f"{path}.weight"], ours[f"{path}.scales"], ours.get(f"{path}.biases")]
+    columns = weight.shape[-1]
+    weight = weight.reshape(-1, columns)  # groups run along the last axis: an MoE stack's experts as rows
+    stored = [None if t is None else t.reshape(weight.shape[0], -1) for t in stored]
+    scales_dtype = stored[1].dtype
 
-    def squared_distance(quantized) -> mx.array:
+    def squared_distance(quantized, source) -> mx.array:
         dequantized = mx.dequantize(*quantized, group_size=group_size, bits=bits).astype(mx.float32)
         return mx.sum(mx.square(dequantized - source))
 
-    same = mx.array_equal(packed, nearest[0]) & mx.array_equal(scales, nearest[1])
-    if biases is not None:
-        same = same & mx.array_equal(biases, nearest[2])
-    rounding, norm = squared_distance(nearest), mx.sum(mx.square(source))
-    mx.eval(same, rounding, norm)
-    stored = rounding if same.item() else squared_distance((packed, scales, biases))
-    norm = max(norm.item(), 1e-30)
-    return float(np.sqrt(stored.item() / norm)), float(np.sqrt(rounding.item() / norm))
+    sums = np.zeros(3)  # |stored - source|^2, |nearest - source|^2, |source|^2
+    step = max(1, ERROR_BLOCK_BYTES // (4 * columns))
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        block = [None if t is None else t[rows] for t in stored]
+        nearest = mx.quantize(weight[rows].astype(scales_dtype), group_size=group_size, bits=bits)
+        source = weight[rows].astype(mx.float32)
+        same = mx.array_equal(block[0], nearest[0]) & mx.array_equal(block[1], nearest[1])
+        if block[2] is not None:
+            same = same & mx.array_equal(block[2], nearest[2])
+        rounding, norm = squared_distance(nearest, source), mx.sum(mx.square(source))
+        mx.eval(same, rounding, norm)
+        distance = rounding if same.item() else squared_distance(block, source)
+        sums += [distance.item(), rounding.item(), norm.item()]
+    norm = max(sums[2], 1e-30)
+    return float(np.sqrt(sums[0] / norm)), float(np.sqrt(sums[1] / norm))
 
 
-def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> set[str]:
-    """The tensor bounds (module docstring), each tensor read lazily and freed once compared. Returns the
-    checkpoint paths of the tensors that differ from the source's at all."""
-    model = Model(read_config(model_dir))  # names and shapes only: its parameters stay lazy
-    modules = dict(model.named_modules())
-    routers = router_paths(model)
-    stored = read_weights(model_dir)
-    ours = model.sanitize(dict(stored))
-    source = model.sanitize(read_weights(source_dir))
-    changed = set()
-    # The loader dequantizes a quantized position table (older mlx-vlm conversions have one), so it is
-    # looked for among the stored names.
-    for key in sorted(stored):
-        path = rename_mlx_vlm_key(key).removesuffix(".scales")
-        if key.endswith(".scales") and f"{path}.scales" not in ours and path in modules:
-            reason = refusal(path, 0, routers)
-            report.failures.append(Failure(f"{path}.weight", f"stored quantized, but {reason}"))
-    for key in sorted(ours):
+class TensorComparison:
+    """The tensor bounds (module docstring), a tensor at a time: `compare(key)` for each key of the
+    quantized model's tensors `ours` (sanitized names), against `source` (the same names, unquantized).
+    Both dicts may hold lazy arrays: each tensor is dropped from them once compared, so that what it read
+    can be freed. convert.py compares the tensors it writes, before each shard is written, while their
+    source tensors are in memory for the conversion: the check then reads nothing of the weights again.
+    `changed`: the keys of the tensors that differ from the source's at all. `seconds`: the time spent."""
+
+    def __init__(self, model: Model, ours: dict[str, mx.array], source: dict[str, mx.array], report: Report):
+        self.modules = dict(model.named_modules())
+        self.routers = router_paths(model)
+        self.ours, self.source, self.report = dict(ours), source, report
+        self.changed: set[str] = set()
+        self.seconds = 0.0
+
+    def compare(self, key: str) -> None:
+        started = time.perf_counter()
+        self._compare(key)
+        self.seconds += time.perf_counter() - started
+
+    def _compare(self, key: str) -> None:
+        ours, source, report = self.ours, self.source, self.report
         path, _, name = key.rpartition(".")
-        if key not in source and not (name in ("scales", "biases") and f"{path}.weight" in source):
-            continue  # a tensor the source lacks: load() reports it
-        if f"{path}.scales" in ours and path in modules:
-            if name != "weight":
-                continue
-            params = infer_quant_config(path, modules[path], ours)
+        quantized = f"{path}.scales" in ours and path in self.modules
+        if quantized and name != "weight":
+            return  # compared with its weight, which drops it
+        if key not in source:
+            ours.pop(key, None)
+            return  # a tensor the source lacks: load() reports it
+        theirs = source.pop(key)
+        if quantized:
+            params = infer_quant_config(path, self.modules[path], ours)
             bits, group_size = params["bits"], params["group_size"]
-            error, expected = quantized_errors(ours, path, source[key], bits, group_size)
-            changed.add(key)
+            error, expected = quantized_errors(ours, path, theirs, bits, group_size)
+            for part in ("weight", "scales", "biases"):
+                ours.pop(f"{path}.{part}", None)
+            self.changed.add(key)
             report.tensors[key] = {"bits": bits, "group_size": group_size, "error": error}
             report.tensors[key]["rounding_error"] = expected
-            reason = refusal(path, bits, routers)
+            reason = refusal(path, bits, self.routers)
             if reason:
-                report.failures.append(Failure(key, f"quantized at {bits} bits, but {reason}"))
+                report.failures.append(Failure(key, f"stored quantized at {bits} bits, but {reason}", True))
             elif error > ROUNDING_FACTOR * expected:
                 report.failures.append(
                     Failure(
@@ -170,44 +202,47 @@ def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> set[str]
                         f"what {bits}-bit rounding gives ({expected:.4f}): corrupted or wrongly scaled",
                     )
                 )
-        elif mx.array_equal(ours[key], source[key]).item():
-            pass  # the same values (float or integer): nothing to measure
-        elif mx.issubdtype(ours[key].dtype, mx.floating) and key not in {f.tensor for f in report.failures}:
-            changed.add(key)
-            error = relative_error(ours[key], source[key])
+            return
+        value = ours.pop(key)
+        if mx.array_equal(value, theirs).item():
+            return  # the same values (float or integer): nothing to measure
+        self.changed.add(key)
+        if mx.issubdtype(value.dtype, mx.floating) and key not in {f.tensor for f in report.failures}:
+            error = relative_error(value, theirs)
             if error > FLOAT_TOLERANCE:
                 report.failures.append(
                     Failure(key, f"differs from the source by {error:.4f} (relative): more than rounding")
                 )
-        else:
-            changed.add(key)
+
+    def finish(self) -> None:
+        """The failures in the report's order: protected tensors stored quantized first, then by path."""
+        self.report.failures.sort(key=lambda f: (not f.protected, f.tensor))
+
+
+def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> set[str]:
+    """The tensor bounds of a checkpoint against its source, each tensor read lazily and freed once
+    compared. Returns the checkpoint paths of the tensors that differ from the source's at all."""
+    started = time.perf_counter()
+    model = Model(read_config(model_dir))  # names and shapes only: its parameters stay lazy
+    stored = read_weights(model_dir)
+    comparison = TensorComparison(
+        model, model.sanitize(dict(stored)), model.sanitize(read_weights(source_dir)), report
+    )
+    # The loader dequantizes a quantized position table (older mlx-vlm conversions have one), so it is
+    # looked for among the stored names.
+    for key in sorted(stored):
+        path = rename_mlx_vlm_key(key).removesuffix(".scales")
+        if key.endswith(".scales") and f"{path}.scales" not in comparison.ours and path in comparison.modules:
+            reason = refusal(path, 0, comparison.routers)
+            report.failures.append(Failure(f"{path}.weight", f"stored quantized, but {reason}", True))
+    del stored
+    for key in sorted(comparison.ours):
+        if key in comparison.ours:  # a quantized weight's comparison drops its scales and biases
+            comparison.compare(key)
         mx.clear_cache()
-    return changed
-
-
-class _Recorded:
-    """A decoder layer that keeps its outputs (in call order) while the check runs it."""
-
-    def __init__(self, layer, outputs: list):
-        self.layer, self.outputs = layer, outputs
-
-    def __call__(self, *args, **kwargs):
-        out = self.layer(*args, **kwargs)
-        self.outputs.append(out)
-        return out
-
-
-@contextmanager
-def recording_layers(model: Model):
-    """Each decoder layer's outputs, appended to the yielded lists (one per layer) while inside."""
-    layers = model.layers
-    outputs = [[] for _ in layers]
-    originals = list(layers)
-    layers[:] = [_Recorded(layer, out) for layer, out in zip(originals, outputs, strict=True)]
-    try:
-        yield outputs
-    finally:
-        layers[:] = originals
+    comparison.finish()
+    report.tensor_seconds = time.perf_counter() - started
+    return comparison.changed
 
 
 MEDIA = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
@@ -225,8 +260,10 @@ def predicted_positions(model: Model, input_ids: np.ndarray) -> np.ndarray:
 # error is over all of them; what the subset saves is the vocabulary projection and softmax at the others,
 # which at a small model's widths cost as much as its decoder layers.
 LAST_POSITIONS, STRIDE = 8, 2
-# Positions projected onto the vocabulary at once: the logits in memory are this many rows per model.
-LOGIT_ROWS = 32
+# Positions projected onto the vocabulary at once, those of all the samples together: each projection
+# reads the whole vocabulary matrix, so the package's set (82 scored positions) takes one pass per model,
+# with logits of at most this many rows per model in memory (77 MB at 151,936 tokens in float32).
+LOGIT_ROWS = 128
 
 
 def scored_positions(model: Model, input_ids: np.ndarray) -> np.ndarray:
@@ -256,19 +293,11 @@ def predicted_logits(model: Model, sample: dict, vision: list) -> mx.array:
     return model.head(scored_hidden(model, sample, vision)).astype(mx.float32)
 
 
-def run_outputs(model: Model, sample: dict, vision: list | None = None) -> tuple:
-    """One calibration sample through a model: its encoded media (`vision` where given: then the vision
-    tower does not run), the vision levels (merger, then each DeepStack merger; the images' rows, then the
-    videos'), each decoder layer's output, and the final hidden states at the scored positions."""
-    if vision is None:
-        vision = encode_media(model, sample)
+def vision_levels(vision: list) -> list[mx.array]:
+    """The vision levels of a sample's encoded media: the merger's output, then each DeepStack merger's
+    (the images' rows, then the videos')."""
     per_kind = ([v.features, *v.deepstack] for v in vision)
-    levels = [mx.concatenate(level) for level in zip(*per_kind, strict=True)]
-    with recording_layers(model) as layers:
-        hidden = scored_hidden(model, sample, vision)
-    layer_outputs = [outputs[0] for outputs in layers]
-    mx.eval(levels, layer_outputs, hidden)
-    return vision, levels, layer_outputs, hidden
+    return [mx.concatenate(level) for level in zip(*per_kind, strict=True)]
 
 
 def next_token_divergence(source_logits: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
@@ -296,11 +325,15 @@ def summed_divergence(model: Model, source: Model, hidden: mx.array, source_hidd
 def compare_outputs(
     model: Model, source: Model, inputs: list[dict], report: Report, same_vision: bool = False
 ) -> None:
-    """The output figures of the report, accumulated over the calibration samples. same_vision: the
-    vision tower's tensors are the source's, value for value, so its outputs are too: the source's
-    encoded media serve both models (their relative errors are then 0, as computed)."""
+    """The output figures of the report, over the calibration samples. same_vision: the vision tower's
+    tensors are the source's, value for value, so its outputs are too: the source's encoded media serve
+    both models (their relative errors are then 0, as computed).
+
+    The models run layer by layer: every sample through a decoder layer of each model, then that layer is
+    dropped from both. With models loaded lazily, only one decoder layer of each is then in memory at a
+    time (besides the embeddings and the samples' hidden states), and each weight is read once. The
+    models are used up."""
     squares: dict[str, list[float]] = {}  # name: [sum |difference|^2, sum |source|^2]
-    kl_sum, agree, positions = 0.0, 0, 0
 
     def add(name: str, ours: mx.array, theirs: mx.array) -> None:
         ours, theirs = ours.astype(mx.float32), theirs.astype(mx.float32)
@@ -308,18 +341,40 @@ def compare_outputs(
         sums[0] += mx.sum(mx.square(ours - theirs)).item()
         sums[1] += mx.sum(mx.square(theirs)).item()
 
+    runs = []
     for sample in inputs:
-        vision, source_levels, source_layers, source_hidden = run_outputs(source, sample)
-        _, levels, layers, hidden = run_outputs(model, sample, vision if same_vision else None)
-        for j, (ours, theirs) in enumerate(zip(levels, source_levels, strict=True)):
+        source_vision = encode_media(source, sample)
+        vision = source_vision if same_vision else encode_media(model, sample)
+        mx.eval([(v.features, v.deepstack) for v in source_vision + vision])
+        for j, (ours, theirs) in enumerate(
+            zip(vision_levels(vision), vision_levels(source_vision), strict=True)
+        ):
             add("merger" if j == 0 else f"deepstack_merger_list.{j - 1}", ours, theirs)
-        for j, (ours, theirs) in enumerate(zip(layers, source_layers, strict=True)):
+        runs.append(
+            (
+                model.layer_by_layer(model.prepare(sample["input_ids"], vision)),
+                source.layer_by_layer(source.prepare(sample["input_ids"], source_vision)),
+            )
+        )
+    for m in (model, source):
+        m.model.visual = nn.Module()  # its outputs are in hand
+    for j in range(len(model.layers)):
+        outputs = [(next(ours), next(theirs)) for ours, theirs in runs]
+        mx.eval(outputs)
+        for ours, theirs in outputs:
             add(f"layer {j}", ours, theirs)
-        sample_kl, sample_agree = summed_divergence(model, source, hidden, source_hidden)
-        kl_sum += sample_kl
-        agree += sample_agree
-        positions += hidden.shape[0]
+        del outputs
+        for m in (model, source):
+            m.layers[j] = nn.Module()
         mx.clear_cache()
+    hidden, source_hidden = [], []
+    for sample, (ours, theirs) in zip(inputs, runs, strict=True):
+        scored = mx.array(scored_positions(model, sample["input_ids"]))
+        hidden.append(next(ours)[0, scored])
+        source_hidden.append(next(theirs)[0, scored])
+    hidden, source_hidden = mx.concatenate(hidden), mx.concatenate(source_hidden)
+    kl_sum, agree = summed_divergence(model, source, hidden, source_hidden)
+    positions = hidden.shape[0]
     ratio = {name: float(np.sqrt(d / max(s, 1e-30))) for name, (d, s) in squares.items()}
     report.vision = {name: e for name, e in ratio.items() if not name.startswith("layer ")}
     report.layers = [ratio[f"layer {j}"] for j in range(len(model.layers))]
@@ -327,23 +382,32 @@ def compare_outputs(
     report.kl, report.top1 = kl_sum / positions, agree / positions
 
 
-def check(
-    model_path, source_path, dtype=None, source: Model | None = None, calibration=calibration_inputs
-) -> Report:
+def check_outputs(
+    model_dir: Path,
+    source_dir: Path,
+    report: Report,
+    changed: set[str],
+    dtype=None,
+    calibration=calibration_inputs,
+) -> None:
+    """The output figures of a checkpoint whose tensors passed their bounds (`changed`: the keys of those
+    that differ from the source's), both models loaded lazily and run layer by layer."""
+    model, processor = load(model_dir, dtype=dtype, lazy=True)
+    source = load_model(source_dir, dtype, lazy=True)  # its processor would be the model's: not read twice
+    same_vision = not any(key.startswith("model.visual.") for key in changed)
+    compare_outputs(model, source, calibration(processor), report, same_vision)
+
+
+def check(model_path, source_path, dtype=None, calibration=calibration_inputs) -> Report:
     """Compare the model at `model_path` with the one at `source_path` (directories or hub ids): the
-    report, with its failures. dtype: of the computation (load()'s default where None). `source`: that
-    model already loaded, so that a converter that has it loaded does not load it twice. calibration:
+    report, with its failures. dtype: of the computation (load()'s default where None). calibration:
     processor -> the model inputs to compare on (the package's set by default)."""
     start = time.perf_counter()
     model_dir, source_dir = model_directory(model_path), model_directory(source_path)
     report = Report(str(model_path), str(source_path))
     changed = check_tensors(model_dir, source_dir, report)
     if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
-        model, processor = load(model_dir, dtype=dtype)
-        if source is None:  # its processor would be the model's: not read twice
-            source = load_model(source_dir, dtype)
-        same_vision = not any(key.startswith("model.visual.") for key in changed)
-        compare_outputs(model, source, calibration(processor), report, same_vision)
+        check_outputs(model_dir, source_dir, report, changed, dtype, calibration)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -19,6 +19,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -28,8 +29,7 @@ from tqdm import tqdm
 from .auto_bits import auto_plan
 from .backend import resolve_dtype
 from .calibration import calibration_inputs
-from .check import REPORT_FILE
-from .check import check as check_conversion
+from .check import REPORT_FILE, Report, TensorComparison, check_outputs
 from .errors import Qwen3VLError
 from .loading import (
     TASK_KEY,
@@ -177,9 +177,16 @@ def shard_keys(tensors: dict[str, mx.array], max_shard_size: int) -> list[list[s
     return shards
 
 
-def write_shards(tensors: dict[str, mx.array], directory: Path, max_shard_size: int, progress: bool) -> None:
+def write_shards(
+    tensors: dict[str, mx.array],
+    directory: Path,
+    max_shard_size: int,
+    progress: bool,
+    before_writing: Callable[[str], None] | None = None,
+) -> None:
     """Evaluate and write the tensors shard by shard, with the index. Consumes `tensors`: each one is
-    dropped from it when evaluated, so its source tensor is freed with the shard."""
+    dropped from it when evaluated, so its source tensor is freed with the shard. before_writing: called
+    with each key before its tensor is evaluated (the quantization check's tensor comparison)."""
     shards = shard_keys(tensors, max_shard_size)
     total_size = sum(v.nbytes for v in tensors.values())
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -191,6 +198,8 @@ def write_shards(tensors: dict[str, mx.array], directory: Path, max_shard_size: 
             bar.set_description(name)
             shard = {}
             for key in keys:
+                if before_writing is not None:
+                    before_writing(key)
                 shard[key] = tensors.pop(key)
                 mx.eval(shard[key])
                 bar.update(shard[key].nbytes)
@@ -330,10 +339,11 @@ def convert(
     (refused, with the reason, for what must stay in float: quantizable.py). quantize_vision: quantize the
     vision tower's blocks and mergers too (default: it stays in `dtype`). dtype: of every tensor not
     quantized, and of the quantization scales. force: replace an existing output directory (only a model
-    directory). check: after writing, compare the output with the source (check.py), write
-    quantization_report.json beside it and raise Qwen3VLError naming the tensor when a bound fails (the
-    output stays, for inspection); convert.py does unless --no-check. calibration: processor -> the
-    model inputs the check and the auto recipe measure on (the package's set by default)."""
+    directory). check: compare the output with the source (check.py: its tensors as they are
+    written, its outputs after), write quantization_report.json beside it and raise Qwen3VLError naming
+    the tensor when a bound fails (the output stays, for inspection); convert.py does unless
+    --no-check. calibration: processor -> the model inputs the check and the auto recipe measure on (the
+    package's set by default)."""
     started = time.perf_counter()
     options = (q_bits, q_group_size, q_recipe, target_bits, q_layer_bits)
     quantize = quantize or quantize_vision or any(v is not None for v in options)
@@ -363,6 +373,11 @@ def convert(
         plan = auto_plan(source, plan, target_bits, fixed, progress, calibration)
         settings = {**settings, "bits": most_common_bits(plan)}
     tensors = output_tensors(weights, plan, mx_dtype)
+    # The check's tensor bounds are taken as the tensors are written, from the source tensors the
+    # conversion reads anyway (check.py: TensorComparison); its figures after writing.
+    checking = check and quantize
+    report = Report(str(target.path), str(source)) if checking else None
+    comparison = TensorComparison(model, tensors, weights, report) if checking else None
     del weights, model
     quantization = quantization_block(settings, plan) if quantize else None
     shown_recipe = f"auto-recipe ({target_bits} bits on average)" if q_recipe == AUTO_RECIPE else q_recipe
@@ -375,7 +390,7 @@ def convert(
         clean_leftovers(target)
 
     with staged(target, source, force) as staging:
-        write_shards(tensors, staging, max_shard_size, progress)
+        write_shards(tensors, staging, max_shard_size, progress, comparison and comparison.compare)
         raw_config = json.loads((source / "config.json").read_text())
         written = output_config(raw_config, dtype_name, quantization)
         if task != "generate":  # what the output is for, whatever it is named (loading.model_task)
@@ -387,10 +402,14 @@ def convert(
         write_model_card(staging, target.path.name, str(hf_path) if from_hub else None, description, task)
     if progress:
         print(f"Wrote {target.shown} ({directory_size(target.path) / 1e9:.2f} GB)", file=sys.stderr)
-    if check and quantize:
-        conversion_seconds = time.perf_counter() - started
-        report = check_conversion(target.path, source, calibration=calibration)
-        report.conversion_seconds = conversion_seconds
+    if checking:
+        comparison.finish()
+        run_started = time.perf_counter()
+        if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
+            check_outputs(target.path, source, report, comparison.changed, calibration=calibration)
+        report.tensor_seconds = comparison.seconds
+        report.seconds = comparison.seconds + time.perf_counter() - run_started
+        report.conversion_seconds = run_started - started - comparison.seconds
         report.write(target.path)
         if progress:
             print(report.table(), file=sys.stderr)

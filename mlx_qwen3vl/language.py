@@ -7,6 +7,7 @@ This is the model as MLX's GPU backends run it; `cpu/` swaps in what the CPU bac
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from functools import partial
 
 import mlx.core as mx
@@ -306,9 +307,38 @@ class TextModel(nn.Module):
             trimmed = j == trim_at
             h = layer(h, rope, mask, layer_cache, outputs if trimmed else None)
             if j < len(deepstack) and not trimmed:
-                h = h.reshape(B * L, H).at[visual_index].add(deepstack[j].astype(h.dtype)).reshape(B, L, H)
+                h = add_deepstack(h, visual_index, deepstack[j])
         if outputs == 0:
             return h
         if outputs is not None:
             h = h[:, h.shape[1] - outputs :]
         return self.norm(h)
+
+    def layer_by_layer(
+        self,
+        inputs_embeds: mx.array,
+        positions: Positions,
+        visual_index: mx.array | None = None,
+        deepstack: list[mx.array] | None = None,
+    ) -> Iterator[mx.array]:
+        """What `__call__` computes without a cache, a decoder layer per step: yields each layer's output
+        (before its DeepStack feature is added), then the final normed hidden states. Each layer is looked
+        up when its step runs, so a caller stepping several inputs in turn may drop a layer from
+        `self.layers` once all have passed it: the quantization check runs the calibration set through
+        two models so, holding one decoder layer of each at a time."""
+        h = inputs_embeds
+        rope = self.rope.at(positions, h.shape[1], h.dtype)
+        mask = create_attention_mask(h, None)
+        deepstack = deepstack or []
+        for j in range(len(self.layers)):
+            h = self.layers[j](h, rope, mask)
+            yield h
+            if j < len(deepstack):
+                h = add_deepstack(h, visual_index, deepstack[j])
+        yield self.norm(h)
+
+
+def add_deepstack(h: mx.array, visual_index: mx.array, feature: mx.array) -> mx.array:
+    """h [B, L, H] with a DeepStack feature's rows added at the flat positions `visual_index` of [B * L]."""
+    B, L, H = h.shape
+    return h.reshape(B * L, H).at[visual_index].add(feature.astype(h.dtype)).reshape(B, L, H)

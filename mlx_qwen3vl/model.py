@@ -7,6 +7,7 @@ The forward contract follows transformers' argument names:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -303,6 +304,12 @@ class Model(nn.Module):
         if isinstance(cache, PromptCache):
             cache.rope_delta = prepared.rope_delta
         return h
+
+    def layer_by_layer(self, prepared: PreparedInput) -> Iterator[mx.array]:
+        """`hidden_states` of a prepared input without a cache, a decoder layer per step
+        (`TextModel.layer_by_layer`): each layer's output, then the final hidden states."""
+        h, visual_index, deepstack = self._embed(prepared)
+        return self.model.language_model.layer_by_layer(h, prepared.positions, visual_index, deepstack)
 
     def head(self, h: mx.array) -> mx.array:
         """Logits from final hidden states: the lm_head, or the embedding's transpose where tied (a

@@ -306,3 +306,34 @@ def test_auto_output_loads_in_mlx_vlm_with_our_logits(auto_and_uniform, tmp_path
     for name, sample in zip(names, samples, strict=True):
         ours = np.array(model(**sample)[0])
         assert relative_max_diff(np.load(name + ".npy"), ours) < FLOAT32
+
+
+def test_the_check_holds_one_decoder_layer_of_each_model_at_a_time(tmp_path):
+    """The check's run, on the same widths with 4 and with 28 decoder layers: the models load lazily and
+    run the calibration set a layer at a time, each layer dropped once every sample has passed it, so its
+    peak memory does not grow with the layers (it grew by both models' 24 extra layers, source and
+    quantized, while each sample ran through whole models in turn)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_qwen3vl.check import Report, check_outputs
+
+    def layer_bytes(path: Path) -> int:
+        model = load(path, dtype="float32")[0]
+        return sum(v.nbytes for _, v in tree_flatten(model.layers[0].parameters()))
+
+    def peak(layers: int) -> tuple[int, int]:
+        overrides = {**SMALL_VOCABULARY, "text_config": {**SMALL_VOCABULARY["text_config"]}}
+        overrides["text_config"]["num_hidden_layers"] = layers
+        source = build_checkpoint(tmp_path / f"source{layers}", overrides)
+        out = convert(source, tmp_path / f"q4-{layers}", q_bits=4, progress=False)
+        mx.synchronize()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        report = Report(str(out), str(source))
+        check_outputs(out, source, report, set(), dtype="float32", calibration=small_calibration)
+        assert len(report.layers) == layers
+        return mx.get_peak_memory() - base, layer_bytes(source) + layer_bytes(out)
+
+    (few, _), (many, both_layers) = peak(4), peak(28)
+    assert many - few < 24 * both_layers / 4, (few, many, both_layers)

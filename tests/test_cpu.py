@@ -108,6 +108,19 @@ def test_many_rows_give_the_quantized_kernels_numbers(bits, bias, monkeypatch):
     assert relative_max_diff(ours, reference) < float32_drift(terms=256)
 
 
+def test_the_tied_vocabulary_projection_of_many_rows_gives_the_kernels_numbers(monkeypatch):
+    """The quantization check projects its scored positions onto the vocabulary together: many rows of
+    the tied projection go through BLAS as a linear layer's do."""
+    monkeypatch.setattr(quantized, "BLOCK_BYTES", 40 * 256 * 4)
+    mx.random.seed(0)
+    embedding = nn.Embedding(300, 256).to_quantized(group_size=64, bits=4)
+    become(embedding, quantized.CpuQuantizedEmbedding)
+    h = mx.random.normal((1, 2 * BLAS_MIN_ROWS, 256), key=mx.random.key(1))
+    ours, reference = embedding.as_linear(h), nn.QuantizedEmbedding.as_linear(embedding, h)
+    assert ours.shape == reference.shape == (1, 2 * BLAS_MIN_ROWS, 300)
+    assert relative_max_diff(ours, reference) < float32_drift(terms=256)
+
+
 def test_one_row_and_non_float32_inputs_use_the_kernel_itself():
     layer = quantized_layer(256, 128, bias=False)
     for x in (

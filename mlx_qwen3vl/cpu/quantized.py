@@ -36,40 +36,21 @@ BLOCK_BYTES = 4 * 2**20
 
 
 class CpuQuantizedLinear(nn.QuantizedLinear):
-    """MLX's quantized linear layer with its products on every core (`output_rows_on_cores`), and float32
-    inputs of many rows multiplied through a fast BLAS, the weight dequantized in blocks of output rows of
-    BLOCK_BYTES (module docstring). The BLAS result differs from the kernel's only in summation order."""
+    """MLX's quantized linear layer with its products on every core and many float32 rows through a fast
+    BLAS (`quantized_product`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        # Cheapest test first: a decode step (one row) takes the kernel on every call.
-        rows = x.size // x.shape[-1]
-        if rows < BLAS_MIN_ROWS or x.dtype != mx.float32 or not FAST_BLAS:
-            y = quantized_product_on_cores(self, x)
-        else:
-            step = max(1, BLOCK_BYTES // (4 * x.shape[-1]))
-            starts = range(0, self["weight"].shape[0], step)
-            y = concatenate_evaluated((x @ self._dequantized(s, s + step).T for s in starts), axis=-1)
+        y = quantized_product(self, x)
         return y + self["bias"] if "bias" in self else y
-
-    def _dequantized(self, start: int, end: int) -> mx.array:
-        """Output rows [start, end) of the weight in float32."""
-        biases = self.get("biases")
-        return mx.dequantize(
-            self["weight"][start:end],
-            self["scales"][start:end].astype(mx.float32),
-            None if biases is None else biases[start:end].astype(mx.float32),
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
 
 
 class CpuQuantizedEmbedding(nn.QuantizedEmbedding):
     """A quantized embedding whose use as the vocabulary projection (tied embeddings) runs on every core:
-    with the vocabulary's 151,936 rows it is the largest product of a decode step."""
+    with the vocabulary's 151,936 rows it is the largest product of a decode step. Many rows at once (the
+    quantization check projects its scored positions together) go through BLAS, as a linear layer's."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return quantized_product_on_cores(self, x)
+        return quantized_product(self, x)
 
 
 class CpuQuantizedSwitchLinear(QuantizedSwitchLinear):
@@ -96,6 +77,33 @@ class CpuQuantizedSwitchLinear(QuantizedSwitchLinear):
 
         y = output_rows_on_cores(product, self["weight"].shape[1])
         return y + mx.expand_dims(self["bias"][indices], -2) if "bias" in self else y
+
+
+def quantized_product(layer: nn.Module, x: mx.array) -> mx.array:
+    """x @ W.T for a quantized layer's packed W, without its bias: the kernel on every core
+    (`quantized_product_on_cores`), or for float32 inputs of many rows, BLAS on the weight dequantized in
+    blocks of output rows of BLOCK_BYTES (module docstring). The BLAS result differs from the kernel's only
+    in summation order."""
+    # Cheapest test first: a decode step (one row) takes the kernel on every call.
+    rows = x.size // x.shape[-1]
+    if rows < BLAS_MIN_ROWS or x.dtype != mx.float32 or not FAST_BLAS:
+        return quantized_product_on_cores(layer, x)
+    step = max(1, BLOCK_BYTES // (4 * x.shape[-1]))
+    starts = range(0, layer["weight"].shape[0], step)
+    return concatenate_evaluated((x @ dequantized_rows(layer, s, s + step).T for s in starts), axis=-1)
+
+
+def dequantized_rows(layer: nn.Module, start: int, end: int) -> mx.array:
+    """Output rows [start, end) of a quantized layer's weight in float32."""
+    biases = layer.get("biases")
+    return mx.dequantize(
+        layer["weight"][start:end],
+        layer["scales"][start:end].astype(mx.float32),
+        None if biases is None else biases[start:end].astype(mx.float32),
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+    )
 
 
 def quantized_product_on_cores(layer: nn.Module, x: mx.array) -> mx.array:

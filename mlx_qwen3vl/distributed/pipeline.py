@@ -19,7 +19,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import QuantizedKVCache
 
 from ..errors import Qwen3VLError
-from ..language import TextModel
+from ..language import TextModel, add_deepstack
 
 
 class LayerElsewhere(nn.Module):
@@ -56,7 +56,7 @@ class PipelineTextModel(TextModel):
             trimmed = j == trim_at
             h = self.layers[j](h, rope, mask, cache[j], outputs if trimmed else None)
             if j < len(deepstack) and not trimmed:
-                h = h.reshape(B * L, H).at[visual_index].add(deepstack[j].astype(h.dtype)).reshape(B, L, H)
+                h = add_deepstack(h, visual_index, deepstack[j])
         for j, layer_cache in enumerate(cache):
             if j not in held and layer_cache is not None:
                 count_positions(layer_cache, B, L, h.dtype)
