@@ -309,10 +309,11 @@ def test_auto_output_loads_in_mlx_vlm_with_our_logits(auto_and_uniform, tmp_path
 
 
 def test_the_check_holds_one_decoder_layer_of_each_model_at_a_time(tmp_path):
-    """The check's run, on the same widths with 4 and with 28 decoder layers: the models load lazily and
-    run the calibration set a layer at a time, each layer dropped once every sample has passed it, so its
-    peak memory does not grow with the layers (it grew by both models' 24 extra layers, source and
-    quantized, while each sample ran through whole models in turn)."""
+    """The check's run, on the same widths with 2 and with 10 decoder layers (a text prompt and the photo
+    of the calibration set): the models load lazily and run the samples a layer at a time, each layer
+    dropped once every sample has passed it, so its peak memory does not grow with the layers (it grew
+    by both models' 8 extra layers, source and quantized, while each sample ran through whole models in
+    turn)."""
     from mlx.utils import tree_flatten
 
     from mlx_qwen3vl.check import Report, check_outputs
@@ -331,9 +332,12 @@ def test_the_check_holds_one_decoder_layer_of_each_model_at_a_time(tmp_path):
         base = mx.get_active_memory()
         mx.reset_peak_memory()
         report = Report(str(out), str(source))
-        check_outputs(out, source, report, set(), dtype="float32", calibration=small_calibration)
-        assert len(report.layers) == layers
+        check_outputs(out, source, report, set(), dtype="float32", calibration=two_samples)
+        assert len(report.layers) == layers and report.prompts == 2
         return mx.get_peak_memory() - base, layer_bytes(source) + layer_bytes(out)
 
-    (few, _), (many, both_layers) = peak(4), peak(28)
-    assert many - few < 24 * both_layers / 4, (few, many, both_layers)
+    def two_samples(processor) -> list[dict]:
+        return small_calibration(processor)[1:3]
+
+    (few, _), (many, both_layers) = peak(2), peak(10)
+    assert many - few < 8 * both_layers / 4, (few, many, both_layers)
