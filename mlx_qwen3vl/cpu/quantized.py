@@ -6,9 +6,10 @@ over the cores, each part's product on a CPU stream of its own (`scheduling.outp
 CPU quantized kernel is scalar code on the one thread of its stream, so a decode step, which is mostly
 these products, runs on one core otherwise. The parts compute exactly the kernel's numbers.
 
-Many-row float32 inputs to the linear layers go through BLAS instead: the kernel runs at the same rate
-for any number of rows, while a fast BLAS multiplies a dequantized weight many times faster once there
-are a few rows (a prompt, a chat turn); one row (a decode step) keeps the kernel, which reads the packed
+Many-row float32 inputs to the linear layers and to the tied vocabulary projection go through BLAS
+instead (`quantized_product`): the kernel runs at the same rate for any number of rows, while a fast BLAS
+multiplies a dequantized weight many times faster once there are a few rows (a prompt, a chat turn, the
+quantization check's scored positions); one row (a decode step) keeps the kernel, which reads the packed
 4-bit weight instead of a widened one. With the reference BLAS bundled in MLX's Linux wheel the dense
 product is no faster, so there every call takes the kernel. `bench/matmul.py` measures each path.
 """
