@@ -7,9 +7,10 @@ The source is a random-weight checkpoint at the real 4B widths (tests/checkpoint
 2560 wide, vision 1024, the full 151,936-token vocabulary) with few layers, written by transformers; both
 converters read the same directory (its config.json in the published layout, which mlx-vlm reads). Each
 conversion runs in its own process, timed around the conversion call alone (not the imports), with its
-peak resident memory. Ours runs with its check, as convert.py does: the conversion's time and the check's
-are its report's (the tensor comparison while writing, the outputs after). The check as a command
-(`mlx_qwen3vl.check`) then compares each output with the source in this process, reading both again.
+peak resident memory and the bytes it read (Linux). Ours runs with its check, as convert.py does: the
+conversion's time and the check's are its report's (the check runs on each tensor as it is written). The
+check as a command (`mlx_qwen3vl.check`) then compares each output with the source in this process,
+reading both again.
 """
 
 from __future__ import annotations
@@ -31,13 +32,23 @@ sys.path.insert(1, str(ROOT))
 
 CONVERTERS = {
     "ours": "from mlx_qwen3vl.convert import convert\n"
-    "start = time.perf_counter()\n"
+    "read_before, start = read_so_far(), time.perf_counter()\n"
     "convert(source, out, q_bits=4, q_group_size=64, progress=False, check=True)\n",
     "mlx-vlm": "from mlx_vlm.convert import convert\n"
-    "start = time.perf_counter()\n"
+    "read_before, start = read_so_far(), time.perf_counter()\n"
     "convert(source, out, quantize=True, q_bits=4, q_group_size=64)\n",
 }
 
+
+# The bytes this process has read through system calls, files included (Linux's /proc/self/io; -1 where
+# there is none): the conversion's reading, the page cache's hits included.
+READ_SO_FAR = """
+def read_so_far():
+    try:
+        return int(open("/proc/self/io").read().split("rchar:")[1].split()[0])
+    except OSError:
+        return -1
+"""
 
 # The process's own peak resident size: Linux's VmHWM (getrusage's ru_maxrss there keeps the parent's
 # peak across exec), macOS's ru_maxrss (bytes there).
@@ -51,18 +62,21 @@ except OSError:
 """
 
 
-def convert_in_process(name: str, source: Path, out: Path) -> tuple[float, int]:
-    """The conversion's seconds, and its process's peak resident memory in bytes."""
+def convert_in_process(name: str, source: Path, out: Path) -> tuple[float, int, int | None]:
+    """The conversion's seconds, its process's peak resident memory and the bytes it read (None where
+    not counted), in bytes."""
     script = (
         f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nsource, out = {str(source)!r}, {str(out)!r}\n"
+        + READ_SO_FAR
         + CONVERTERS[name]
-        + f"seconds = time.perf_counter() - start\n{PEAK_RESIDENT}print(seconds, peak)\n"
+        + "seconds, read = time.perf_counter() - start, read_so_far() - read_before\n"
+        + f"{PEAK_RESIDENT}print(seconds, peak, read if read_before >= 0 else -1)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     if result.returncode:
         raise SystemExit(f"{name} conversion failed:\n{result.stderr[-2000:]}")
-    seconds, peak = result.stdout.strip().splitlines()[-1].split()
-    return float(seconds), int(peak)
+    seconds, peak, read = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), int(peak), None if int(read) < 0 else int(read)
 
 
 def main() -> None:
@@ -94,7 +108,7 @@ def main() -> None:
         results = {}
         for name in CONVERTERS:
             out = Path(tmp) / name
-            seconds, peak = convert_in_process(name, source, out)
+            seconds, peak, read = convert_in_process(name, source, out)
             own = json.loads((out / REPORT_FILE).read_text()) if name == "ours" else None
             report = check(out, source)
             results[name] = {
@@ -107,6 +121,7 @@ def main() -> None:
                 "tensor_comparison_in_conversion_s": own["tensor_seconds"] if own else None,
                 "tensor_comparison_s": report.tensor_seconds,
                 "conversion_peak_bytes": peak,
+                "conversion_read_bytes": read,
                 "check_s": report.seconds,
                 "check_passed": report.passed,
                 "failures": [f"{f.tensor}: {f.reason}" for f in report.failures],
@@ -117,15 +132,16 @@ def main() -> None:
     shape = f"{args.layers} decoder layers, {args.vision_blocks} vision blocks"
     print(f"4B widths, {shape}; source {source_bytes:,} B")
     print(
-        f"{'':10}{'KL (nats)':>12}{'top-1':>8}{'bytes':>15}{'convert s':>11}{'peak GB':>9}"
+        f"{'':10}{'KL (nats)':>12}{'top-1':>8}{'bytes':>15}{'convert s':>11}{'peak GB':>9}{'read GB':>9}"
         f"{'check in it s':>15}{'check s':>9}  check"
     )
     for name, r in results.items():
         verdict = "passed" if r["check_passed"] else "FAILED " + "; ".join(r["failures"])
-        inside = r["check_in_conversion_s"]
+        inside, read = r["check_in_conversion_s"], r["conversion_read_bytes"]
         print(
             f"{name:10}{r['kl']:12.5f}{r['top1']:8.3f}{r['bytes']:15,}{r['conversion_s']:11.1f}"
-            f"{r['conversion_peak_bytes'] / 1e9:9.2f}{'-' if inside is None else f'{inside:.1f}':>15}"
+            f"{r['conversion_peak_bytes'] / 1e9:9.2f}{'-' if read is None else f'{read / 1e9:.2f}':>9}"
+            f"{'-' if inside is None else f'{inside:.1f}':>15}"
             f"{r['check_s']:9.1f}  {verdict}"
         )
     import mlx.core as mx

@@ -1,5 +1,5 @@
 """The quantization check: what a quantized checkpoint changed against the checkpoint it came from, in
-numbers, and whether a tensor in it is broken. convert.py runs it after writing; for a conversion made by
+numbers, and whether a tensor in it is broken. convert.py runs it as it writes; for a conversion made by
 anyone (mlx-vlm, the MLX community, ours):
 
     python -m mlx_qwen3vl.check MODEL --against SOURCE
@@ -11,8 +11,8 @@ Two parts:
   quantized (`quantizable.py`), a quantized weight that dequantizes further from the source than rounding
   at its own bits and group size does (a corrupted layer, a wrong scale), a float tensor that differs
   beyond its dtype's rounding. These are the bounds: each names its tensor, and none depends on the model
-  being trained or on how many positions the calibration has. A conversion that fails one is not run:
-  the figures of a broken model compare nothing.
+  being trained or on how many positions the calibration has. A conversion that fails one is run no
+  further: the figures of a broken model compare nothing.
 - the outputs, on the calibration set (`calibration.py`): both models run the same inputs; reported are
   the relative error (|quantized - source| / |source|, over all positions) of the vision merger's and of
   each DeepStack merger's output, of each decoder layer's output (as the quantized model runs: the
@@ -20,17 +20,20 @@ Two parts:
   predicts in use (not the vision pads; `scored_positions`), the KL divergence of the next-token
   distribution from the source's and the agreement of their top-1 tokens.
 The source runs each input once; where the tensor comparison found the vision tower's tensors equal to the
-source's, its encoded media serve the quantized model too, which then runs its decoder alone. Both models
-load lazily and run the calibration set a decoder layer at a time (`compare_outputs`): one layer of each
-is in memory at once, and each weight is read once. Inside convert.py the tensor comparison runs as the
-tensors are written (`TensorComparison`), from the source tensors the conversion has read: the check
-then reads the weights only for its run.
+source's, its encoded media serve the quantized model too, which then runs its decoder alone. The check is
+fed the tensors one at a time in the order the forward pass reads them (`Check`, `forward_order`): each is
+compared as it arrives, and both models, built lazily from the same arrays, run each step of the
+calibration run (the vision tower, a decoder layer) once its tensors are in, then drop them
+(`compare_outputs`). One decoder layer of each model is in memory at a time; inside convert.py, which
+writes its tensors in that order, the check reads nothing (it runs on what the conversion reads and
+computes), and the command reads each checkpoint once.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,8 +43,9 @@ import numpy as np
 from mlx_lm.utils import infer_quant_config
 
 from .calibration import calibration_inputs
-from .loading import load, load_model, model_directory, read_config, read_weights
+from .loading import model_directory, model_from_weights, model_task, read_config, read_weights
 from .model import Model, rename_mlx_vlm_key
+from .processor import Processor
 from .quantizable import refusal, router_paths
 
 REPORT_FILE = "quantization_report.json"
@@ -156,8 +160,8 @@ class TensorComparison:
     """The tensor bounds (module docstring), a tensor at a time: `compare(key)` for each key of the
     quantized model's tensors `ours` (sanitized names), against `source` (the same names, unquantized).
     Both dicts may hold lazy arrays: each tensor is dropped from them once compared, so that what it read
-    can be freed. convert.py compares the tensors it writes, before each shard is written, while their
-    source tensors are in memory for the conversion: the check then reads nothing of the weights again.
+    can be freed. In convert.py (through `Check`) each tensor is compared as it is written, while its
+    source tensor is in memory for the conversion: nothing is read again for it.
     `changed`: the keys of the tensors that differ from the source's at all. `seconds`: the time spent."""
 
     def __init__(self, model: Model, ours: dict[str, mx.array], source: dict[str, mx.array], report: Report):
@@ -217,32 +221,6 @@ class TensorComparison:
     def finish(self) -> None:
         """The failures in the report's order: protected tensors stored quantized first, then by path."""
         self.report.failures.sort(key=lambda f: (not f.protected, f.tensor))
-
-
-def check_tensors(model_dir: Path, source_dir: Path, report: Report) -> set[str]:
-    """The tensor bounds of a checkpoint against its source, each tensor read lazily and freed once
-    compared. Returns the checkpoint paths of the tensors that differ from the source's at all."""
-    started = time.perf_counter()
-    model = Model(read_config(model_dir))  # names and shapes only: its parameters stay lazy
-    stored = read_weights(model_dir)
-    comparison = TensorComparison(
-        model, model.sanitize(dict(stored)), model.sanitize(read_weights(source_dir)), report
-    )
-    # The loader dequantizes a quantized position table (older mlx-vlm conversions have one), so it is
-    # looked for among the stored names.
-    for key in sorted(stored):
-        path = rename_mlx_vlm_key(key).removesuffix(".scales")
-        if key.endswith(".scales") and f"{path}.scales" not in comparison.ours and path in comparison.modules:
-            reason = refusal(path, 0, comparison.routers)
-            report.failures.append(Failure(f"{path}.weight", f"stored quantized, but {reason}", True))
-    del stored
-    for key in sorted(comparison.ours):
-        if key in comparison.ours:  # a quantized weight's comparison drops its scales and biases
-            comparison.compare(key)
-        mx.clear_cache()
-    comparison.finish()
-    report.tensor_seconds = time.perf_counter() - started
-    return comparison.changed
 
 
 MEDIA = (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw"))
@@ -322,17 +300,43 @@ def summed_divergence(model: Model, source: Model, hidden: mx.array, source_hidd
     return kl_sum, agree
 
 
+# The checkpoint paths of the model's parts, in the order a forward pass reads them (`forward_order`).
+VISION, EMBEDDING = "model.visual.", "model.language_model.embed_tokens."
+LAYERS = "model.language_model.layers."
+
+
+def forward_order(keys) -> list[str]:
+    """Checkpoint paths in the order the forward pass reads them: the vision tower's, the embedding's, each
+    decoder layer's by its number, then the rest (the final norm, lm_head). convert.py writes its tensors
+    so, and the check reads a checkpoint so: each step of the check's run then starts as soon as the
+    tensors it reads are in, and they are dropped after it."""
+
+    def place(key: str) -> tuple:
+        if key.startswith(VISION):
+            return (0, 0, key)
+        if key.startswith(EMBEDDING):
+            return (1, 0, key)
+        if key.startswith(LAYERS):
+            return (2, int(key[len(LAYERS) :].partition(".")[0]), key)
+        return (3, 0, key)
+
+    return sorted(keys, key=place)
+
+
 def compare_outputs(
-    model: Model, source: Model, inputs: list[dict], report: Report, same_vision: bool = False
-) -> None:
-    """The output figures of the report, over the calibration samples. same_vision: the vision tower's
-    tensors are the source's, value for value, so its outputs are too: the source's encoded media serve
-    both models (their relative errors are then 0, as computed).
+    model: Model, source: Model, samples: Callable[[], list[dict]], report: Report, changed: set[str]
+) -> Iterator[str]:
+    """The output figures of the report, over the calibration samples (`samples()`, made when the vision
+    tower's tensors are in, so not for a conversion whose first tensors fail): a generator that yields, before
+    each step, the path prefix of the tensors that step reads (`forward_order`; "" for all), and runs the
+    step when resumed. changed: the paths of the tensors that differ from the source's; where none of the
+    vision tower's does, its outputs are the source's too: the source's encoded media serve both models
+    (their relative errors are then 0, as computed). The figures are written into the report at the end
+    only; the models are used up.
 
     The models run layer by layer: every sample through a decoder layer of each model, then that layer is
-    dropped from both. With models loaded lazily, only one decoder layer of each is then in memory at a
-    time (besides the embeddings and the samples' hidden states), and each weight is read once. The
-    models are used up."""
+    dropped from both. Only one decoder layer of each is then in memory at a time (besides the embeddings
+    and the samples' hidden states)."""
     squares: dict[str, list[float]] = {}  # name: [sum |difference|^2, sum |source|^2]
 
     def add(name: str, ours: mx.array, theirs: mx.array) -> None:
@@ -341,7 +345,10 @@ def compare_outputs(
         sums[0] += mx.sum(mx.square(ours - theirs)).item()
         sums[1] += mx.sum(mx.square(theirs)).item()
 
-    runs = []
+    yield VISION
+    inputs = samples()
+    same_vision = not any(key.startswith(VISION) for key in changed)
+    encoded = []
     for sample in inputs:
         source_vision = encode_media(source, sample)
         vision = source_vision if same_vision else encode_media(model, sample)
@@ -350,15 +357,19 @@ def compare_outputs(
             zip(vision_levels(vision), vision_levels(source_vision), strict=True)
         ):
             add("merger" if j == 0 else f"deepstack_merger_list.{j - 1}", ours, theirs)
-        runs.append(
-            (
-                model.layer_by_layer(model.prepare(sample["input_ids"], vision)),
-                source.layer_by_layer(source.prepare(sample["input_ids"], source_vision)),
-            )
-        )
+        encoded.append((vision, source_vision))
     for m in (model, source):
         m.model.visual = nn.Module()  # its outputs are in hand
+    runs = [
+        (
+            model.layer_by_layer(model.prepare(sample["input_ids"], vision)),
+            source.layer_by_layer(source.prepare(sample["input_ids"], source_vision)),
+        )
+        for sample, (vision, source_vision) in zip(inputs, encoded, strict=True)
+    ]
+    del encoded
     for j in range(len(model.layers)):
+        yield f"{LAYERS}{j}."
         outputs = [(next(ours), next(theirs)) for ours, theirs in runs]
         mx.eval(outputs)
         for ours, theirs in outputs:
@@ -367,6 +378,7 @@ def compare_outputs(
         for m in (model, source):
             m.layers[j] = nn.Module()
         mx.clear_cache()
+    yield ""
     hidden, source_hidden = [], []
     for sample, (ours, theirs) in zip(inputs, runs, strict=True):
         scored = mx.array(scored_positions(model, sample["input_ids"]))
@@ -382,32 +394,95 @@ def compare_outputs(
     report.kl, report.top1 = kl_sum / positions, agree / positions
 
 
-def check_outputs(
-    model_dir: Path,
-    source_dir: Path,
-    report: Report,
-    changed: set[str],
-    dtype=None,
-    calibration=calibration_inputs,
-) -> None:
-    """The output figures of a checkpoint whose tensors passed their bounds (`changed`: the keys of those
-    that differ from the source's), both models loaded lazily and run layer by layer."""
-    model, processor = load(model_dir, dtype=dtype, lazy=True)
-    source = load_model(source_dir, dtype, lazy=True)  # its processor would be the model's: not read twice
-    same_vision = not any(key.startswith("model.visual.") for key in changed)
-    compare_outputs(model, source, calibration(processor), report, same_vision)
+class Check:
+    """The whole check, fed a checkpoint's tensors one by one as they are read, in `forward_order`:
+    `arrived(key)` compares the tensor with its source (`TensorComparison`) and runs each step of the
+    outputs' run (`compare_outputs`) once all the tensors it reads are in; `finish()` after the last.
+
+    ours, source: the tensors of the quantized model and of its source (sanitized names; lazy arrays, or
+    those convert.py is evaluating to write). The two models of the run are built from the same arrays,
+    lazily: a tensor the conversion has read or computed is in memory when the run reaches it, and is
+    dropped with its layer; the check reads no weight a second time. `model`: the quantized model's
+    module tree as configured (names and shapes). After the first failed bound nothing more is run: the
+    figures of a broken model compare nothing. `seconds`: the time spent in it."""
+
+    def __init__(
+        self,
+        model: Model,
+        ours: dict[str, mx.array],
+        source: dict[str, mx.array],
+        report: Report,
+        samples: Callable[[], list[dict]],
+        dtype=None,
+    ):
+        self.tensors = TensorComparison(model, ours, source, report)
+        self.report = report
+        self.order = forward_order(ours)
+        self.waiting, self.done = set(self.order), 0  # done: the leading keys of `order` all in
+        quantized = model_from_weights(model.config, ours, dtype, lazy=True, task=model.task)
+        original = model_from_weights(model.config, source, dtype, lazy=True)
+        self.steps = compare_outputs(quantized, original, samples, report, self.tensors.changed)
+        self.needed = self._last(next(self.steps))
+        self.seconds = 0.0
+
+    def _last(self, prefix: str) -> int:
+        """The place in `order` of the last tensor a step reads: those before it are read first."""
+        return max((i for i, key in enumerate(self.order) if key.startswith(prefix)), default=-1)
+
+    def arrived(self, key: str) -> None:
+        started = time.perf_counter()
+        self.tensors.compare(key)
+        self.waiting.discard(key)
+        while self.done < len(self.order) and self.order[self.done] not in self.waiting:
+            self.done += 1
+        while self.steps is not None and self.done > self.needed:
+            if self.report.failures:
+                self.steps = None  # the models go with the generator
+                break
+            try:
+                self.needed = self._last(next(self.steps))
+            except StopIteration:
+                self.steps = None
+        self.seconds += time.perf_counter() - started
+
+    def finish(self) -> None:
+        """After every tensor has arrived: the last steps, and the failures in the report's order."""
+        for key in list(self.waiting):
+            self.arrived(key)  # a tensor the caller did not give: compared now
+        self.tensors.finish()
+        self.report.tensor_seconds = self.tensors.seconds
+        self.report.seconds = self.seconds
 
 
 def check(model_path, source_path, dtype=None, calibration=calibration_inputs) -> Report:
     """Compare the model at `model_path` with the one at `source_path` (directories or hub ids): the
-    report, with its failures. dtype: of the computation (load()'s default where None). calibration:
+    report, with its failures. Each checkpoint is read once, lazily, a tensor at a time in the order the
+    forward pass reads them. dtype: of the computation (load()'s default where None). calibration:
     processor -> the model inputs to compare on (the package's set by default)."""
     start = time.perf_counter()
     model_dir, source_dir = model_directory(model_path), model_directory(source_path)
     report = Report(str(model_path), str(source_path))
-    changed = check_tensors(model_dir, source_dir, report)
-    if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
-        check_outputs(model_dir, source_dir, report, changed, dtype, calibration)
+    config = read_config(model_dir)
+    task = "embed" if model_task(model_dir, str(model_path)) == "embed" else "generate"
+    model = Model(config, task)  # names and shapes only: its parameters stay lazy
+    stored = read_weights(model_dir)
+    ours, source = model.sanitize(dict(stored)), model.sanitize(read_weights(source_dir))
+    # The loader dequantizes a quantized position table (older mlx-vlm conversions have one), so it is
+    # looked for among the stored names.
+    modules, routers = dict(model.named_modules()), router_paths(model)
+    for key in sorted(stored):
+        path = rename_mlx_vlm_key(key).removesuffix(".scales")
+        if key.endswith(".scales") and f"{path}.scales" not in ours and path in modules:
+            reason = refusal(path, 0, routers)
+            report.failures.append(Failure(f"{path}.weight", f"stored quantized, but {reason}", True))
+    del stored
+    run = Check(
+        model, ours, source, report, lambda: calibration(Processor.from_pretrained(model_dir, config)), dtype
+    )
+    for key in run.order:
+        run.arrived(key)
+        mx.clear_cache()
+    run.finish()
     report.seconds = time.perf_counter() - start
     return report
 

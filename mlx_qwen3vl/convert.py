@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .auto_bits import auto_plan
 from .backend import resolve_dtype
 from .calibration import calibration_inputs
-from .check import REPORT_FILE, Report, TensorComparison, check_outputs
+from .check import REPORT_FILE, Check, Report, forward_order
 from .errors import Qwen3VLError
 from .loading import (
     TASK_KEY,
@@ -41,6 +41,7 @@ from .loading import (
 )
 from .model import MLX_VLM_PREFIXES, Model
 from .options import AUTO_RECIPE, BITS, DEFAULT_BITS, DEFAULT_GROUP_SIZE, GROUP_SIZES, RECIPES
+from .processor import Processor
 from .quantizable import FLOAT_MODULES, ROUTER_BITS, refusal, router_paths
 from .staging import Target, check_replaceable, clean_leftovers, is_model_file, staged
 
@@ -143,8 +144,10 @@ def quantization_plan(
 def output_tensors(weights: dict[str, mx.array], plan: dict[str, dict], dtype: mx.Dtype) -> dict:
     """The output tensors, lazily: float tensors cast to dtype, the weights of planned modules quantized
     (affine: packed `.weight`, `.scales` and `.biases`, as `nn.QuantizedLinear` / `QuantizedEmbedding`
-    hold them). mx.quantize per tensor, rather than nn.quantize on the model, so that a source tensor is
-    referenced only by its outputs and freed once they are written."""
+    hold them), in the order the forward pass reads them (`check.forward_order`: the check runs the model
+    as they are written). mx.quantize per tensor, rather than nn.quantize on the model, so that a source
+    tensor is referenced only by its outputs (and the check's run, until it has passed them) and freed
+    once they are written."""
     tensors = {}
     for key in sorted(weights):
         value = weights[key]
@@ -159,7 +162,7 @@ def output_tensors(weights: dict[str, mx.array], plan: dict[str, dict], dtype: m
             tensors.update({key: packed, f"{module}.scales": scales, f"{module}.biases": biases})
         else:
             tensors[key] = value
-    return dict(sorted(tensors.items()))
+    return {key: tensors[key] for key in forward_order(tensors)}
 
 
 def shard_keys(tensors: dict[str, mx.array], max_shard_size: int) -> list[list[str]]:
@@ -182,11 +185,12 @@ def write_shards(
     directory: Path,
     max_shard_size: int,
     progress: bool,
-    before_writing: Callable[[str], None] | None = None,
+    evaluated: Callable[[str], None] | None = None,
 ) -> None:
     """Evaluate and write the tensors shard by shard, with the index. Consumes `tensors`: each one is
-    dropped from it when evaluated, so its source tensor is freed with the shard. before_writing: called
-    with each key before its tensor is evaluated (the quantization check's tensor comparison)."""
+    dropped from it when evaluated, so its source tensor is freed with the shard. evaluated: called with
+    each key once its tensor is (the quantization check, which runs on it and on the source tensor it was
+    computed from, in memory then)."""
     shards = shard_keys(tensors, max_shard_size)
     total_size = sum(v.nbytes for v in tensors.values())
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -198,10 +202,10 @@ def write_shards(
             bar.set_description(name)
             shard = {}
             for key in keys:
-                if before_writing is not None:
-                    before_writing(key)
                 shard[key] = tensors.pop(key)
                 mx.eval(shard[key])
+                if evaluated is not None:
+                    evaluated(key)
                 bar.update(shard[key].nbytes)
             mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
             weight_map.update(dict.fromkeys(keys, name))
@@ -373,11 +377,14 @@ def convert(
         plan = auto_plan(source, plan, target_bits, fixed, progress, calibration)
         settings = {**settings, "bits": most_common_bits(plan)}
     tensors = output_tensors(weights, plan, mx_dtype)
-    # The check's tensor bounds are taken as the tensors are written, from the source tensors the
-    # conversion reads anyway (check.py: TensorComparison); its figures after writing.
+    # The check runs as the tensors are written, from the source tensors the conversion reads and the
+    # outputs it computes anyway (check.py: Check): nothing is read twice.
     checking = check and quantize
     report = Report(str(target.path), str(source)) if checking else None
-    comparison = TensorComparison(model, tensors, weights, report) if checking else None
+    if checking:
+        run = Check(
+            model, tensors, weights, report, lambda: calibration(Processor.from_pretrained(source, config))
+        )
     del weights, model
     quantization = quantization_block(settings, plan) if quantize else None
     shown_recipe = f"auto-recipe ({target_bits} bits on average)" if q_recipe == AUTO_RECIPE else q_recipe
@@ -390,7 +397,7 @@ def convert(
         clean_leftovers(target)
 
     with staged(target, source, force) as staging:
-        write_shards(tensors, staging, max_shard_size, progress, comparison and comparison.compare)
+        write_shards(tensors, staging, max_shard_size, progress, run.arrived if checking else None)
         raw_config = json.loads((source / "config.json").read_text())
         written = output_config(raw_config, dtype_name, quantization)
         if task != "generate":  # what the output is for, whatever it is named (loading.model_task)
@@ -403,13 +410,8 @@ def convert(
     if progress:
         print(f"Wrote {target.shown} ({directory_size(target.path) / 1e9:.2f} GB)", file=sys.stderr)
     if checking:
-        comparison.finish()
-        run_started = time.perf_counter()
-        if report.passed:  # a broken tensor fails the conversion whatever the outputs say: not run
-            check_outputs(target.path, source, report, comparison.changed, calibration=calibration)
-        report.tensor_seconds = comparison.seconds
-        report.seconds = comparison.seconds + time.perf_counter() - run_started
-        report.conversion_seconds = run_started - started - comparison.seconds
+        run.finish()
+        report.conversion_seconds = time.perf_counter() - started - report.seconds
         report.write(target.path)
         if progress:
             print(report.table(), file=sys.stderr)

@@ -9,6 +9,7 @@ mlx-vlm's (the MLX community's Qwen3-VL conversions); `Model.sanitize` maps the 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -243,19 +244,40 @@ def load_model(
 ) -> Model:
     """The model of a directory; with a distributed `group` of several ranks, this rank's part of it
     (`distributed/`): sharded before any weight is evaluated, so only that part stays in memory."""
-    backend = Backend.choose(backend, dtype)
+    shard = None
+    if group is not None and group.size() > 1:
+        from .distributed import shard as shard_across
+
+        def shard(model: Model) -> None:
+            shard_across(model, group, path, pipeline)
+
     config = read_config(path)
+    return model_from_weights(config, read_weights(path), dtype, lazy, backend, task, score_tokens, shard)
+
+
+def model_from_weights(
+    config: ModelConfig,
+    weights: dict[str, mx.array],
+    dtype=None,
+    lazy: bool = False,
+    backend: str | None = None,
+    task: str = "generate",
+    score_tokens: tuple[int, ...] = (),
+    shard: Callable[[Model], None] | None = None,
+) -> Model:
+    """The model of a config and a checkpoint's tensors, lazy or not (a directory's, or those convert.py
+    is writing, which the quantization check runs as they are written). shard: applied before any weight
+    is evaluated (a distributed rank's part)."""
+    backend = Backend.choose(backend, dtype)
     model = Model(config, task, score_tokens)
-    weights = model.sanitize(read_weights(path))
+    weights = model.sanitize(dict(weights))
     quantize_as_stored(model, weights)
     backend.specialize(model)  # before the weights are cast: some modules keep their stored dtype
     check_weights(model, weights)
     model.update(tree_unflatten(list(in_compute_dtype(model, weights, backend.dtype).items())))
     del weights  # the fused matrices below are then the only holders of their parts
-    if group is not None and group.size() > 1:
-        from .distributed import shard
-
-        shard(model, group, path, pipeline)
+    if shard is not None:
+        shard(model)
         backend.specialize(model)  # the vocabulary projection's new part
     model.fuse_projections()
     model.backend = backend

@@ -31,6 +31,7 @@ from mlx_qwen3vl.check import main as check_main
 from mlx_qwen3vl.convert import convert
 from mlx_qwen3vl.loading import read_config, weight_files
 from mlx_qwen3vl.model import Model
+from mlx_qwen3vl.processor import Processor
 
 VOCABULARY = 512
 SMALL_VOCABULARY = with_vocabulary(TINY, VOCABULARY)
@@ -309,14 +310,14 @@ def test_auto_output_loads_in_mlx_vlm_with_our_logits(auto_and_uniform, tmp_path
 
 
 def test_the_check_holds_one_decoder_layer_of_each_model_at_a_time(tmp_path):
-    """The check's run, on the same widths with 2 and with 10 decoder layers (a text prompt and the photo
-    of the calibration set): the models load lazily and run the samples a layer at a time, each layer
-    dropped once every sample has passed it, so its peak memory does not grow with the layers (it grew
-    by both models' 8 extra layers, source and quantized, while each sample ran through whole models in
-    turn)."""
+    """The check command, on the same widths with 2 and with 10 decoder layers (a text prompt and the
+    photo of the calibration set): it reads both checkpoints a tensor at a time in the order the forward
+    pass reads them and runs the samples a layer at a time, each layer dropped once every sample has
+    passed it, so its peak memory does not grow with the layers (it grew by both models' 8 extra layers,
+    source and quantized, while each sample ran through whole models in turn)."""
     from mlx.utils import tree_flatten
 
-    from mlx_qwen3vl.check import Report, check_outputs
+    from mlx_qwen3vl.check import check
 
     def layer_bytes(path: Path) -> int:
         model = load(path, dtype="float32")[0]
@@ -331,9 +332,8 @@ def test_the_check_holds_one_decoder_layer_of_each_model_at_a_time(tmp_path):
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        report = Report(str(out), str(source))
-        check_outputs(out, source, report, set(), dtype="float32", calibration=two_samples)
-        assert len(report.layers) == layers and report.prompts == 2
+        report = check(out, source, dtype="float32", calibration=two_samples)
+        assert report.passed and len(report.layers) == layers and report.prompts == 2
         return mx.get_peak_memory() - base, layer_bytes(source) + layer_bytes(out)
 
     def two_samples(processor) -> list[dict]:
@@ -341,3 +341,32 @@ def test_the_check_holds_one_decoder_layer_of_each_model_at_a_time(tmp_path):
 
     (few, _), (many, both_layers) = peak(2), peak(10)
     assert many - few < 8 * both_layers / 4, (few, many, both_layers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts the bytes read in /proc/self/io")
+def test_the_check_inside_the_conversion_reads_no_weight_a_second_time(checkpoint, tmp_path):
+    """convert.py's check runs on the tensors the conversion reads and computes as it writes them: with
+    the check, the conversion reads no more bytes than without it, but for the processor's files (the
+    calibration set's tokenizer). It read the source and the output again after writing (1.1 times the
+    source's bytes more, here)."""
+
+    def bytes_read(run) -> int:
+        def read_so_far() -> int:  # every byte this process read through a system call, files included
+            return int(Path("/proc/self/io").read_text().split("rchar:")[1].split()[0])
+
+        before = read_so_far()
+        run()
+        return read_so_far() - before
+
+    options = {"q_bits": 4, "progress": False}
+    checking = {**options, "check": True, "calibration": small_calibration}
+    convert(checkpoint, tmp_path / "first", **checking)  # the imports the conversion and the check make
+    plain = bytes_read(lambda: convert(checkpoint, tmp_path / "plain", **options))
+    processor = bytes_read(
+        lambda: small_calibration(Processor.from_pretrained(checkpoint, read_config(checkpoint)))
+    )
+    checked = bytes_read(lambda: convert(checkpoint, tmp_path / "checked", **checking))
+    weights = sum(f.stat().st_size for f in weight_files(checkpoint))
+    figures = f"read {plain} B without the check, {checked} B with it, {processor} B of it the processor's"
+    assert plain > weights, figures  # what is counted: the conversion's own reading of the source
+    assert checked - plain - processor < weights / 4, f"{figures}; the weights: {weights} B"
