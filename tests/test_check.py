@@ -26,7 +26,7 @@ from test_convert import run_python
 
 from mlx_qwen3vl import Qwen3VLError, load
 from mlx_qwen3vl.calibration import calibration_inputs
-from mlx_qwen3vl.check import REPORT_FILE, predicted_positions, scored_positions
+from mlx_qwen3vl.check import REPORT_FILE, check, predicted_positions, scored_positions
 from mlx_qwen3vl.check import main as check_main
 from mlx_qwen3vl.convert import convert
 from mlx_qwen3vl.loading import read_config, weight_files
@@ -124,6 +124,17 @@ def test_report_figures_equal_an_independent_computation(checkpoint, tmp_path):
     assert len(vision) == 4 and all(v > 0.01 for v in vision)  # the merger, then 3 DeepStack mergers
     for j, (difference, norm) in levels.items():
         assert abs(vision[j] - np.sqrt(difference / norm)) < 1e-3 * vision[j], (j, vision[j])
+    # The check command, reading both directories, gives the figures the conversion took from the
+    # tensors it had in memory.
+    command = check(out, checkpoint, dtype="float32", calibration=small_calibration)
+    assert command.passed and command.positions == report["positions"]
+    assert list(command.vision) == list(report["vision"])
+    for ours, theirs in (
+        ([command.kl, command.top1], [report["kl"], report["top1"]]),
+        (list(command.vision.values()), vision),
+        (command.layers, report["layers"]),
+    ):
+        assert np.allclose(ours, theirs, rtol=1e-5, atol=0), (ours, theirs)
 
 
 def test_predicted_positions_leave_out_the_vision_pads(checkpoint):
@@ -316,8 +327,6 @@ def test_the_check_holds_one_decoder_layer_of_each_model_at_a_time(tmp_path):
     passed it, so its peak memory does not grow with the layers (it grew by both models' 8 extra layers,
     source and quantized, while each sample ran through whole models in turn)."""
     from mlx.utils import tree_flatten
-
-    from mlx_qwen3vl.check import check
 
     def layer_bytes(path: Path) -> int:
         model = load(path, dtype="float32")[0]
