@@ -419,6 +419,7 @@ class Check:
         self.report = report
         self.order = forward_order(ours)
         self.waiting, self.done = set(self.order), 0  # done: the leading keys of `order` all in
+        # Sanitized names go through Model.sanitize again unchanged: it renames only other layouts'.
         quantized = model_from_weights(model.config, ours, dtype, lazy=True, task=model.task)
         original = model_from_weights(model.config, source, dtype, lazy=True)
         self.steps = compare_outputs(quantized, original, samples, report, self.tensors.changed)
