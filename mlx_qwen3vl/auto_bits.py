@@ -30,7 +30,7 @@ import mlx.nn as nn
 
 from .backend import Backend
 from .calibration import calibration_inputs
-from .check import encode_media, next_token_divergence, predicted_logits
+from .check import next_token_divergence, predicted_logits, sample_vision
 from .errors import Qwen3VLError
 from .loading import load
 
@@ -108,7 +108,7 @@ def measured_divergence(
     kl_sum, positions = 0.0, 0
     for sample, encoded, (ref, layer_outputs) in zip(calibration, vision, reference, strict=True):
         if layer.startswith("model.visual."):
-            encoded = encode_media(model, sample)
+            encoded = sample_vision(model, sample)
         with replaying(model, layer_outputs[: layers_before(layer)]):
             logits = predicted_logits(model, sample, encoded)
         kl, _ = next_token_divergence(ref, logits)
@@ -160,7 +160,7 @@ def predicted_divergence(
 ) -> dict:
     """{layer: {bits: mean KL divergence with that layer alone at those bits}}, measured at every
     candidate width (`decreasing`)."""
-    vision = [encode_media(model, sample) for sample in calibration]
+    vision = [sample_vision(model, sample) for sample in calibration]
     with recording_layers(model) as recorded:  # per layer, its output for each sample in turn
         logits = [predicted_logits(model, s, v) for s, v in zip(calibration, vision, strict=True)]
     reference = [(ref, [outputs[i] for outputs in recorded]) for i, ref in enumerate(logits)]

@@ -251,7 +251,7 @@ def scored_positions(model: Model, input_ids: np.ndarray) -> np.ndarray:
     return np.concatenate([before[::STRIDE], last])
 
 
-def encode_media(model: Model, sample: dict) -> list:
+def sample_vision(model: Model, sample: dict) -> list:
     """A calibration sample's images, then its videos, through the vision tower."""
     return [
         model.encode_vision(sample[pixels], sample[grid], None, kind)
@@ -350,8 +350,8 @@ def compare_outputs(
     same_vision = not any(key.startswith(VISION) for key in changed)
     encoded = []
     for sample in inputs:
-        source_vision = encode_media(source, sample)
-        vision = source_vision if same_vision else encode_media(model, sample)
+        source_vision = sample_vision(source, sample)
+        vision = source_vision if same_vision else sample_vision(model, sample)
         mx.eval([(v.features, v.deepstack) for v in source_vision + vision])
         for j, (ours, theirs) in enumerate(
             zip(vision_levels(vision), vision_levels(source_vision), strict=True)
